@@ -1,0 +1,356 @@
+"""Configuration: frozen dataclasses for the model, training and sampling, plus named presets.
+
+No torch here, so a config can be read, validated and printed anywhere. A config holds names
+("layernorm", "rope"), never classes; the model resolves them when it is built, so the
+``config.json`` beside the weights rebuilds the model alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+from gptkit.errors import GptkitError
+
+T = TypeVar("T")
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise GptkitError(msg)
+
+
+class _JsonMixin:
+    """JSON round-trip shared by the config dataclasses."""
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)  # type: ignore[call-overload]
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
+
+    @classmethod
+    def from_dict(cls: type[T], data: dict[str, Any]) -> T:
+        names = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        unknown = sorted(set(data) - set(names))
+        _check(
+            not unknown,
+            f"{cls.__name__} got unknown field(s) {unknown}; known fields are {sorted(names)}",
+        )
+        kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+        return cls(**kwargs)
+
+    def replace(self: T, **changes: Any) -> T:
+        return dataclasses.replace(self, **changes)  # type: ignore[type-var]
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls: type[T], path: str | Path) -> T:
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise GptkitError(f"cannot read {path}: {e}; it should be a JSON object") from None
+        return cls.from_dict(data)  # type: ignore[attr-defined]
+
+
+@dataclass(frozen=True)
+class ModelConfig(_JsonMixin):
+    """Every decoder-only family gptkit builds, as switches on one architecture.
+
+    GPT-2 is the default: pre-LayerNorm blocks, learned positions, tanh-GELU MLP, tied head.
+    GPT-1 is ``norm_position="post"`` (no final norm). Llama-style models use
+    ``norm="rmsnorm"``, ``pos_emb="rope"``, ``mlp="swiglu"``, ``n_kv_head`` < ``n_head``.
+    """
+
+    vocab_size: int = 50257
+    block_size: int = 1024  # the context length
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    n_kv_head: int | None = None  # grouped-query attention; None means n_head
+    mlp_hidden: int | None = None  # None means 4 * n_embd
+    dropout: float = 0.0
+    bias: bool = True  # biases in linear layers and norms
+    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
+    norm_eps: float = 1e-5
+    norm_position: Literal["pre", "post"] = "pre"  # post = GPT-1 / original Transformer
+    pos_emb: Literal["learned", "sinusoidal", "rope", "none"] = "learned"
+    rope_theta: float = 10000.0
+    mlp: Literal["gelu", "gelu_tanh", "swiglu"] = "gelu_tanh"
+    tie_embeddings: bool = True
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+            _check(getattr(self, name) > 0, f"ModelConfig.{name} must be positive")
+        _check(
+            self.n_embd % self.n_head == 0,
+            f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})",
+        )
+        _check(
+            self.n_head % self.kv_heads == 0,
+            f"n_head ({self.n_head}) must be a multiple of n_kv_head ({self.kv_heads})",
+        )
+        _check(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
+        _check(
+            self.pos_emb != "rope" or self.head_size % 2 == 0,
+            f"rope needs an even head size, got {self.head_size}",
+        )
+        for name, allowed in (
+            ("norm", ("layernorm", "rmsnorm")),
+            ("norm_position", ("pre", "post")),
+            ("pos_emb", ("learned", "sinusoidal", "rope", "none")),
+            ("mlp", ("gelu", "gelu_tanh", "swiglu")),
+        ):
+            _check(getattr(self, name) in allowed, f"ModelConfig.{name} must be one of {allowed}")
+
+    @property
+    def head_size(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_head or self.n_head
+
+    @property
+    def hidden_size(self) -> int:
+        return self.mlp_hidden or 4 * self.n_embd
+
+    def num_params(self, embeddings: bool = True) -> int:
+        """Parameter count computed from the config alone (no tensors are allocated)."""
+        C, hs, H = self.n_embd, self.head_size, self.hidden_size
+        qkv = C * (self.n_head + 2 * self.kv_heads) * hs
+        attn = qkv + C * C + (((self.n_head + 2 * self.kv_heads) * hs + C) if self.bias else 0)
+        mlp = (3 if self.mlp == "swiglu" else 2) * C * H
+        if self.bias:
+            mlp += H * (2 if self.mlp == "swiglu" else 1) + C
+        norm = C * (2 if self.bias and self.norm == "layernorm" else 1)
+        block = attn + mlp + 2 * norm
+        n = self.n_layer * block + (norm if self.norm_position == "pre" else 0)
+        if embeddings:
+            n += self.vocab_size * C
+            if self.pos_emb == "learned":
+                n += self.block_size * C
+            if not self.tie_embeddings:
+                n += self.vocab_size * C
+        return n
+
+
+@dataclass(frozen=True)
+class TrainConfig(_JsonMixin):
+    """How to train: optimisation, schedule, evaluation, checkpoints."""
+
+    batch_size: int = 12  # sequences per micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step
+    max_steps: int = 2000
+    lr: float = 1e-3
+    min_lr: float = 1e-4  # the cosine schedule ends here
+    warmup_steps: int = 100
+    decay_steps: int | None = None  # cosine decay length; None means max_steps
+    weight_decay: float = 0.1  # applied to matrices only
+    beta1: float = 0.9
+    beta2: float = 0.99
+    grad_clip: float = 1.0  # 0 turns clipping off
+    eval_every: int = 250
+    eval_batches: int = 20
+    save_every: int = 500  # 0 saves only at the end
+    log_every: int = 10
+    keep_checkpoints: int = 2
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    compile: bool = False
+    device: str = "auto"
+    seed: int = 1337
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "grad_accum", "eval_batches", "log_every", "keep_checkpoints"):
+            _check(getattr(self, name) > 0, f"TrainConfig.{name} must be positive")
+        for name in ("max_steps", "warmup_steps", "eval_every", "save_every"):
+            _check(getattr(self, name) >= 0, f"TrainConfig.{name} must not be negative")
+        _check(self.lr > 0 and self.min_lr >= 0, "lr must be positive and min_lr not negative")
+        _check(
+            self.precision in ("auto", "bf16", "fp16", "fp32"),
+            f"precision must be auto, bf16, fp16 or fp32, got {self.precision!r}",
+        )
+
+    @property
+    def lr_decay_steps(self) -> int:
+        return self.decay_steps if self.decay_steps is not None else self.max_steps
+
+
+@dataclass(frozen=True)
+class SampleConfig(_JsonMixin):
+    """How to pick each next token. ``temperature == 0`` is greedy decoding."""
+
+    max_new_tokens: int = 200
+    temperature: float = 0.8
+    top_k: int | None = None
+    top_p: float | None = None
+    repetition_penalty: float = 1.0  # CTRL-style; 1.0 is off
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_at_eos: bool = True
+    context_policy: Literal["slide", "error"] = "slide"
+
+    def __post_init__(self) -> None:
+        _check(self.max_new_tokens >= 0, "max_new_tokens must not be negative")
+        _check(self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}")
+        _check(self.top_k is None or self.top_k > 0, f"top_k must be >= 1, got {self.top_k}")
+        _check(
+            self.top_p is None or 0.0 < self.top_p <= 1.0,
+            f"top_p must be in (0, 1], got {self.top_p}",
+        )
+        _check(self.repetition_penalty > 0, "repetition_penalty must be positive")
+        _check(
+            self.context_policy in ("slide", "error"),
+            f"context_policy must be 'slide' or 'error', got {self.context_policy!r}",
+        )
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A named starting point: model fields and training fields, plus where they come from."""
+
+    model: dict[str, Any] = field(default_factory=dict)
+    train: dict[str, Any] = field(default_factory=dict)
+    source: str = ""
+
+
+PRESETS: dict[str, Preset] = {
+    # Seconds on a laptop; used by the tests.
+    "tiny": Preset(
+        model=dict(n_layer=2, n_head=2, n_embd=32, block_size=32),
+        train=dict(
+            batch_size=8,
+            max_steps=20,
+            lr=3e-3,
+            min_lr=3e-4,
+            warmup_steps=2,
+            eval_every=10,
+            eval_batches=2,
+            save_every=10,
+            log_every=1,
+        ),
+        source="gptkit test preset",
+    ),
+    # nanoGPT README, "I only have a macbook": Shakespeare chars on a CPU.
+    "nanogpt-cpu": Preset(
+        model=dict(n_layer=4, n_head=4, n_embd=128, block_size=64, dropout=0.0),
+        train=dict(
+            batch_size=12,
+            max_steps=2000,
+            lr=1e-3,
+            min_lr=1e-4,
+            warmup_steps=100,
+            beta2=0.99,
+            eval_every=250,
+            eval_batches=20,
+            save_every=500,
+        ),
+        source="nanoGPT README (CPU recipe) + config/train_shakespeare_char.py",
+    ),
+    # nanoGPT config/train_shakespeare_char.py, the default Shakespeare-char model.
+    "shakespeare-char": Preset(
+        model=dict(n_layer=6, n_head=6, n_embd=384, block_size=256, dropout=0.2),
+        train=dict(
+            batch_size=64,
+            max_steps=5000,
+            lr=1e-3,
+            min_lr=1e-4,
+            warmup_steps=100,
+            beta2=0.99,
+            eval_every=250,
+            eval_batches=200,
+            save_every=500,
+        ),
+        source="nanoGPT config/train_shakespeare_char.py",
+    ),
+    # `gptkit demo`: a small BPE model of Python source that trains in a few minutes.
+    "demo": Preset(
+        model=dict(n_layer=4, n_head=4, n_embd=192, block_size=128, dropout=0.0),
+        train=dict(
+            batch_size=16,
+            max_steps=600,
+            lr=2e-3,
+            min_lr=2e-4,
+            warmup_steps=50,
+            beta2=0.99,
+            eval_every=200,
+            eval_batches=10,
+            save_every=200,
+            log_every=10,
+        ),
+        source="gptkit demo",
+    ),
+    # GPT-2 sizes (Radford et al. 2019; Hugging Face configs).
+    "gpt2": Preset(
+        model=dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50257),
+        train=dict(
+            batch_size=12,
+            grad_accum=40,
+            max_steps=600000,
+            lr=6e-4,
+            min_lr=6e-5,
+            warmup_steps=2000,
+            beta2=0.95,
+            eval_every=1000,
+            eval_batches=200,
+            save_every=1000,
+        ),
+        source="GPT-2 paper; nanoGPT config/train_gpt2.py",
+    ),
+    "gpt2-medium": Preset(
+        model=dict(n_layer=24, n_head=16, n_embd=1024, block_size=1024, vocab_size=50257),
+        source="GPT-2 paper",
+    ),
+    "gpt2-large": Preset(
+        model=dict(n_layer=36, n_head=20, n_embd=1280, block_size=1024, vocab_size=50257),
+        source="GPT-2 paper",
+    ),
+    "gpt2-xl": Preset(
+        model=dict(n_layer=48, n_head=25, n_embd=1600, block_size=1024, vocab_size=50257),
+        source="GPT-2 paper",
+    ),
+    # GPT-1 (Radford et al. 2018): post-LN, 40,478-token BPE, 512 context, exact GELU.
+    "gpt1": Preset(
+        model=dict(
+            n_layer=12,
+            n_head=12,
+            n_embd=768,
+            block_size=512,
+            vocab_size=40478,
+            norm_position="post",
+            mlp="gelu",
+            dropout=0.1,
+        ),
+        source="Improving Language Understanding by Generative Pre-Training (2018)",
+    ),
+    # SmolLM2-135M (Hugging Face config.json): Llama-style.
+    "smollm2-135m": Preset(
+        model=dict(
+            n_layer=30,
+            n_head=9,
+            n_kv_head=3,
+            n_embd=576,
+            mlp_hidden=1536,
+            block_size=8192,
+            vocab_size=49152,
+            norm="rmsnorm",
+            pos_emb="rope",
+            rope_theta=100000.0,
+            mlp="swiglu",
+            bias=False,
+            tie_embeddings=True,
+        ),
+        source="HuggingFaceTB/SmolLM2-135M config.json",
+    ),
+}
+
+
+def get_preset(name: str) -> Preset:
+    """Look up a preset by name, with the list of names in the error."""
+    if name not in PRESETS:
+        raise GptkitError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return PRESETS[name]

@@ -1,0 +1,282 @@
+"""The decoder-only transformer: every family gptkit runs is this one file, switched by config.
+
+References: Vaswani et al. 2017 (attention, sinusoidal positions); Radford et al. 2018
+(GPT-1: post-LN blocks, learned positions); Radford et al. 2019 (GPT-2: pre-LN, scaled
+residual init); Su et al. 2021 (RoPE); Zhang & Sennrich 2019 (RMSNorm); Shazeer 2020 (SwiGLU);
+Ainslie et al. 2023 (grouped-query attention).
+
+Shape legend: B batch, T new tokens, S cached + new tokens, C n_embd, nh query heads,
+nkv key/value heads, hs head size, V vocabulary, H MLP hidden size.
+
+The model is pure single-device code: no optimizer, no I/O, no distributed logic.
+Read top-down: leaf modules first, :class:`GPT` last.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from gptkit.config import ModelConfig
+from gptkit.errors import GptkitError
+
+
+class KVCache:
+    """Keys and values of every layer, pre-allocated for ``max_len`` positions.
+
+    Row ``b`` holds ``pos[b]`` tokens; the next forward writes its tokens at slots
+    ``pos[b], pos[b] + 1, ...`` (slot index == position). A batch of prompts of different
+    lengths is prefilled right-padded, then ``set_pos(lengths)`` rewinds each row so its
+    padding is overwritten and, since a query only sees slots <= its own position, never read.
+    """
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        batch_size: int,
+        max_len: int | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ):
+        self.max_len = min(max_len or config.block_size, config.block_size)
+        shape = (batch_size, config.kv_heads, self.max_len, config.head_size)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.pos = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.length = 0  # max(pos), kept as a Python int to avoid a device sync per step
+
+    @property
+    def batch_size(self) -> int:
+        return self.pos.shape[0]
+
+    def set_pos(self, pos: Tensor | list[int]) -> None:
+        self.pos = torch.as_tensor(pos, dtype=torch.long, device=self.pos.device).clone()
+        self.length = int(self.pos.max()) if len(self.pos) else 0
+
+    def reset(self) -> None:
+        self.set_pos(torch.zeros_like(self.pos))
+
+
+class Norm(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.kind, self.eps = config.norm, config.norm_eps
+        self.weight = nn.Parameter(torch.ones(config.n_embd))
+        use_bias = config.bias and config.norm == "layernorm"
+        self.bias = nn.Parameter(torch.zeros(config.n_embd)) if use_bias else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.kind == "rmsnorm":
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        return F.layer_norm(x, (x.shape[-1],), self.weight, self.bias, self.eps)
+
+
+def rope_tables(positions: Tensor, head_size: int, theta: float) -> tuple[Tensor, Tensor]:
+    """cos and sin for rotary embeddings, (B, 1, T, hs), computed in fp32."""
+    inv_freq = 1.0 / (
+        theta ** (torch.arange(0, head_size, 2, device=positions.device).float() / head_size)
+    )
+    freqs = positions[..., None].float() * inv_freq  # (B, T, hs/2)
+    emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, hs)
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate pairs (i, i + hs/2) of each head (the Hugging Face "rotate_half" layout)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+
+
+def sinusoidal_table(n_pos: int, dim: int) -> Tensor:
+    """The fixed encoding of Vaswani et al.: sin on even dimensions, cos on odd ones."""
+    pos = torch.arange(n_pos, dtype=torch.float32)[:, None]
+    div = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * (-math.log(10000.0) / dim))
+    table = torch.zeros(n_pos, dim)
+    table[:, 0::2] = torch.sin(pos * div)
+    table[:, 1::2] = torch.cos(pos * div)[:, : dim // 2]
+    return table
+
+
+class Attention(nn.Module):
+    """Causal multi-head self-attention with grouped-query heads and an optional KV cache.
+
+    ::
+
+        x ─► qkv ─┬─ q (B, nh, T, hs) ──(rope)──┐
+                  ├─ k (B, nkv, T, hs) ─(rope)──┼─► cache ─► SDPA ─► proj ─► y
+                  └─ v (B, nkv, T, hs) ─────────┘
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.nh, self.nkv, self.hs = config.n_head, config.kv_heads, config.head_size
+        self.qkv = nn.Linear(config.n_embd, (self.nh + 2 * self.nkv) * self.hs, bias=config.bias)
+        self.proj = nn.Linear(self.nh * self.hs, config.n_embd, bias=config.bias)
+        self.dropout = config.dropout
+
+    def forward(
+        self,
+        x: Tensor,
+        rope: tuple[Tensor, Tensor] | None,
+        cache: tuple[Tensor, Tensor] | None,
+        slots: Tensor | None,
+        mask: Tensor | None,
+    ) -> Tensor:
+        B, T, _ = x.shape
+        q, k, v = self.qkv(x).split([self.nh * self.hs, self.nkv * self.hs, self.nkv * self.hs], -1)
+        q = q.view(B, T, self.nh, self.hs).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.nkv, self.hs).transpose(1, 2)  # (B, nkv, T, hs)
+        v = v.view(B, T, self.nkv, self.hs).transpose(1, 2)  # (B, nkv, T, hs)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if cache is not None:
+            assert slots is not None
+            k_cache, v_cache = cache
+            index = slots[:, None, :, None].expand(B, self.nkv, T, self.hs)
+            k_cache.scatter_(2, index, k.to(k_cache.dtype))
+            v_cache.scatter_(2, index, v.to(v_cache.dtype))
+            S = mask.shape[-1] if mask is not None else T
+            k, v = k_cache[:, :, :S].to(q.dtype), v_cache[:, :, :S].to(q.dtype)  # (B, nkv, S, hs)
+        y = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            is_causal=mask is None,
+            dropout_p=self.dropout if self.training else 0.0,
+            enable_gqa=self.nkv != self.nh,
+        )  # (B, nh, T, hs)
+        y = y.transpose(1, 2).reshape(B, T, self.nh * self.hs)  # (B, T, C)
+        return self.proj(y)
+
+
+class MLP(nn.Module):
+    """GELU MLP (GPT-1/2) or SwiGLU (Llama): ``proj(silu(gate(x)) * up(x))`` with gate and up
+    fused into one ``fc`` matrix."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.kind = config.mlp
+        H = config.hidden_size
+        out = 2 * H if self.kind == "swiglu" else H
+        self.fc = nn.Linear(config.n_embd, out, bias=config.bias)
+        self.proj = nn.Linear(H, config.n_embd, bias=config.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.fc(x)  # (B, T, H) or (B, T, 2H)
+        if self.kind == "swiglu":
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        else:
+            h = F.gelu(h, approximate="tanh" if self.kind == "gelu_tanh" else "none")
+        return self.proj(h)
+
+
+class Block(nn.Module):
+    """pre-LN (GPT-2, Llama): x + f(norm(x));  post-LN (GPT-1): norm(x + f(x))."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.pre = config.norm_position == "pre"
+        self.norm_1 = Norm(config)
+        self.attn = Attention(config)
+        self.norm_2 = Norm(config)
+        self.mlp = MLP(config)
+        self.drop = nn.Dropout(config.dropout)
+
+    def forward(self, x: Tensor, rope, cache, slots, mask) -> Tensor:
+        if self.pre:
+            x = x + self.drop(self.attn(self.norm_1(x), rope, cache, slots, mask))
+            return x + self.drop(self.mlp(self.norm_2(x)))
+        x = self.norm_1(x + self.drop(self.attn(x, rope, cache, slots, mask)))
+        return self.norm_2(x + self.drop(self.mlp(x)))
+
+
+class GPT(nn.Module):
+    """``model(ids)`` -> logits ``(B, T, V)``; ``model(ids, cache=KVCache(...))`` decodes
+    incrementally. ``hidden`` gives the final hidden states for task heads."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        C = config.n_embd
+        self.wte = nn.Embedding(config.vocab_size, C)
+        self.wpe = nn.Embedding(config.block_size, C) if config.pos_emb == "learned" else None
+        if config.pos_emb == "sinusoidal":
+            self.register_buffer("sinusoid", sinusoidal_table(config.block_size, C), False)
+        self.embed_scale = math.sqrt(C) if config.pos_emb == "sinusoidal" else 1.0
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.norm_f = Norm(config) if config.norm_position == "pre" else None
+        self.lm_head = nn.Linear(C, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.wte.weight
+        self.apply(self._init_weights)
+        # GPT-2: scale the init of projections into the residual stream by 1/sqrt(2 n_layer).
+        for name, p in self.named_parameters():
+            if name.endswith("proj.weight"):
+                nn.init.normal_(p, 0.0, config.init_std / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, nn.Linear | nn.Embedding):
+            nn.init.normal_(module.weight, 0.0, self.config.init_std)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def num_params(self, embeddings: bool = True) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if not embeddings:
+            n -= self.wte.weight.numel() + (self.wpe.weight.numel() if self.wpe else 0)
+        return n
+
+    def _positions(self, B: int, T: int, device: torch.device, cache: KVCache | None) -> Tensor:
+        if cache is None:
+            if self.config.block_size < T:
+                raise GptkitError(
+                    f"sequence of {T} tokens is longer than the context ({self.config.block_size})"
+                )
+            return torch.arange(T, device=device).expand(B, T)
+        if cache.length + T > cache.max_len:
+            raise GptkitError(
+                f"the KV cache holds {cache.max_len} positions; {cache.length} used + {T} new "
+                "do not fit (generation slides the window for you)"
+            )
+        return cache.pos[:, None] + torch.arange(T, device=device)  # (B, T)
+
+    def hidden(self, idx: Tensor, cache: KVCache | None = None) -> Tensor:
+        """Final hidden states (B, T, C), after the last norm."""
+        B, T = idx.shape
+        pos = self._positions(B, T, idx.device, cache)  # (B, T)
+        x = self.wte(idx)
+        if self.embed_scale != 1.0:
+            x = x * self.embed_scale
+        if self.wpe is not None:
+            x = x + self.wpe(pos)
+        elif self.config.pos_emb == "sinusoidal":
+            x = x + self.sinusoid[pos]
+        x = self.drop(x)
+        rope = (
+            rope_tables(pos, self.config.head_size, self.config.rope_theta)
+            if self.config.pos_emb == "rope"
+            else None
+        )
+        mask = None  # None: plain causal attention over the T new tokens
+        if cache is not None and cache.length > 0:
+            # A query at position p sees cache slots 0..p of its own row.
+            S = cache.length + T
+            mask = torch.arange(S, device=idx.device) <= pos[:, None, :, None]  # (B, 1, T, S)
+        for i, block in enumerate(self.blocks):
+            layer_cache = (cache.k[i], cache.v[i]) if cache is not None else None
+            x = block(x, rope, layer_cache, pos if cache is not None else None, mask)
+        if cache is not None:
+            cache.pos = cache.pos + T
+            cache.length += T
+        return self.norm_f(x) if self.norm_f is not None else x
+
+    def forward(self, idx: Tensor, cache: KVCache | None = None) -> Tensor:
+        """Logits (B, T, V) for token ids (B, T)."""
+        return self.lm_head(self.hidden(idx, cache))

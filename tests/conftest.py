@@ -1,0 +1,78 @@
+"""Shared test helpers: tiny configs and models, tokenizers, paths to the shared data."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from gptkit.config import ModelConfig
+from gptkit.model import GPT
+from gptkit.tokenizer import BPETokenizer, CharTokenizer
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("GPTKIT_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+SAMPLE_TEXT = (
+    "First Citizen:\nBefore we proceed any further, hear me speak.\n\n"
+    "All:\nSpeak, speak.\n\n"
+    "def add(a, b):\n    return a + b\n\n"
+    "class Point:\n    def __init__(self, x, y):\n        self.x = x\n        self.y = y\n"
+) * 4
+
+#: one tiny config per block family: GPT-2, GPT-1, sinusoidal, Llama-style
+FAMILIES = {
+    "gpt2": {},
+    "gpt1": dict(norm_position="post", mlp="gelu"),
+    "sinusoidal": dict(pos_emb="sinusoidal"),
+    "llama": dict(
+        norm="rmsnorm",
+        pos_emb="rope",
+        mlp="swiglu",
+        n_kv_head=1,
+        bias=False,
+        tie_embeddings=False,
+    ),
+}
+
+
+def tiny_config(vocab_size: int = 64, **overrides: object) -> ModelConfig:
+    base = dict(vocab_size=vocab_size, block_size=32, n_layer=2, n_head=2, n_embd=32)
+    return ModelConfig(**(base | overrides))  # type: ignore[arg-type]
+
+
+def tiny_model(vocab_size: int = 64, seed: int = 0, **overrides: object) -> GPT:
+    torch.manual_seed(seed)
+    return GPT(tiny_config(vocab_size, **overrides)).eval()
+
+
+def shared_path(*parts: str) -> Path:
+    """A path under ../shared/data, or skip the test with the reason."""
+    p = SHARED_DATA.joinpath(*parts)
+    if not p.exists():
+        pytest.skip(f"{p} is absent (set GPTKIT_SHARED_DATA to the shared data directory)")
+    return p
+
+
+@pytest.fixture(params=list(FAMILIES))
+def family(request: pytest.FixtureRequest) -> dict:
+    return FAMILIES[request.param]
+
+
+@pytest.fixture(scope="session")
+def char_tokenizer() -> CharTokenizer:
+    return CharTokenizer.train([SAMPLE_TEXT])
+
+
+@pytest.fixture(scope="session")
+def bpe_tokenizer() -> BPETokenizer:
+    return BPETokenizer.train(iter([SAMPLE_TEXT]), vocab_size=300, show_progress=False)
+
+
+@pytest.fixture(scope="session")
+def gpt2_dir() -> Path:
+    return shared_path("gpt2")
