@@ -1,0 +1,129 @@
+"""Batches from prepared token shards: random windows, resumable, aware of data-parallel ranks.
+
+A prepared directory holds ``meta.json`` and flat token files (``train-00000.bin``, ...,
+``val-00000.bin``) of uint16 or uint32, memory-mapped so a corpus larger than memory trains.
+Each batch draws ``batch_size`` windows of ``block_size + 1`` tokens at random positions (as
+nanoGPT does); the generator's state is the data position, so a resumed run draws the same
+batches an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from gptkit.errors import GptkitError
+
+META = "meta.json"
+FORMAT = "gptkit.shards/1"
+DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
+
+
+def read_meta(directory: str | Path) -> dict[str, Any]:
+    """``meta.json`` of a prepared directory, checked for the fields training needs."""
+    directory = Path(directory)
+    path = directory / META
+    if not directory.is_dir():
+        raise GptkitError(f"data directory {directory} does not exist; run `gptkit prepare` first")
+    if not path.is_file():
+        raise GptkitError(
+            f"{directory} has no {META}; it is not a prepared data directory "
+            "(run `gptkit prepare INPUT... --out DIR` first)"
+        )
+    try:
+        meta = json.loads(path.read_text())
+    except ValueError as e:
+        raise GptkitError(f"{path} is corrupted ({e}); prepare the data again") from None
+    if meta.get("format") != FORMAT:
+        raise GptkitError(f"{path} is not gptkit shard metadata (format {meta.get('format')!r})")
+    return meta
+
+
+class TokenShards:
+    """The memory-mapped shards of one prepared directory."""
+
+    def __init__(self, directory: str | Path):
+        self.directory = Path(directory)
+        self.meta = read_meta(self.directory)
+        self.dtype = DTYPES[self.meta["dtype"]]
+        self.vocab_size: int = self.meta["vocab_size"]
+        self.eos_id: int | None = self.meta.get("eos_id")
+        self.tokenizer_hash: str = self.meta["tokenizer_hash"]
+
+    def split(self, name: str) -> list[np.ndarray]:
+        if name not in self.meta["splits"]:
+            raise GptkitError(f"{self.directory} has no {name!r} split")
+        arrays = []
+        for shard in self.meta["splits"][name]["shards"]:
+            path = self.directory / shard["file"]
+            itemsize = np.dtype(self.dtype).itemsize
+            if not path.is_file() or path.stat().st_size != shard["tokens"] * itemsize:
+                raise GptkitError(
+                    f"shard {path} is missing or has the wrong size; prepare the data again"
+                )
+            if shard["tokens"]:
+                arrays.append(np.memmap(path, dtype=self.dtype, mode="r"))
+        return arrays
+
+    def num_tokens(self, name: str) -> int:
+        return int(self.meta["splits"][name]["tokens"])
+
+
+class BatchSampler:
+    """Random windows from a list of token arrays.
+
+    Args:
+        arrays: token arrays (one per shard); a window never crosses two shards.
+        block_size: tokens per input sequence; targets are shifted by one.
+        batch_size: sequences per batch.
+        seed: the generator seed; each rank of a data-parallel run adds its rank.
+        rank, world_size: this process's share of a data-parallel run.
+    """
+
+    def __init__(
+        self,
+        arrays: list[np.ndarray],
+        block_size: int,
+        batch_size: int,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
+        self.arrays = [a for a in arrays if len(a) > block_size]
+        if not self.arrays:
+            longest = max((len(a) for a in arrays), default=0)
+            raise GptkitError(
+                f"the data has no run of {block_size + 1} tokens (longest shard: {longest}); "
+                "add text or lower --block-size"
+            )
+        self.block_size, self.batch_size = block_size, batch_size
+        # Shards are weighted by how many windows start in them.
+        counts = torch.tensor([len(a) - block_size for a in self.arrays], dtype=torch.float64)
+        self.weights = counts / counts.sum()
+        self.gen = torch.Generator().manual_seed(seed + 1_000_003 * rank)
+        del world_size  # every rank samples independently from its own seeded stream
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """One batch: inputs and targets, both int64 (B, T)."""
+        B, T = self.batch_size, self.block_size
+        which = torch.multinomial(self.weights, B, replacement=True, generator=self.gen)
+        starts = torch.rand(B, generator=self.gen, dtype=torch.float64)
+        rows = []
+        for w, u in zip(which.tolist(), starts.tolist(), strict=True):
+            a = self.arrays[w]
+            i = int(u * (len(a) - T))
+            rows.append(np.asarray(a[i : i + T + 1], dtype=np.int64))
+        batch = torch.from_numpy(np.stack(rows))
+        return batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
+
+    def state_dict(self) -> dict[str, str]:
+        return {"generator": base64.b64encode(self.gen.get_state().numpy().tobytes()).decode()}
+
+    def load_state_dict(self, state: dict[str, str]) -> None:
+        raw = np.frombuffer(base64.b64decode(state["generator"]), dtype=np.uint8).copy()
+        self.gen.set_state(torch.from_numpy(raw))

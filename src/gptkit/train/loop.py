@@ -1,0 +1,438 @@
+"""The one training loop: next-token prediction over prepared shards.
+
+Per optimizer step: ``grad_accum`` micro-batches under autocast, gradient clipping, AdamW
+with the warm-up + cosine schedule. Every ``eval_every`` steps it measures validation loss
+and perplexity; every ``save_every`` steps it writes a complete checkpoint atomically. A
+checkpoint carries the optimizer moments, the data sampler's generator and the global RNG,
+so ``resume=True`` continues with exactly the losses an uninterrupted run would have.
+Ctrl-C finishes the current step, saves, and returns.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import shutil
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from gptkit.checkpoint import read_model_config, read_train_state, save_checkpoint
+from gptkit.checkpoint.native import (
+    load_checkpoint,
+    load_optimizer,
+    rng_state,
+    set_rng_state,
+)
+from gptkit.config import ModelConfig, TrainConfig, get_preset
+from gptkit.data.loader import BatchSampler, TokenShards
+from gptkit.errors import GptkitError
+from gptkit.files import (
+    atomic_path,
+    atomic_write_text,
+    latest_checkpoint,
+    list_checkpoints,
+    step_dir,
+)
+from gptkit.model import GPT
+from gptkit.tokenizer import load_tokenizer
+from gptkit.train.optim import lr_at, make_optimizer
+
+MODEL_FIELDS = {f.name for f in dataclasses.fields(ModelConfig)}
+TRAIN_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
+
+
+# -- device and precision ------------------------------------------------------------------
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    return torch.device(name)
+
+
+def cpu_has_bf16() -> bool:
+    """Native bf16 matmul (AVX512-BF16 or AMX) makes bf16 autocast pay off on a CPU."""
+    cpu = torch.cpu
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(cpu, c, lambda: False)() for c in checks)
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    if precision != "auto":
+        if precision == "fp16" and device.type == "cpu":
+            raise GptkitError("fp16 training is for GPUs; use --precision bf16 or fp32 on a CPU")
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if device.type == "cpu":
+        return "bf16" if cpu_has_bf16() else "fp32"
+    return "fp32"
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device.type, dtype=dtype)
+
+
+# -- configuration -------------------------------------------------------------------------
+
+
+def build_configs(
+    preset: str | None, vocab_size: int, overrides: dict[str, Any]
+) -> tuple[ModelConfig, TrainConfig]:
+    unknown = sorted(set(overrides) - MODEL_FIELDS - TRAIN_FIELDS)
+    if unknown:
+        raise GptkitError(
+            f"unknown training option(s) {unknown}; see `gptkit train --help` for the fields"
+        )
+    p = get_preset(preset) if preset else None
+    model_kw = dict(p.model if p else {}) | {"vocab_size": vocab_size}
+    train_kw = dict(p.train if p else {})
+    for k, v in overrides.items():
+        if v is not None:
+            (model_kw if k in MODEL_FIELDS else train_kw)[k] = v
+    return ModelConfig(**model_kw), TrainConfig(**train_kw)
+
+
+# -- the loop ------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _sigint_flag() -> Iterator[dict[str, bool]]:
+    """The first Ctrl-C asks the loop to save and stop after the current step; the second
+    interrupts at once."""
+    flag = {"stop": False}
+
+    def handler(signum: int, frame: Any) -> None:
+        if flag["stop"]:
+            raise KeyboardInterrupt
+        flag["stop"] = True
+
+    try:
+        previous = signal.signal(signal.SIGINT, handler)
+    except ValueError:  # not the main thread: no handler, Ctrl-C behaves as usual
+        yield flag
+        return
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
+
+
+@torch.no_grad()
+def evaluate(
+    model: torch.nn.Module,
+    arrays: list,
+    block_size: int,
+    batch_size: int,
+    batches: int,
+    device: torch.device,
+    precision: str,
+    seed: int = 0,
+) -> float:
+    """Mean next-token loss over ``batches`` fixed random batches (the same ones every call)."""
+    sampler = BatchSampler(arrays, block_size, batch_size, seed=seed)
+    was_training = model.training
+    model.eval()
+    total = 0.0
+    for _ in range(batches):
+        x, y = sampler.next()
+        with autocast(device, precision):
+            total += _cross_entropy(model(x.to(device)), y.to(device)).item()
+    model.train(was_training)
+    return total / batches
+
+
+def plot_losses(metrics_path: Path, png_path: Path) -> None:
+    """Train and validation loss against step, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    if train:
+        ax.plot(*zip(*train, strict=True), label="train", lw=1, alpha=0.8)
+    if val:
+        ax.plot(*zip(*val, strict=True), "o-", label="validation", lw=1.5)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    with atomic_path(png_path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+
+
+def _trim_metrics(path: Path, last_step: int) -> None:
+    """On resume, drop metrics a killed run logged after its last checkpoint."""
+    if not path.exists():
+        return
+    keep = [
+        ln
+        for ln in path.read_text().splitlines()
+        if ln.strip() and json.loads(ln)["step"] <= last_step
+    ]
+    atomic_write_text(path, "".join(ln + "\n" for ln in keep))
+
+
+def train(
+    data: str | Path,
+    out: str | Path,
+    preset: str | None = "nanogpt-cpu",
+    resume: bool = False,
+    init_from: str | Path | None = None,
+    progress: bool = True,
+    **overrides: Any,
+) -> dict[str, Any]:
+    """Pretrain (or continue training) a GPT on prepared token shards.
+
+    Args:
+        data: a directory written by ``gptkit prepare``.
+        out: the run directory: checkpoints/, metrics.jsonl, loss.png.
+        preset: named starting configuration (see ``gptkit.config.PRESETS``).
+        resume: continue the run in ``out`` from its newest checkpoint.
+        init_from: start from the weights of this checkpoint (a fresh optimizer).
+        progress: show a progress bar.
+        overrides: any ModelConfig or TrainConfig field, e.g. ``max_steps=100``.
+
+    Returns a summary: final step, losses, checkpoint path, tokens/s.
+    """
+    out = Path(out)
+    shards = TokenShards(data)
+    tokenizer = load_tokenizer(data)
+    if tokenizer.hash != shards.tokenizer_hash:
+        raise GptkitError(
+            f"{data}: tokenizer.json does not match meta.json; prepare the data again"
+        )
+
+    existing = latest_checkpoint(out)
+    if existing is not None and not resume:
+        raise GptkitError(
+            f"{out} already holds a run (newest checkpoint {existing.name}); pass --resume "
+            "to continue it, or choose another --out"
+        )
+    if resume and existing is None:
+        raise GptkitError(f"--resume: {out} has no checkpoint to resume from; drop --resume")
+
+    state: dict[str, Any] = {}
+    source = existing if resume else (Path(init_from) if init_from else None)
+    if source is not None:
+        if not source.is_dir():
+            raise GptkitError(f"--init-from {source} does not exist")
+        if resume:
+            state = read_train_state(source)
+        src_tok = load_tokenizer(source)
+        if src_tok.hash != shards.tokenizer_hash:
+            raise GptkitError(
+                f"checkpoint {source} was trained with a different tokenizer than the data in "
+                f"{data} (hash {src_tok.hash} vs {shards.tokenizer_hash}); prepare the data "
+                f"with `--tokenizer {source}/tokenizer.json`, or start a new run"
+            )
+        model_cfg = read_model_config(source)
+        base_train = TrainConfig.from_dict(state["train"]) if resume else None
+        model_over = {k: v for k, v in overrides.items() if k in MODEL_FIELDS and v is not None}
+        changed = {
+            k for k, v in model_over.items() if getattr(model_cfg, k) != v and k != "dropout"
+        }
+        if changed:
+            raise GptkitError(
+                f"cannot change model field(s) {sorted(changed)} of checkpoint {source}; "
+                "drop those flags, or start a new run"
+            )
+        if "dropout" in model_over:
+            model_cfg = model_cfg.replace(dropout=model_over["dropout"])
+        train_over = {k: v for k, v in overrides.items() if k in TRAIN_FIELDS and v is not None}
+        if base_train is not None:
+            train_cfg = base_train.replace(**train_over)
+        else:
+            train_cfg = build_configs(preset, model_cfg.vocab_size, train_over)[1]
+    else:
+        model_cfg, train_cfg = build_configs(preset, shards.vocab_size, overrides)
+    if model_cfg.vocab_size < shards.vocab_size:
+        raise GptkitError(
+            f"the model's vocabulary ({model_cfg.vocab_size}) is smaller than the data's "
+            f"({shards.vocab_size}); use a matching checkpoint or tokenizer"
+        )
+
+    device = pick_device(train_cfg.device)
+    precision = resolve_precision(train_cfg.precision, device)
+    torch.manual_seed(train_cfg.seed)
+    if source is not None:
+        model, _ = load_checkpoint(source, device)
+        if model.config.dropout != model_cfg.dropout:
+            model = _rebuild_with(model, model_cfg)
+    else:
+        model = GPT(model_cfg).to(device)
+    model.train()
+    optimizer = make_optimizer(model, train_cfg)
+    sampler = BatchSampler(
+        shards.split("train"), model_cfg.block_size, train_cfg.batch_size, train_cfg.seed
+    )
+    val_arrays = shards.split("val") if shards.num_tokens("val") > model_cfg.block_size else []
+    step = 0
+    if resume:
+        load_optimizer(optimizer, source, state["optimizer_param_groups"])
+        sampler.load_state_dict(state["sampler"])
+        set_rng_state(state["rng"])
+        step = state["step"]
+    step_fn = torch.compile(model) if train_cfg.compile else model
+
+    out.mkdir(parents=True, exist_ok=True)
+    metrics_path, png_path = out / "metrics.jsonl", out / "loss.png"
+    if resume:
+        _trim_metrics(metrics_path, step)
+    elif metrics_path.exists():
+        metrics_path.unlink()
+
+    tokens_per_step = train_cfg.batch_size * train_cfg.grad_accum * model_cfg.block_size
+    summary: dict[str, Any] = {
+        "out": str(out),
+        "params": model.num_params(),
+        "device": str(device),
+        "precision": precision,
+        "tokens_per_step": tokens_per_step,
+    }
+
+    def save(at_step: int, last_loss: float | None) -> Path:
+        ckpt = save_checkpoint(
+            step_dir(out, at_step),
+            model,
+            tokenizer,
+            train_state={
+                "step": at_step,
+                "train": train_cfg.to_dict(),
+                "data": str(Path(data).resolve()),
+                "tokenizer_hash": shards.tokenizer_hash,
+                "sampler": sampler.state_dict(),
+                "rng": rng_state(),
+                "loss": last_loss,
+                "precision": precision,
+            },
+            optimizer=optimizer,
+        )
+        for _, old in list_checkpoints(out)[: -train_cfg.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
+        return ckpt
+
+    def run_eval(at_step: int, log: Any) -> float | None:
+        if not val_arrays:
+            return None
+        val = evaluate(
+            model,
+            val_arrays,
+            model_cfg.block_size,
+            train_cfg.batch_size,
+            train_cfg.eval_batches,
+            device,
+            precision,
+        )
+        log({"step": at_step, "val_loss": val, "val_ppl": math.exp(min(val, 50.0))})
+        return val
+
+    bar = tqdm(
+        total=train_cfg.max_steps,
+        initial=step,
+        disable=not progress,
+        unit="step",
+        dynamic_ncols=True,
+        desc="train",
+    )
+    last_loss: float | None = state.get("loss")
+    val_loss: float | None = None
+    interrupted = False
+    train_time, train_tokens = 0.0, 0
+    with open(metrics_path, "a") as metrics, _sigint_flag() as flag:
+
+        def log(row: dict[str, Any]) -> None:
+            metrics.write(json.dumps(row) + "\n")
+            metrics.flush()
+
+        while step < train_cfg.max_steps:
+            t0 = time.perf_counter()
+            lr = lr_at(step, train_cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss_sum = torch.zeros((), device=device)
+            for _ in range(train_cfg.grad_accum):
+                x, y = sampler.next()
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                with autocast(device, precision):
+                    loss = _cross_entropy(step_fn(x), y)
+                (loss / train_cfg.grad_accum).backward()
+                loss_sum += loss.detach()
+            if train_cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            last_loss = loss_sum.item() / train_cfg.grad_accum
+            if not math.isfinite(last_loss):
+                raise GptkitError(
+                    f"loss became {last_loss} at step {step}; lower --lr or use --precision fp32 "
+                    "(checkpoints before this step are intact)"
+                )
+            dt = time.perf_counter() - t0
+            train_time += dt
+            train_tokens += tokens_per_step
+            tok_s = train_tokens / train_time
+            if step % train_cfg.log_every == 0 or step == train_cfg.max_steps:
+                log({"step": step, "loss": last_loss, "lr": lr, "tokens_per_s": round(tok_s, 1)})
+            bar.set_postfix(loss=f"{last_loss:.4f}", tok_s=f"{tok_s:,.0f}", refresh=False)
+            bar.update(1)
+            done = step == train_cfg.max_steps
+            if (train_cfg.eval_every and step % train_cfg.eval_every == 0) or done:
+                val_loss = run_eval(step, log)
+                if val_loss is not None and progress:
+                    bar.write(f"step {step}: train loss {last_loss:.4f}, val loss {val_loss:.4f}")
+                plot_losses(metrics_path, png_path)
+            if flag["stop"]:
+                interrupted = True
+                break
+            if (train_cfg.save_every and step % train_cfg.save_every == 0) or done:
+                save(step, last_loss)
+    bar.close()
+    ckpt = latest_checkpoint(out)
+    if interrupted or ckpt is None or not ckpt.name.endswith(f"{step:07d}"):
+        ckpt = save(step, last_loss)
+        plot_losses(metrics_path, png_path)
+    summary |= {
+        "step": step,
+        "loss": last_loss,
+        "val_loss": val_loss,
+        "checkpoint": str(ckpt),
+        "tokens_per_s": train_tokens / train_time if train_time else None,
+        "interrupted": interrupted,
+        "loss_png": str(png_path),
+    }
+    return summary
+
+
+def _rebuild_with(model: GPT, cfg: ModelConfig) -> GPT:
+    """The same weights under a config that differs only in dropout."""
+    new = GPT(cfg).to(next(model.parameters()).device)
+    new.load_state_dict(model.state_dict())
+    return new
