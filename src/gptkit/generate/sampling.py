@@ -1,0 +1,114 @@
+"""Pure logits -> next-token functions: no model, no state, nothing modified in place.
+
+Each step of decoding turns the last position's logits ``(B, V)`` into one id per row:
+
+    logits ─► repetition penalty ─► temperature ─► top-k ─► top-p ─► softmax ─► draw
+
+References: Keskar et al. 2019 (CTRL, the repetition penalty); Fan et al. 2018 (top-k);
+Holtzman et al. 2020 (nucleus / top-p sampling). The order of the filters follows the
+Hugging Face ``generate`` logits processors, so the same settings mean the same thing.
+``temperature == 0`` is greedy decoding: the penalty still applies, the filters do not.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from gptkit.config import SampleConfig
+
+#: token history: a (B, V) bool tensor of ids already seen, or one id sequence per row
+History = Tensor | Sequence[Sequence[int]]
+
+
+def seen_mask(history: History, batch_size: int, vocab_size: int, device: torch.device) -> Tensor:
+    """``(B, V)`` bool: True where row ``b`` already holds token ``v``. Ids outside the
+    vocabulary are ignored (they can never be sampled, so they need no penalty)."""
+    if isinstance(history, Tensor) and history.dtype == torch.bool:
+        return history.to(device)
+    mask = torch.zeros(batch_size, vocab_size, dtype=torch.bool, device=device)
+    for b, ids in enumerate(history):
+        idx = torch.as_tensor(list(ids), dtype=torch.long, device=device)
+        idx = idx[(idx >= 0) & (idx < vocab_size)]
+        mask[b, idx] = True
+    return mask
+
+
+def apply_repetition_penalty(logits: Tensor, history: History, penalty: float) -> Tensor:
+    """CTRL's penalty on every token already in the sequence: a positive logit is divided by
+    ``penalty``, a negative one multiplied, so ``penalty > 1`` always makes a repeat less
+    likely. A token counts once however often it occurred."""
+    if penalty == 1.0:
+        return logits
+    seen = seen_mask(history, logits.shape[0], logits.shape[-1], logits.device)
+    penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalized, logits)
+
+
+def apply_temperature(logits: Tensor, temperature: float) -> Tensor:
+    """Divide by ``temperature`` (> 0): below 1 sharpens the distribution, above 1 flattens."""
+    return logits if temperature == 1.0 else logits / temperature
+
+
+def top_k_filter(logits: Tensor, k: int | None) -> Tensor:
+    """Keep the ``k`` largest logits of each row (all that tie with the k-th), -inf elsewhere."""
+    if k is None or k >= logits.shape[-1]:
+        return logits
+    kth = torch.topk(logits, k, dim=-1).values[..., -1:]  # (B, 1)
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def top_p_filter(logits: Tensor, p: float | None) -> Tensor:
+    """Nucleus filter: keep the smallest set of most likely tokens whose probability sums to
+    at least ``p`` (always at least one token), -inf elsewhere."""
+    if p is None or p >= 1.0:
+        return logits
+    sorted_logits, order = logits.sort(dim=-1, descending=True)  # (B, V)
+    probs = sorted_logits.softmax(dim=-1)
+    # Mass of the tokens strictly more likely than each one: a token is kept while the set
+    # before it is still short of p. The most likely token has 0 before it, so it always stays.
+    before = F.pad(probs.cumsum(dim=-1)[..., :-1], (1, 0))  # (B, V)
+    drop_sorted = before >= p
+    drop = drop_sorted.scatter(-1, order, drop_sorted)  # back to vocabulary order
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def sample_next(
+    logits: Tensor,
+    history: History | None,
+    cfg: SampleConfig,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
+) -> Tensor:
+    """Pick the next id of every row.
+
+    Args:
+        logits: ``(B, V)`` scores of the next token (any float dtype; computed in fp32).
+        history: the ids each row holds so far (for the repetition penalty), or None.
+        cfg: temperature, top_k, top_p and repetition_penalty are read from it.
+        generator: the random source; one per row makes each row's draw independent of the
+            others in the batch. None uses a freshly seeded generator (never the global RNG).
+
+    Returns:
+        ``(B,)`` long tensor of ids.
+    """
+    logits = logits.float()
+    if history is not None:
+        logits = apply_repetition_penalty(logits, history, cfg.repetition_penalty)
+    if cfg.temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = apply_temperature(logits, cfg.temperature)
+    logits = top_k_filter(logits, cfg.top_k)
+    logits = top_p_filter(logits, cfg.top_p)
+    probs = logits.softmax(dim=-1)  # (B, V)
+    if generator is None:
+        generator = torch.Generator(device=logits.device)
+        generator.seed()
+    if isinstance(generator, torch.Generator):
+        return torch.multinomial(probs, 1, generator=generator).view(-1)
+    if len(generator) != probs.shape[0]:
+        raise ValueError(f"got {len(generator)} generators for {probs.shape[0]} rows")
+    draws = [torch.multinomial(probs[b], 1, generator=g) for b, g in enumerate(generator)]
+    return torch.cat(draws)
