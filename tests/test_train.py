@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import REPO, SAMPLE_TEXT, shared_path
-from gptkit.data.prepare import prepare
 
 from gptkit.checkpoint import load
 from gptkit.config import TrainConfig
+from gptkit.data.prepare import prepare
 from gptkit.errors import GptkitError
 from gptkit.files import list_checkpoints
 from gptkit.model import GPT
