@@ -248,6 +248,8 @@ PRESETS: dict[str, Preset] = {
             eval_every=250,
             eval_batches=20,
             save_every=500,
+            # At this size bf16 autocast costs more than it saves (bench: ~0.7x fp32 speed).
+            precision="fp32",
         ),
         source="nanoGPT README (CPU recipe) + config/train_shakespeare_char.py",
     ),
@@ -272,7 +274,7 @@ PRESETS: dict[str, Preset] = {
         model=dict(n_layer=4, n_head=4, n_embd=192, block_size=128, dropout=0.0),
         train=dict(
             batch_size=16,
-            max_steps=600,
+            max_steps=800,
             lr=2e-3,
             min_lr=2e-4,
             warmup_steps=50,

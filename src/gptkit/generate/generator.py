@@ -517,9 +517,19 @@ def generate(
     single = isinstance(prompt, str)
     prompts = [prompt] if single else list(prompt)
     pieces = stream(
-        model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
-        top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, seed=seed, stop=stop,
-        stop_at_eos=stop_at_eos, context_policy=context_policy, use_cache=use_cache,
+        model,
+        tokenizer,
+        prompts,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        repetition_penalty=repetition_penalty,
+        seed=seed,
+        stop=stop,
+        stop_at_eos=stop_at_eos,
+        context_policy=context_policy,
+        use_cache=use_cache,
     )
     parts: list[list[str]] = [[] for _ in prompts]
     for row, piece in pieces:
@@ -547,10 +557,15 @@ def stream(
     generate(...)`` for the same arguments. For a list of prompts it yields ``(index, piece)``
     tuples instead of strings. Bad arguments raise here, before the first piece."""
     cfg = SampleConfig(
-        max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-        repetition_penalty=repetition_penalty, seed=seed,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        repetition_penalty=repetition_penalty,
+        seed=seed,
         stop=(stop,) if isinstance(stop, str) else tuple(stop or ()),
-        stop_at_eos=stop_at_eos, context_policy=context_policy,  # type: ignore[arg-type]
+        stop_at_eos=stop_at_eos,
+        context_policy=context_policy,  # type: ignore[arg-type]
     )
     single = isinstance(prompt, str)
     decoder, texts = _start(model, tokenizer, [prompt] if single else list(prompt), cfg, use_cache)

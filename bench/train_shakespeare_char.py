@@ -1,0 +1,156 @@
+"""nanoGPT's CPU recipe for Shakespeare characters, trained by gptkit (and nanoGPT, side by side).
+
+The recipe (nanoGPT README, "I only have a macbook"): 4 layers, 4 heads, 128 wide, context 64,
+batch 12, 2000 iterations, dropout 0, lr 1e-3 cosine to 1e-4, 100 warm-up steps, eval on 20
+batches. nanoGPT reports a validation loss of about 1.88.
+
+    python bench/train_shakespeare_char.py                       # gptkit only
+    python bench/train_shakespeare_char.py --nanogpt PATH        # both, in one run
+
+PATH is a nanoGPT checkout (a work tree with train.py, or a bare git directory such as the
+one `fetch` brings); it is copied to a temporary directory and never into this repository.
+Prints a table: final validation loss, wall time, training tokens/s, and gptkit/nanoGPT ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pickle
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = REPO.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
+RECIPE = dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12, iters=2000)
+
+
+def run_gptkit(text_path: Path, work: Path, iters: int, precision: str) -> dict:
+    from gptkit.data.prepare import prepare
+    from gptkit.train import train
+
+    data = work / "gptkit-data"
+    prepare([str(text_path)], str(data), tokenizer="char", progress=False, shuffle=False)
+    t0 = time.perf_counter()
+    r = train(
+        data,
+        work / "gptkit-run",
+        preset="nanogpt-cpu",
+        max_steps=iters,
+        eval_every=250,
+        eval_batches=20,
+        save_every=0,
+        precision=precision,
+        progress=True,
+    )
+    return {
+        "val_loss": r["val_loss"],
+        "wall_s": time.perf_counter() - t0,
+        "tokens_per_s": r["tokens_per_s"],
+        "precision": r["precision"],
+    }
+
+
+def _checkout(src: Path, dest: Path) -> Path:
+    if (src / "train.py").exists():
+        subprocess.run(["cp", "-r", f"{src}/.", str(dest)], check=True)
+    else:  # a bare git directory
+        archive = subprocess.run(
+            ["git", f"--git-dir={src}", "archive", "HEAD"], check=True, capture_output=True
+        ).stdout
+        subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
+    return dest
+
+
+def run_nanogpt(src: Path, text_path: Path, work: Path, iters: int) -> dict:
+    repo = _checkout(src, work / "nanoGPT")
+    data_dir = repo / "data" / "shakespeare_char"
+    text = text_path.read_text()
+    # The same files nanoGPT's data/shakespeare_char/prepare.py writes (without its download).
+    chars = sorted(set(text))
+    stoi = {c: i for i, c in enumerate(chars)}
+    n = int(len(text) * 0.9)
+    np.array([stoi[c] for c in text[:n]], dtype=np.uint16).tofile(data_dir / "train.bin")
+    np.array([stoi[c] for c in text[n:]], dtype=np.uint16).tofile(data_dir / "val.bin")
+    meta = {"vocab_size": len(chars), "itos": dict(enumerate(chars)), "stoi": stoi}
+    with open(data_dir / "meta.pkl", "wb") as f:
+        pickle.dump(meta, f)
+    cmd = [
+        sys.executable,
+        "train.py",
+        "config/train_shakespeare_char.py",
+        "--device=cpu",
+        "--compile=False",
+        "--eval_iters=20",
+        "--log_interval=1",
+        "--block_size=64",
+        "--batch_size=12",
+        "--n_layer=4",
+        "--n_head=4",
+        "--n_embd=128",
+        f"--max_iters={iters}",
+        f"--lr_decay_iters={iters}",
+        "--dropout=0.0",
+        "--always_save_checkpoint=False",
+    ]
+    t0 = time.perf_counter()
+    log = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, env=os.environ.copy())
+    wall = time.perf_counter() - t0
+    if log.returncode != 0:
+        raise SystemExit(f"nanoGPT failed:\n{log.stdout[-2000:]}\n{log.stderr[-2000:]}")
+    its = re.findall(r"iter (\d+): loss [\d.]+, time ([\d.]+)ms", log.stdout)
+    evals = re.findall(r"step (\d+): train loss [\d.]+, val loss ([\d.]+)", log.stdout)
+    ms = statistics.median(float(t) for i, t in its if int(i) >= 5 and int(i) % 250 != 0)
+    return {
+        "val_loss": float(evals[-1][1]),
+        "wall_s": wall,
+        "tokens_per_s": RECIPE["batch_size"] * RECIPE["block_size"] / (ms / 1e3),
+        "precision": "fp32",
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="tiny Shakespeare input.txt")
+    p.add_argument("--nanogpt", type=Path, help="nanoGPT checkout or git dir to run alongside")
+    p.add_argument("--iters", type=int, default=RECIPE["iters"])
+    p.add_argument("--precision", default="auto", help="gptkit precision: auto, bf16, fp32")
+    p.add_argument("--json", type=Path, help="also write the results here")
+    args = p.parse_args()
+    if not args.data.exists():
+        raise SystemExit(f"{args.data} not found: pass --data PATH to tiny Shakespeare input.txt")
+    import torch
+
+    threads = torch.get_num_threads()
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        results = {"gptkit": run_gptkit(args.data, work, args.iters, args.precision)}
+        if args.nanogpt:
+            results["nanoGPT"] = run_nanogpt(args.nanogpt, args.data, work, args.iters)
+    print(f"\nnanoGPT CPU recipe, {args.iters} iterations, {threads} threads")
+    print(f"{'':<10} {'val loss':>9} {'wall s':>8} {'train tok/s':>12}  precision")
+    for name, r in results.items():
+        print(
+            f"{name:<10} {r['val_loss']:>9.4f} {r['wall_s']:>8.1f} {r['tokens_per_s']:>12,.0f}"
+            f"  {r['precision']}"
+        )
+    if "nanoGPT" in results:
+        g, n = results["gptkit"], results["nanoGPT"]
+        print(
+            f"{'ratio':<10} {g['val_loss'] / n['val_loss']:>9.3f} {g['wall_s'] / n['wall_s']:>8.2f}"
+            f" {g['tokens_per_s'] / n['tokens_per_s']:>12.2f}  (gptkit / nanoGPT)"
+        )
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,269 @@
+"""The ``gptkit`` command line. Each subcommand is a typed Python function; its flags and help
+come from the function's signature and its docstring's ``Args:`` section, and ``train`` adds
+one flag per ModelConfig and TrainConfig field (default: the preset's value)."""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import inspect
+import io
+import re
+import sys
+import tokenize
+import types
+import typing
+from collections.abc import Callable
+from typing import Any, Literal, get_args, get_origin
+
+from gptkit.config import PRESETS, ModelConfig, TrainConfig
+from gptkit.errors import GptkitError
+
+# -- deriving argparse from signatures -----------------------------------------------------
+
+
+def _doc_args(fn: Callable) -> dict[str, str]:
+    """The ``Args:`` section of a Google-style docstring: name -> description."""
+    doc = inspect.getdoc(fn) or ""
+    out: dict[str, str] = {}
+    in_args, current = False, None
+    for line in doc.splitlines():
+        if line.strip() == "Args:":
+            in_args = True
+            continue
+        if in_args:
+            if line and not line.startswith(" "):
+                break
+            m = re.match(r"^\s{2,4}(\w[\w, ]*):\s*(.*)$", line)
+            if m:
+                current = m.group(1)
+                for name in current.split(","):
+                    out[name.strip()] = m.group(2)
+            elif current and line.strip():
+                for name in current.split(","):
+                    out[name.strip()] += " " + line.strip()
+    return out
+
+
+def _field_comments(cls: type) -> dict[str, str]:
+    """Trailing ``# comments`` of dataclass fields, used as flag help."""
+    try:
+        src = inspect.getsource(cls)
+    except (OSError, TypeError):
+        return {}
+    comments: dict[int, str] = {}
+    for tok in tokenize.generate_tokens(io.StringIO(src).readline):
+        if tok.type == tokenize.COMMENT:
+            comments[tok.start[0]] = tok.string.lstrip("# ")
+    out = {}
+    for node in ast.walk(ast.parse(src)):
+        is_field = isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+        if is_field and node.lineno in comments:
+            out[node.target.id] = comments[node.lineno]
+    return out
+
+
+def _unwrap_optional(tp: Any) -> Any:
+    if get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return tp
+
+
+def _add_argument(
+    parser: argparse.ArgumentParser,
+    name: str,
+    tp: Any,
+    default: Any,
+    help_text: str,
+    positional: bool = False,
+    required: bool = False,
+) -> None:
+    tp = _unwrap_optional(tp)
+    flag = "--" + name.replace("_", "-")
+    kwargs: dict[str, Any] = {"help": help_text or None}
+    if tp is bool:
+        parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, **kwargs)
+        return
+    if get_origin(tp) is list:
+        (item,) = get_args(tp) or (str,)
+        if positional:
+            parser.add_argument(name, nargs="+", type=item, **kwargs)
+        else:
+            parser.add_argument(flag, action="append", type=item, default=default, **kwargs)
+        return
+    if get_origin(tp) is Literal:
+        kwargs["choices"] = list(get_args(tp))
+        tp = type(kwargs["choices"][0])
+    if tp not in (int, float, str):
+        tp = str
+    if positional:
+        parser.add_argument(name, type=tp, **kwargs)
+    elif required:
+        parser.add_argument(flag, type=tp, required=True, dest=name, **kwargs)
+    else:
+        parser.add_argument(flag, type=tp, default=default, dest=name, **kwargs)
+
+
+def add_function(
+    sub: argparse._SubParsersAction, fn: Callable, name: str, skip: tuple[str, ...] = ()
+) -> argparse.ArgumentParser:
+    doc = inspect.getdoc(fn) or ""
+    summary = doc.split("\n\n")[0].replace("\n", " ")
+    parser = sub.add_parser(name, help=summary, description=summary)
+    hints = typing.get_type_hints(fn)
+    helps = _doc_args(fn)
+    for pname, p in inspect.signature(fn).parameters.items():
+        if pname in skip or p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL):
+            continue
+        tp = hints.get(pname, str)
+        required = p.default is inspect.Parameter.empty
+        # Required lists (inputs, prompts) are positional; other required values are flags.
+        positional = required and get_origin(_unwrap_optional(tp)) is list
+        default = None if required else p.default
+        _add_argument(parser, pname, tp, default, helps.get(pname, ""), positional, required)
+    parser.set_defaults(_fn=fn)
+    return parser
+
+
+def add_config_fields(parser: argparse.ArgumentParser, cls: type, title: str) -> None:
+    group = parser.add_argument_group(title)
+    hints = typing.get_type_hints(cls)
+    comments = _field_comments(cls)
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else None
+        text = comments.get(f.name, "")
+        help_text = f"{text} (default: the preset's, else {default})".strip()
+        _add_argument(group, f.name, hints[f.name], None, help_text)  # type: ignore[arg-type]
+
+
+# -- commands that live at the CLI layer ---------------------------------------------------
+
+
+def generate_cmd(
+    prompt: list[str],
+    model: str = "gptkit-demo/run",
+    max_new_tokens: int = 200,
+    temperature: float = 0.8,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    repetition_penalty: float = 1.0,
+    seed: int | None = None,
+    stop: list[str] | None = None,
+    stop_at_eos: bool = True,
+    context_policy: Literal["slide", "error"] = "slide",
+    stream: bool = True,
+    device: str = "cpu",
+) -> None:
+    """Generate text from a prompt (several prompts are batched together).
+
+    Args:
+        prompt: one or more prompts ("-" reads one from standard input).
+        model: a checkpoint directory or a training run directory.
+        max_new_tokens: tokens to generate per prompt.
+        temperature: 0 is greedy decoding; higher is more random.
+        top_k: sample only among the k most likely tokens.
+        top_p: sample only from the smallest set of tokens whose probability reaches p.
+        repetition_penalty: > 1 discourages tokens already present (CTRL-style).
+        seed: makes sampling reproducible.
+        stop: stop when this text appears (repeatable); it is not printed.
+        stop_at_eos: stop at the end-of-text token.
+        context_policy: "slide" keeps the last tokens when the context fills; "error" refuses.
+        stream: print tokens as they come (one prompt only).
+        device: cpu, cuda, mps.
+    """
+    from gptkit.checkpoint import load
+    from gptkit.generate import generate
+    from gptkit.generate import stream as stream_fn
+
+    prompts = [sys.stdin.read() if p == "-" else p for p in prompt]
+    net, tok = load(model, device=device)
+    if tok is None:
+        raise GptkitError(f"{model} has no tokenizer; generation needs one")
+    kwargs = dict(
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        repetition_penalty=repetition_penalty,
+        seed=seed,
+        stop=stop,
+        stop_at_eos=stop_at_eos,
+        context_policy=context_policy,
+    )
+    if stream and len(prompts) == 1:
+        sys.stdout.write(prompts[0])
+        for piece in stream_fn(net, tok, prompts[0], **kwargs):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        return
+    outs = generate(net, tok, prompts, **kwargs)
+    for i, (p, o) in enumerate(zip(prompts, outs, strict=True)):
+        if len(prompts) > 1:
+            print(f"--- sample {i + 1} ---")
+        print(p + o)
+
+
+def presets_cmd() -> None:
+    """List the named presets: sizes, parameter counts and where they come from."""
+    head = ("name", "layers", "width", "heads", "context", "params")
+    print("{:<16} {:>6} {:>6} {:>5} {:>7} {:>10}  source".format(*head))
+    for name, p in PRESETS.items():
+        cfg = ModelConfig(**({"vocab_size": 50257} | p.model))
+        n = cfg.num_params()
+        size = f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
+        print(
+            f"{name:<16} {cfg.n_layer:>6} {cfg.n_embd:>6} {cfg.n_head:>5} {cfg.block_size:>7} "
+            f"{size:>10}  {p.source}"
+        )
+    print("(parameter counts with the preset's vocabulary, or GPT-2's 50,257 tokens)")
+
+
+# -- entry point ---------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from gptkit import __version__
+    from gptkit.data.prepare import prepare
+    from gptkit.demo import demo
+    from gptkit.train import train
+
+    parser = argparse.ArgumentParser(
+        prog="gptkit", description="gptkit: tokenize, pretrain, fine-tune and run GPT models."
+    )
+    parser.add_argument("--version", action="version", version=f"gptkit {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add_function(sub, demo, "demo")
+    add_function(sub, prepare, "prepare")
+    train_parser = add_function(sub, train, "train")
+    add_config_fields(train_parser, ModelConfig, "model fields")
+    add_config_fields(train_parser, TrainConfig, "training fields")
+    add_function(sub, generate_cmd, "generate")
+    add_function(sub, presets_cmd, "presets")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = vars(parser.parse_args(argv))
+    fn = args.pop("_fn")
+    args.pop("command", None)
+    try:
+        result = fn(**args)
+    except GptkitError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    if isinstance(result, dict) and result.get("interrupted"):
+        print(f"interrupted: checkpoint saved to {result.get('checkpoint')}", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
