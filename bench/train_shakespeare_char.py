@@ -33,7 +33,7 @@ DEFAULT_DATA = REPO.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
 RECIPE = dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12, iters=2000)
 
 
-def run_gptkit(text_path: Path, work: Path, iters: int, precision: str) -> dict:
+def run_gptkit(text_path: Path, work: Path, iters: int, precision: str | None) -> dict:
     from gptkit.data.prepare import prepare
     from gptkit.train import train
 
@@ -60,6 +60,7 @@ def run_gptkit(text_path: Path, work: Path, iters: int, precision: str) -> dict:
 
 
 def _checkout(src: Path, dest: Path) -> Path:
+    dest.mkdir(parents=True)
     if (src / "train.py").exists():
         subprocess.run(["cp", "-r", f"{src}/.", str(dest)], check=True)
     else:  # a bare git directory
@@ -122,7 +123,7 @@ def main() -> None:
     p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="tiny Shakespeare input.txt")
     p.add_argument("--nanogpt", type=Path, help="nanoGPT checkout or git dir to run alongside")
     p.add_argument("--iters", type=int, default=RECIPE["iters"])
-    p.add_argument("--precision", default="auto", help="gptkit precision: auto, bf16, fp32")
+    p.add_argument("--precision", help="gptkit precision (default: the preset's, fp32)")
     p.add_argument("--json", type=Path, help="also write the results here")
     args = p.parse_args()
     if not args.data.exists():

@@ -119,7 +119,7 @@ def test_generate_several_prompts_with_stop(
         "--max-new-tokens",
         "30",
         "--stop",
-        "\n",
+        "\\n",  # typed in a shell: backslash n
     )
     assert code == 0
     assert out.count("--- sample") == 2

@@ -168,7 +168,8 @@ def generate_cmd(
         top_p: sample only from the smallest set of tokens whose probability reaches p.
         repetition_penalty: > 1 discourages tokens already present (CTRL-style).
         seed: makes sampling reproducible.
-        stop: stop when this text appears (repeatable); it is not printed.
+        stop: stop when this text appears (repeatable; \n and \t are understood); it is
+            not printed.
         stop_at_eos: stop at the end-of-text token.
         context_policy: "slide" keeps the last tokens when the context fills; "error" refuses.
         stream: print tokens as they come (one prompt only).
@@ -179,6 +180,7 @@ def generate_cmd(
     from gptkit.generate import stream as stream_fn
 
     prompts = [sys.stdin.read() if p == "-" else p for p in prompt]
+    stop = [unescape(s) for s in stop] if stop else None
     net, tok = load(model, device=device)
     if tok is None:
         raise GptkitError(f"{model} has no tokenizer; generation needs one")
@@ -205,6 +207,11 @@ def generate_cmd(
         if len(prompts) > 1:
             print(f"--- sample {i + 1} ---")
         print(p + o)
+
+
+def unescape(text: str) -> str:
+    r"""``\n``, ``\t`` and ``\\`` typed in a shell argument become the characters."""
+    return re.sub(r"\\([nt\\])", lambda m: {"n": "\n", "t": "\t", "\\": "\\"}[m.group(1)], text)
 
 
 def presets_cmd() -> None:

@@ -237,7 +237,8 @@ PRESETS: dict[str, Preset] = {
     ),
     # nanoGPT README, "I only have a macbook": Shakespeare chars on a CPU.
     "nanogpt-cpu": Preset(
-        model=dict(n_layer=4, n_head=4, n_embd=128, block_size=64, dropout=0.0),
+        # nanoGPT's train.py default bias=False applies to both of its Shakespeare configs.
+        model=dict(n_layer=4, n_head=4, n_embd=128, block_size=64, dropout=0.0, bias=False),
         train=dict(
             batch_size=12,
             max_steps=2000,
@@ -255,7 +256,7 @@ PRESETS: dict[str, Preset] = {
     ),
     # nanoGPT config/train_shakespeare_char.py, the default Shakespeare-char model.
     "shakespeare-char": Preset(
-        model=dict(n_layer=6, n_head=6, n_embd=384, block_size=256, dropout=0.2),
+        model=dict(n_layer=6, n_head=6, n_embd=384, block_size=256, dropout=0.2, bias=False),
         train=dict(
             batch_size=64,
             max_steps=5000,
