@@ -462,9 +462,8 @@ def _start(
     model: GPT, tokenizer: Tokenizer, prompts: list[str], cfg: SampleConfig, use_cache: bool
 ) -> tuple[Decoder, list[Detokenizer]]:
     """Encode the prompts and set up the id loop and one text assembler per row."""
-    ids = tokenizer.encode_batch(prompts)
-    start = getattr(tokenizer, "bos_id", None)
-    start = start if start is not None else tokenizer.eos_id
+    ids = [tokenizer.encode_prompt(p) for p in prompts]
+    start = tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eos_id
     for i, p in enumerate(ids):
         if not p:
             if start is None:

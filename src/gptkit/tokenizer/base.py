@@ -20,6 +20,11 @@ class Tokenizer(ABC):
     eos_token: str | None
     #: a jinja2 chat template, when the tokenizer came with one
     chat_template: str | None = None
+    #: the text of the beginning-of-sequence token, or None
+    bos_token: str | None = None
+    #: whether a model expects ``bos_token`` before every sequence (Llama-family models);
+    #: ``encode`` never adds it, generation and chat do
+    add_bos: bool = False
 
     @abstractmethod
     def encode(self, text: str, allow_special: bool = True) -> list[int]:
@@ -51,6 +56,18 @@ class Tokenizer(ABC):
         return self.special_tokens.get(self.eos_token) if self.eos_token else None
 
     @property
+    def bos_id(self) -> int | None:
+        return self.special_tokens.get(self.bos_token) if self.bos_token else None
+
+    def encode_prompt(self, text: str) -> list[int]:
+        """``encode`` plus the bos token when the model expects one."""
+        ids = self.encode(text)
+        bos = self.bos_id
+        if self.add_bos and bos is not None and ids[:1] != [bos]:
+            ids.insert(0, bos)
+        return ids
+
+    @property
     def hash(self) -> str:
         """A short fingerprint of the id mapping: equal hashes mean equal encodings."""
         blob = json.dumps(self._canonical(), sort_keys=True, ensure_ascii=False)
@@ -59,6 +76,9 @@ class Tokenizer(ABC):
     def _save_config(self, directory: Path) -> None:
         # The same file and keys transformers reads beside tokenizer.json.
         cfg: dict[str, Any] = {"eos_token": self.eos_token}
+        if self.bos_token:
+            cfg["bos_token"] = self.bos_token
+            cfg["add_bos_token"] = self.add_bos
         if self.chat_template:
             cfg["chat_template"] = self.chat_template
         (directory / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2) + "\n")

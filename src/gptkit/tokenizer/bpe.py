@@ -29,6 +29,11 @@ def _byte_level(model: models.Model, special: Iterable[str]) -> HFTokenizer:
     return tok
 
 
+def _token_text(raw: Any) -> str | None:
+    """tokenizer_config.json writes a token as its text or as {"content": text, ...}."""
+    return raw.get("content") if isinstance(raw, dict) else raw
+
+
 class BPETokenizer(Tokenizer):
     def __init__(
         self,
@@ -103,14 +108,18 @@ class BPETokenizer(Tokenizer):
             tok = HFTokenizer.from_file(str(path))
         except Exception as e:  # tokenizers raises a bare Exception on bad JSON
             raise GptkitError(f"{path} is not a valid tokenizer.json ({e})") from None
-        eos, template = EOT, None
+        eos, template, bos, add_bos = EOT, None, None, False
         cfg_path = path.with_name("tokenizer_config.json")
         if cfg_path.exists():
             cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-            raw = cfg.get("eos_token", eos)
-            eos = raw.get("content") if isinstance(raw, dict) else raw
+            eos = _token_text(cfg.get("eos_token", eos))
             template = cfg.get("chat_template")
-        return cls(tok, eos, template)
+            bos = _token_text(cfg.get("bos_token"))
+            add_bos = bool(cfg.get("add_bos_token", False))
+        out = cls(tok, eos, template)
+        out.bos_token = bos if bos in out.special_tokens else None
+        out.add_bos = add_bos and out.bos_token is not None
+        return out
 
     # -- use ---------------------------------------------------------------------------
 
