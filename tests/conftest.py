@@ -24,7 +24,7 @@ SAMPLE_TEXT = (
     "class Point:\n    def __init__(self, x, y):\n        self.x = x\n        self.y = y\n"
 ) * 4
 
-#: one tiny config per block family: GPT-2, GPT-1, sinusoidal, Llama-style
+#: one tiny config per block family: GPT-2, GPT-1, sinusoidal, Llama-style, GPT-3 banded
 FAMILIES = {
     "gpt2": {},
     "gpt1": dict(norm_position="post", mlp="gelu"),
@@ -37,6 +37,7 @@ FAMILIES = {
         bias=False,
         tie_embeddings=False,
     ),
+    "gpt3": dict(attention_pattern="alternating", attention_window=5),
 }
 
 

@@ -82,6 +82,10 @@ class ModelConfig(_JsonMixin):
     mlp: Literal["gelu", "gelu_tanh", "swiglu"] = "gelu_tanh"
     tie_embeddings: bool = True
     init_std: float = 0.02
+    # GPT-3: "alternating dense and locally banded sparse attention patterns" — odd layers
+    # attend only to the last attention_window positions.
+    attention_pattern: Literal["dense", "alternating"] = "dense"
+    attention_window: int = 256
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
@@ -95,6 +99,7 @@ class ModelConfig(_JsonMixin):
             f"n_head ({self.n_head}) must be a multiple of n_kv_head ({self.kv_heads})",
         )
         _check(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
+        _check(self.attention_window > 0, "attention_window must be positive")
         _check(
             self.pos_emb != "rope" or self.head_size % 2 == 0,
             f"rope needs an even head size, got {self.head_size}",
@@ -104,8 +109,13 @@ class ModelConfig(_JsonMixin):
             ("norm_position", ("pre", "post")),
             ("pos_emb", ("learned", "sinusoidal", "rope", "none")),
             ("mlp", ("gelu", "gelu_tanh", "swiglu")),
+            ("attention_pattern", ("dense", "alternating")),
         ):
             _check(getattr(self, name) in allowed, f"ModelConfig.{name} must be one of {allowed}")
+
+    def is_local_layer(self, layer: int) -> bool:
+        """Whether ``layer`` uses banded (local) attention."""
+        return self.attention_pattern == "alternating" and layer % 2 == 1
 
     @property
     def head_size(self) -> int:
@@ -350,6 +360,35 @@ PRESETS: dict[str, Preset] = {
         source="HuggingFaceTB/SmolLM2-135M config.json",
     ),
 }
+
+# GPT-3 (Brown et al. 2020, Table 2.1): context 2048, GPT-2's tokenizer, alternating dense and
+# locally banded attention. The paper does not give the band width; 256 follows GPT-Neo. Two
+# rows of the table are not self-consistent (XL: 24 heads of 128 in a 2048-wide model; 13B:
+# width 5140 with 40 heads of 128); we keep the head size and width and fix the head count
+# (XL: 16) or the width (13B: 5120).
+_GPT3 = {
+    "gpt3-small": (12, 768, 12),  # 125M
+    "gpt3-medium": (24, 1024, 16),  # 350M
+    "gpt3-large": (24, 1536, 16),  # 760M
+    "gpt3-xl": (24, 2048, 16),  # 1.3B
+    "gpt3-2.7b": (32, 2560, 32),
+    "gpt3-6.7b": (32, 4096, 32),
+    "gpt3-13b": (40, 5120, 40),
+    "gpt3-175b": (96, 12288, 96),
+}
+for _name, (_layers, _width, _heads) in _GPT3.items():
+    PRESETS[_name] = Preset(
+        model=dict(
+            n_layer=_layers,
+            n_embd=_width,
+            n_head=_heads,
+            block_size=2048,
+            vocab_size=50257,
+            attention_pattern="alternating",
+            attention_window=256,
+        ),
+        source="Language Models are Few-Shot Learners (2020), Table 2.1",
+    )
 
 
 def get_preset(name: str) -> Preset:

@@ -179,8 +179,9 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """pre-LN (GPT-2, Llama): x + f(norm(x));  post-LN (GPT-1): norm(x + f(x))."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, local: bool = False):
         super().__init__()
+        self.local = local  # banded attention over the last attention_window positions
         self.pre = config.norm_position == "pre"
         self.norm_1 = Norm(config)
         self.attn = Attention(config)
@@ -188,7 +189,14 @@ class Block(nn.Module):
         self.mlp = MLP(config)
         self.drop = nn.Dropout(config.dropout)
 
-    def forward(self, x: Tensor, rope, cache, slots, mask) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        rope: tuple[Tensor, Tensor] | None,
+        cache: tuple[Tensor, Tensor] | None,
+        slots: Tensor | None,
+        mask: Tensor | None,
+    ) -> Tensor:
         if self.pre:
             x = x + self.drop(self.attn(self.norm_1(x), rope, cache, slots, mask))
             return x + self.drop(self.mlp(self.norm_2(x)))
@@ -210,7 +218,9 @@ class GPT(nn.Module):
             self.register_buffer("sinusoid", sinusoidal_table(config.block_size, C), False)
         self.embed_scale = math.sqrt(C) if config.pos_emb == "sinusoidal" else 1.0
         self.drop = nn.Dropout(config.dropout)
-        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.blocks = nn.ModuleList(
+            Block(config, local=config.is_local_layer(i)) for i in range(config.n_layer)
+        )
         self.norm_f = Norm(config) if config.norm_position == "pre" else None
         self.lm_head = nn.Linear(C, config.vocab_size, bias=False)
         if config.tie_embeddings:
@@ -247,6 +257,25 @@ class GPT(nn.Module):
             )
         return cache.pos[:, None] + torch.arange(T, device=device)  # (B, T)
 
+    def _masks(self, pos: Tensor, cache: KVCache | None) -> tuple[Tensor | None, Tensor | None]:
+        """Boolean attention masks (True = attend), dense and locally banded.
+
+        ``None`` means plain causal attention over the new tokens (SDPA's fast path). Key
+        slot s is visible to a query at position p when s <= p (dense) and, for the banded
+        layers of GPT-3's alternating pattern, also p - s < attention_window.
+        """
+        T = pos.shape[1]
+        if cache is not None and cache.length > 0:
+            keys = torch.arange(cache.length + T, device=pos.device)  # slot == position
+        else:
+            keys = torch.arange(T, device=pos.device)
+        q = pos[:, None, :, None]  # (B, 1, T, 1)
+        mask = keys <= q if cache is not None and cache.length > 0 else None  # (B, 1, T, S)
+        local = None
+        if self.config.attention_pattern == "alternating":
+            local = (keys <= q) & (q - keys < self.config.attention_window)
+        return mask, local
+
     def hidden(self, idx: Tensor, cache: KVCache | None = None) -> Tensor:
         """Final hidden states (B, T, C), after the last norm."""
         B, T = idx.shape
@@ -264,14 +293,11 @@ class GPT(nn.Module):
             if self.config.pos_emb == "rope"
             else None
         )
-        mask = None  # None: plain causal attention over the T new tokens
-        if cache is not None and cache.length > 0:
-            # A query at position p sees cache slots 0..p of its own row.
-            S = cache.length + T
-            mask = torch.arange(S, device=idx.device) <= pos[:, None, :, None]  # (B, 1, T, S)
+        mask, local_mask = self._masks(pos, cache)
         for i, block in enumerate(self.blocks):
             layer_cache = (cache.k[i], cache.v[i]) if cache is not None else None
-            x = block(x, rope, layer_cache, pos if cache is not None else None, mask)
+            layer_mask = local_mask if block.local else mask
+            x = block(x, rope, layer_cache, pos if cache is not None else None, layer_mask)
         if cache is not None:
             cache.pos = cache.pos + T
             cache.length += T
