@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import dataclasses
 import inspect
 import io
@@ -209,6 +210,110 @@ def generate_cmd(
         print(p + o)
 
 
+def chat_cmd(
+    model: str,
+    system: str | None = None,
+    max_new_tokens: int = 512,
+    temperature: float = 0.7,
+    top_k: int | None = None,
+    top_p: float | None = 0.9,
+    repetition_penalty: float = 1.0,
+    seed: int | None = None,
+    device: str = "cpu",
+) -> None:
+    """Chat with a model in the terminal, using the model's own chat template.
+
+    Type a message and press Enter; the reply streams back. ``/reset`` forgets the
+    conversation, ``/exit`` (or Ctrl-D) leaves.
+
+    Args:
+        model: a checkpoint or run directory, a Hugging Face directory, or a .gguf file.
+        system: a system message to start the conversation with.
+        max_new_tokens: the longest reply, in tokens.
+        temperature: 0 is greedy decoding; higher is more random.
+        top_k: sample only among the k most likely tokens.
+        top_p: sample only from the smallest set of tokens whose probability reaches p.
+        repetition_penalty: > 1 discourages tokens already present (CTRL-style).
+        seed: makes the replies reproducible.
+        device: cpu, cuda, mps.
+    """
+    from gptkit.checkpoint import load
+    from gptkit.generate.chat import ChatSession
+
+    net, tok = load(model, device=device)
+    if tok is None:
+        raise GptkitError(f"{model} has no tokenizer; chat needs one")
+    session = ChatSession(
+        net,
+        tok,
+        system=system,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        repetition_penalty=repetition_penalty,
+        seed=seed,
+    )
+    with contextlib.suppress(ImportError):
+        import readline  # noqa: F401  (line editing and history for input())
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print("chat: /reset forgets the conversation, /exit leaves", file=sys.stderr)
+    while True:
+        try:
+            line = input("you> " if interactive else "")
+        except EOFError:
+            break
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/exit", "/quit"):
+            break
+        if text == "/reset":
+            session.reset()
+            print("(conversation reset)", flush=True)
+            continue
+        if interactive:
+            sys.stdout.write("assistant> ")
+        for piece in session.send(text):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+
+
+def export_cmd(
+    model: str,
+    out: str,
+    format: Literal["hf", "gguf"] = "hf",
+    dtype: Literal["f32", "f16", "q8_0"] = "f32",
+) -> None:
+    """Export a model for other tools: a Hugging Face directory or a GGUF file.
+
+    Args:
+        model: any source gptkit loads (checkpoint, run directory, HF directory, .gguf).
+        out: the directory (hf) or file (gguf) to write.
+        format: hf (transformers' from_pretrained loads it) or gguf (llama.cpp's format).
+        dtype: for gguf, the weight type: f32, f16 or q8_0.
+    """
+    from gptkit.checkpoint import load
+
+    net, tok = load(model)
+    if format == "hf":
+        from gptkit.checkpoint.hf import save_hf
+
+        if dtype != "f32":
+            raise GptkitError("--dtype applies to --format gguf; hf exports keep fp32 weights")
+        save_hf(net, tok, out)
+    else:
+        from gptkit.checkpoint.gguf import save_gguf
+
+        if tok is None:
+            raise GptkitError(f"{model} has no tokenizer; a GGUF file must carry one")
+        save_gguf(net, tok, out, dtype=dtype)
+    print(f"wrote {out}")
+
+
 def unescape(text: str) -> str:
     r"""``\n``, ``\t`` and ``\\`` typed in a shell argument become the characters."""
     return re.sub(r"\\([nt\\])", lambda m: {"n": "\n", "t": "\t", "\\": "\\"}[m.group(1)], text)
@@ -249,6 +354,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_fields(train_parser, ModelConfig, "model fields")
     add_config_fields(train_parser, TrainConfig, "training fields")
     add_function(sub, generate_cmd, "generate")
+    add_function(sub, chat_cmd, "chat")
+    add_function(sub, export_cmd, "export")
     add_function(sub, presets_cmd, "presets")
     return parser
 
