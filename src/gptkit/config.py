@@ -326,7 +326,8 @@ PRESETS: dict[str, Preset] = {
         model=dict(n_layer=48, n_head=25, n_embd=1600, block_size=1024, vocab_size=50257),
         source="GPT-2 paper",
     ),
-    # GPT-1 (Radford et al. 2018): post-LN, 40,478-token BPE, 512 context, exact GELU.
+    # GPT-1 (Radford et al. 2018): post-LN, 40,478-token BPE, 512 context, GELU in its tanh
+    # form (the original code and transformers' OpenAIGPT both use it).
     "gpt1": Preset(
         model=dict(
             n_layer=12,
@@ -335,7 +336,7 @@ PRESETS: dict[str, Preset] = {
             block_size=512,
             vocab_size=40478,
             norm_position="post",
-            mlp="gelu",
+            mlp="gelu_tanh",
             dropout=0.1,
         ),
         source="Improving Language Understanding by Generative Pre-Training (2018)",

@@ -154,6 +154,25 @@ def load_weights(model: GPT, state: dict[str, torch.Tensor], origin: str) -> Non
     model.load_state_dict(state, strict=False)
 
 
+def model_from_state(
+    config: ModelConfig,
+    state: dict[str, torch.Tensor],
+    device: str | torch.device = "cpu",
+    origin: str = "the checkpoint",
+) -> GPT:
+    """A model (eval mode) built from ``config`` and filled with ``state``, without first
+    allocating and initialising random weights."""
+    with torch.device("meta"):
+        model = GPT(config)
+    model = model.to_empty(device=device)
+    load_weights(model, {k: v.to(device) for k, v in state.items()}, origin)
+    if config.tie_embeddings:
+        model.lm_head.weight = model.wte.weight
+    if config.pos_emb == "sinusoidal":  # a non-persistent buffer: rebuild it
+        model.sinusoid = sinusoidal_table(config.block_size, config.n_embd).to(device)
+    return model.eval()
+
+
 def load_checkpoint(
     directory: str | Path, device: str | torch.device = "cpu"
 ) -> tuple[GPT, Tokenizer | None]:
@@ -161,16 +180,9 @@ def load_checkpoint(
     directory = Path(directory)
     config = read_model_config(directory)
     state = _read_safetensors(directory / WEIGHTS)
-    with torch.device("meta"):
-        model = GPT(config)
-    model = model.to_empty(device=device)
-    load_weights(model, {k: v.to(device) for k, v in state.items()}, str(directory / WEIGHTS))
-    if config.tie_embeddings:
-        model.lm_head.weight = model.wte.weight
-    if config.pos_emb == "sinusoidal":  # a non-persistent buffer: rebuild it
-        model.sinusoid = sinusoidal_table(config.block_size, config.n_embd).to(device)
+    model = model_from_state(config, state, device, str(directory / WEIGHTS))
     tokenizer = load_tokenizer(directory) if (directory / "tokenizer.json").exists() else None
-    return model.eval(), tokenizer
+    return model, tokenizer
 
 
 def read_train_state(directory: Path) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -28,6 +29,18 @@ def _from_json_file(path: Path) -> Tokenizer:
     raise GptkitError(
         f"{path} is neither a gptkit character tokenizer nor a Hugging Face tokenizer.json"
     )
+
+
+def _marks_word_ends(merges: Path) -> bool:
+    """Whether a merges file is OpenAI GPT's (word-final symbols end in ``</w>``) rather than
+    GPT-2's byte-level one: judged on its first 1,000 merges."""
+    try:
+        with merges.open(encoding="utf-8") as f:
+            lines = [line.split() for line in itertools.islice(f, 1000)]
+    except (OSError, UnicodeDecodeError):
+        return False
+    pairs = [p for p in lines if len(p) == 2 and not p[0].startswith("#")]
+    return bool(pairs) and 10 * sum(p[1].endswith("</w>") for p in pairs) >= len(pairs)
 
 
 def find_tokenizer(path: str | Path) -> Path | tuple[Path, Path] | None:
@@ -63,5 +76,7 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
             "or vocab.json + merges.txt"
         )
     if isinstance(where, tuple):
+        if _marks_word_ends(where[1]):
+            return BPETokenizer.from_openai_gpt_files(*where)
         return BPETokenizer.from_gpt2_files(*where)
     return _from_json_file(where)

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import decoders, models, pre_tokenizers, trainers
+from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
 
 from gptkit.errors import GptkitError
 from gptkit.tokenizer.base import EOT, Tokenizer
@@ -99,6 +99,36 @@ class BPETokenizer(Tokenizer):
         special = [t for t in (EOT,) if t in vocab]
         tok = _byte_level(models.BPE(vocab=vocab, merges=merges), special)
         return cls(tok, EOT if special else None)
+
+    @classmethod
+    def from_openai_gpt_files(
+        cls, vocab_path: str | Path, merges_path: str | Path, unk_token: str = "<unk>"
+    ) -> BPETokenizer:
+        """OpenAI GPT's (GPT-1, Radford et al. 2018) ``vocab.json`` + ``merges.txt``: not
+        byte-level but lower-cased, accent-stripped text split BERT-style into words, and a
+        ``</w>`` suffix on each word's last symbol. The pipeline transformers builds for
+        ``OpenAIGPTTokenizer``; characters outside the vocabulary become ``unk_token``."""
+        try:
+            vocab = json.loads(Path(vocab_path).read_text(encoding="utf-8"))
+            lines = Path(merges_path).read_text(encoding="utf-8").splitlines()
+        except (OSError, ValueError) as e:
+            raise GptkitError(f"cannot read OpenAI GPT BPE files: {e}") from None
+        merges = []
+        for n, line in enumerate(lines, 1):
+            if not line.strip() or line.startswith("#version"):
+                continue
+            parts = line.split()
+            if len(parts) != 2:
+                raise GptkitError(f"{merges_path}:{n}: a merge line holds two tokens, got {line!r}")
+            merges.append((parts[0], parts[1]))
+        bpe = models.BPE(vocab=vocab, merges=merges, unk_token=unk_token, end_of_word_suffix="</w>")
+        tok = HFTokenizer(bpe)
+        tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        tok.decoder = decoders.BPEDecoder(suffix="</w>")
+        if unk_token in vocab:
+            tok.add_special_tokens([unk_token])
+        return cls(tok, eos_token=None)
 
     @classmethod
     def from_file(cls, path: str | Path) -> BPETokenizer:
