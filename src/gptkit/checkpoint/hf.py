@@ -777,7 +777,7 @@ def hub_snapshot(repo_id: str, revision: str | None = None) -> Path:
         path = snapshot_download(repo_id, revision=revision, allow_patterns=HUB_FILES)
     except Exception as e:  # offline, unknown repo, gated repo: all end here, said plainly
         raise GptkitError(
-            f"cannot download {repo_id!r} from the Hugging Face hub ({type(e).__name__}: {e}); "
-            "check the name and the network, or pass a local model directory"
+            f"{repo_id!r} is not a local path, and downloading it from the Hugging Face hub "
+            f"failed ({type(e).__name__}: {e}); check the path, the hub id and the network"
         ) from None
     return Path(path)
