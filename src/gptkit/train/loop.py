@@ -25,9 +25,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from gptkit.checkpoint import read_model_config, read_train_state, save_checkpoint
+from gptkit.checkpoint import load, read_train_state, save_checkpoint
 from gptkit.checkpoint.native import (
-    load_checkpoint,
     load_optimizer,
     rng_state,
     set_rng_state,
@@ -204,7 +203,7 @@ def train(
     out: str | Path,
     preset: str | None = "nanogpt-cpu",
     resume: bool = False,
-    init_from: str | Path | None = None,
+    init_from: str | None = None,
     progress: bool = True,
     **overrides: Any,
 ) -> dict[str, Any]:
@@ -215,7 +214,8 @@ def train(
         out: the run directory: checkpoints/, metrics.jsonl, loss.png.
         preset: named starting configuration (see ``gptkit.config.PRESETS``).
         resume: continue the run in ``out`` from its newest checkpoint.
-        init_from: start from the weights of this checkpoint (a fresh optimizer).
+        init_from: start from the weights of this model (a fresh optimizer): any source
+            ``gptkit.load`` takes (a checkpoint, a Hugging Face directory, a .gguf file).
         progress: show a progress bar.
         overrides: any ModelConfig or TrainConfig field, e.g. ``max_steps=100``.
 
@@ -239,35 +239,33 @@ def train(
         raise GptkitError(f"--resume: {out} has no checkpoint to resume from; drop --resume")
 
     state: dict[str, Any] = {}
-    source = existing if resume else (Path(init_from) if init_from else None)
+    model: GPT | None = None
+    source = existing if resume else init_from
     if source is not None:
-        if not source.is_dir():
-            raise GptkitError(f"--init-from {source} does not exist")
         if resume:
-            state = read_train_state(source)
-        src_tok = load_tokenizer(source)
-        if src_tok.hash != shards.tokenizer_hash:
+            state = read_train_state(existing)
+        model, src_tok = load(source)
+        if src_tok is None or src_tok.hash != shards.tokenizer_hash:
             raise GptkitError(
-                f"checkpoint {source} was trained with a different tokenizer than the data in "
-                f"{data} (hash {src_tok.hash} vs {shards.tokenizer_hash}); prepare the data "
-                f"with `--tokenizer {source}/tokenizer.json`, or start a new run"
+                f"the model {source} uses a different tokenizer than the data in {data}; "
+                f"prepare the data with `gptkit prepare ... --tokenizer {source}`, or start a "
+                "new run"
             )
-        model_cfg = read_model_config(source)
-        base_train = TrainConfig.from_dict(state["train"]) if resume else None
+        model_cfg = model.config
         model_over = {k: v for k, v in overrides.items() if k in MODEL_FIELDS and v is not None}
         changed = {
             k for k, v in model_over.items() if getattr(model_cfg, k) != v and k != "dropout"
         }
         if changed:
             raise GptkitError(
-                f"cannot change model field(s) {sorted(changed)} of checkpoint {source}; "
+                f"cannot change model field(s) {sorted(changed)} of {source}; "
                 "drop those flags, or start a new run"
             )
         if "dropout" in model_over:
             model_cfg = model_cfg.replace(dropout=model_over["dropout"])
         train_over = {k: v for k, v in overrides.items() if k in TRAIN_FIELDS and v is not None}
-        if base_train is not None:
-            train_cfg = base_train.replace(**train_over)
+        if resume:
+            train_cfg = TrainConfig.from_dict(state["train"]).replace(**train_over)
         else:
             train_cfg = build_configs(preset, model_cfg.vocab_size, train_over)[1]
     else:
@@ -281,12 +279,11 @@ def train(
     device = pick_device(train_cfg.device)
     precision = resolve_precision(train_cfg.precision, device)
     torch.manual_seed(train_cfg.seed)
-    if source is not None:
-        model, _ = load_checkpoint(source, device)
-        if model.config.dropout != model_cfg.dropout:
-            model = _rebuild_with(model, model_cfg)
-    else:
-        model = GPT(model_cfg).to(device)
+    if model is None:
+        model = GPT(model_cfg)
+    elif model.config.dropout != model_cfg.dropout:
+        model = _rebuild_with(model, model_cfg)
+    model = model.to(device)
     model.train()
     optimizer = make_optimizer(model, train_cfg)
     sampler = BatchSampler(
@@ -295,7 +292,7 @@ def train(
     val_arrays = shards.split("val") if shards.num_tokens("val") > model_cfg.block_size else []
     step = 0
     if resume:
-        load_optimizer(optimizer, source, state["optimizer_param_groups"])
+        load_optimizer(optimizer, existing, state["optimizer_param_groups"])
         sampler.load_state_dict(state["sampler"])
         set_rng_state(state["rng"])
         step = state["step"]
@@ -433,6 +430,6 @@ def train(
 
 def _rebuild_with(model: GPT, cfg: ModelConfig) -> GPT:
     """The same weights under a config that differs only in dropout."""
-    new = GPT(cfg).to(next(model.parameters()).device)
+    new = GPT(cfg)
     new.load_state_dict(model.state_dict())
     return new
