@@ -225,11 +225,12 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(C, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.wte.weight
-        self.apply(self._init_weights)
-        # GPT-2: scale the init of projections into the residual stream by 1/sqrt(2 n_layer).
-        for name, p in self.named_parameters():
-            if name.endswith("proj.weight"):
-                nn.init.normal_(p, 0.0, config.init_std / math.sqrt(2 * config.n_layer))
+        if not self.wte.weight.is_meta:  # on the meta device there is nothing to fill
+            self.apply(self._init_weights)
+            # GPT-2: scale the init of projections into the residual stream, 1/sqrt(2 n_layer).
+            for name, p in self.named_parameters():
+                if name.endswith("proj.weight"):
+                    nn.init.normal_(p, 0.0, config.init_std / math.sqrt(2 * config.n_layer))
 
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, nn.Linear | nn.Embedding):
