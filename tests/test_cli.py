@@ -207,3 +207,67 @@ def test_demo_runs_end_to_end_small(tmp_path: Path, capsys: pytest.CaptureFixtur
     (tmp_path / "mine").mkdir()
     code, _, err = run(capsys, "demo", "--out", str(tmp_path / "mine"))
     assert code == 2 and "not a gptkit demo directory" in err
+
+
+def test_export_hf_and_gguf_load_back_with_equal_logits(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import torch
+
+    (tmp_path / "code.txt").write_text(SAMPLE_TEXT * 30)
+    assert (
+        main(
+            [
+                "prepare",
+                str(tmp_path / "code.txt"),
+                "--out",
+                str(tmp_path / "data"),
+                "--tokenizer",
+                "bpe",
+                "--vocab-size",
+                "300",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                str(tmp_path / "data"),
+                "--out",
+                str(tmp_path / "run"),
+                "--preset",
+                "tiny",
+                "--max-steps",
+                "5",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    model, tok = gptkit.load(tmp_path / "run")
+    ids = torch.tensor([tok.encode("def add(a, b):")])
+    for fmt, out in (("hf", tmp_path / "hf"), ("gguf", tmp_path / "m.gguf")):
+        code, _, err = run(
+            capsys, "export", "--model", str(tmp_path / "run"), "--format", fmt, "--out", str(out)
+        )
+        assert code == 0, err
+        again, tok2 = gptkit.load(out)
+        assert tok2 is not None and tok2.encode("def add(a, b):") == ids[0].tolist()
+        torch.testing.assert_close(again(ids), model(ids), rtol=1e-5, atol=1e-5)
+    code, _, err = run(
+        capsys,
+        "export",
+        "--model",
+        str(tmp_path / "run"),
+        "--format",
+        "hf",
+        "--dtype",
+        "q8_0",
+        "--out",
+        str(tmp_path / "x"),
+    )
+    assert code == 2 and "--dtype applies to --format gguf" in err
