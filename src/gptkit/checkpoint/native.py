@@ -25,7 +25,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from gptkit.config import ModelConfig
-from gptkit.errors import GptkitError
+from gptkit.errors import GptkitError, shape_mismatch
 from gptkit.files import atomic_dir, atomic_write_json
 from gptkit.model import GPT
 from gptkit.model.gpt import sinusoidal_table
@@ -132,23 +132,13 @@ def load_weights(model: GPT, state: dict[str, torch.Tensor], origin: str) -> Non
     expected = model.state_dict()
     if model.config.tie_embeddings:
         expected.pop("lm_head.weight", None)
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    shapes = [
-        f"{k}: {tuple(state[k].shape)} vs model {tuple(v.shape)}"
-        for k, v in expected.items()
-        if k in state and state[k].shape != v.shape
-    ]
-    if missing or unexpected or shapes:
-        parts = []
-        if missing:
-            parts.append(f"missing {missing[:3]}")
-        if unexpected:
-            parts.append(f"unexpected {unexpected[:3]}")
-        if shapes:
-            parts.append(f"shape mismatch {shapes[:3]}")
+    problem = shape_mismatch(
+        {k: tuple(v.shape) for k, v in expected.items()},
+        {k: tuple(v.shape) for k, v in state.items()},
+    )
+    if problem:
         raise GptkitError(
-            f"weights in {origin} do not fit the model config ({'; '.join(parts)}); "
+            f"weights in {origin} do not fit the model config ({problem}); "
             "the config.json and the weights come from different models"
         )
     model.load_state_dict(state, strict=False)
