@@ -84,7 +84,7 @@ def _add_argument(
 ) -> None:
     tp = _unwrap_optional(tp)
     flag = "--" + name.replace("_", "-")
-    kwargs: dict[str, Any] = {"help": help_text or None}
+    kwargs: dict[str, Any] = {"help": help_text.replace("%", "%%") or None}
     if tp is bool:
         parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, **kwargs)
         return

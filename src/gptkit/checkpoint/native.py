@@ -8,6 +8,7 @@
       tokenizer.json         (+ tokenizer_config.json) the tokenizer the model was trained with
       train_state.json       step, schedule, data position, RNG states, metrics  [training only]
       optimizer.safetensors  AdamW moments                                       [training only]
+      adapter.safetensors    LoRA adapters (+ adapter_config.json) over the base weights  [LoRA]
 
 The directory is built under a temporary name and renamed into place, so a killed process
 never leaves a half-written checkpoint.
@@ -29,6 +30,7 @@ from gptkit.errors import GptkitError, shape_mismatch
 from gptkit.files import atomic_dir, atomic_write_json
 from gptkit.model import GPT
 from gptkit.model.gpt import sinusoidal_table
+from gptkit.model.lora import base_state_dict, has_lora, is_adapter, load_adapter, save_adapter
 from gptkit.tokenizer import Tokenizer, load_tokenizer
 
 FORMAT = "gptkit.model/1"
@@ -48,8 +50,9 @@ def is_native(directory: Path) -> bool:
 
 
 def model_state(model: GPT) -> dict[str, torch.Tensor]:
-    """The weights to store: contiguous CPU tensors, a tied head stored once."""
-    state = model.state_dict()
+    """The weights to store: contiguous CPU tensors, a tied head stored once, LoRA adapters
+    left out (they are stored beside, by :func:`save_adapter`)."""
+    state = base_state_dict(model) if has_lora(model) else model.state_dict()
     if model.config.tie_embeddings:
         state.pop("lm_head.weight", None)
     return {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
@@ -97,6 +100,8 @@ def save_checkpoint(
         save_file(model_state(model), str(tmp / WEIGHTS), metadata={"format": "pt"})
         if tokenizer is not None:
             tokenizer.save(tmp)
+        if has_lora(model):
+            save_adapter(model, tmp)
         if optimizer is not None:
             tensors, groups = _optimizer_tensors(optimizer)
             save_file(tensors, str(tmp / OPTIMIZER))
@@ -171,6 +176,9 @@ def load_checkpoint(
     config = read_model_config(directory)
     state = _read_safetensors(directory / WEIGHTS)
     model = model_from_state(config, state, device, str(directory / WEIGHTS))
+    if is_adapter(directory):  # a LoRA run: the base weights plus its adapters, unmerged
+        load_adapter(model, directory)
+        model.eval()
     tokenizer = load_tokenizer(directory) if (directory / "tokenizer.json").exists() else None
     return model, tokenizer
 

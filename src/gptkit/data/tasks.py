@@ -13,11 +13,14 @@ ids at a prompt/answer seam may differ from encoding the whole text at once.
 
 from __future__ import annotations
 
+import base64
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from gptkit.errors import GptkitError
 from gptkit.tokenizer.base import Tokenizer
@@ -164,3 +167,63 @@ def load_examples(
     if not out:
         raise GptkitError(f"{path} holds no examples")
     return out
+
+
+class ExampleSampler:
+    """Batches of examples in a seeded random order, epoch after epoch, right-padded.
+
+    ``next()`` gives inputs ``ids[:-1]`` and targets ``labels[1:]`` (B, T), T the longest
+    example of the batch minus one; padding has target :data:`IGNORE`, and since attention
+    is causal it never changes the real positions. The generator state and the position in
+    the current epoch's order are the data position saved in checkpoints.
+    """
+
+    def __init__(
+        self, examples: list[Example], batch_size: int, seed: int = 0, shuffle: bool = True
+    ):
+        if not examples:
+            raise GptkitError("no examples to draw batches from")
+        self.examples, self.batch_size, self.shuffle = examples, batch_size, shuffle
+        self.gen = torch.Generator().manual_seed(seed)
+        self.order: list[int] = []
+        self.pos = 0
+        self._new_epoch()
+
+    def _new_epoch(self) -> None:
+        n = len(self.examples)
+        self.order = (
+            torch.randperm(n, generator=self.gen).tolist() if self.shuffle else list(range(n))
+        )
+        self.pos = 0
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        batch = []
+        while len(batch) < self.batch_size:
+            if self.pos == len(self.order):
+                self._new_epoch()
+            batch.append(self.examples[self.order[self.pos]])
+            self.pos += 1
+        T = max(len(ex.ids) for ex in batch) - 1
+        x = torch.zeros(len(batch), T, dtype=torch.long)
+        y = torch.full((len(batch), T), IGNORE, dtype=torch.long)
+        for i, ex in enumerate(batch):
+            n = len(ex.ids) - 1
+            x[i, :n] = torch.tensor(ex.ids[:-1])
+            y[i, :n] = torch.tensor(ex.labels[1:])
+        return x, y
+
+    def state_dict(self) -> dict[str, Any]:
+        raw = self.gen.get_state().numpy().tobytes()
+        return {"generator": base64.b64encode(raw).decode(), "order": self.order, "pos": self.pos}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        raw = bytearray(base64.b64decode(state["generator"]))
+        self.gen.set_state(torch.frombuffer(raw, dtype=torch.uint8).clone())
+        self.order, self.pos = list(state["order"]), int(state["pos"])
+
+
+def split_examples(examples: list[Example], val_fraction: float = 0.05) -> tuple[list, list]:
+    """Hold out the last ``val_fraction`` of the examples (at least one when there are 20 or
+    more, none below) for validation."""
+    n_val = max(1, round(len(examples) * val_fraction)) if len(examples) >= 20 else 0
+    return (examples[:-n_val], examples[-n_val:]) if n_val else (examples, [])

@@ -1,4 +1,6 @@
-"""The one training loop: next-token prediction over prepared shards.
+"""The one training loop: next-token prediction over prepared shards, or over fine-tuning
+examples whose prompt tokens carry no loss (labels IGNORE), with all weights or LoRA
+adapters trainable; the objective is the same cross-entropy, only the data differ.
 
 Per optimizer step: ``grad_accum`` micro-batches under autocast, gradient clipping, AdamW
 with the warm-up + cosine schedule. Every ``eval_every`` steps it measures validation loss
@@ -11,6 +13,7 @@ Ctrl-C finishes the current step, saves, and returns.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import json
 import math
@@ -33,6 +36,7 @@ from gptkit.checkpoint.native import (
 )
 from gptkit.config import ModelConfig, TrainConfig, get_preset
 from gptkit.data.loader import BatchSampler, TokenShards
+from gptkit.data.tasks import IGNORE, ExampleSampler, load_examples, split_examples
 from gptkit.errors import GptkitError
 from gptkit.files import (
     atomic_path,
@@ -42,7 +46,8 @@ from gptkit.files import (
     step_dir,
 )
 from gptkit.model import GPT
-from gptkit.tokenizer import load_tokenizer
+from gptkit.model.lora import apply_lora, has_lora, merge_lora
+from gptkit.tokenizer import Tokenizer, load_tokenizer
 from gptkit.train.optim import lr_at, make_optimizer
 
 MODEL_FIELDS = {f.name for f in dataclasses.fields(ModelConfig)}
@@ -134,10 +139,26 @@ def _sigint_flag() -> Iterator[dict[str, bool]]:
 
 
 def _cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
+    flat = logits.float().view(-1, logits.size(-1))
+    return F.cross_entropy(flat, targets.reshape(-1), ignore_index=IGNORE)
 
 
 @torch.no_grad()
+def mean_loss(
+    model: torch.nn.Module, sampler: Any, batches: int, device: torch.device, precision: str
+) -> float:
+    """Mean loss over ``batches`` batches of ``sampler`` (positions labelled IGNORE excluded)."""
+    was_training = model.training
+    model.eval()
+    total = 0.0
+    for _ in range(batches):
+        x, y = sampler.next()
+        with autocast(device, precision):
+            total += _cross_entropy(model(x.to(device)), y.to(device)).item()
+    model.train(was_training)
+    return total / batches
+
+
 def evaluate(
     model: torch.nn.Module,
     arrays: list,
@@ -150,15 +171,7 @@ def evaluate(
 ) -> float:
     """Mean next-token loss over ``batches`` fixed random batches (the same ones every call)."""
     sampler = BatchSampler(arrays, block_size, batch_size, seed=seed)
-    was_training = model.training
-    model.eval()
-    total = 0.0
-    for _ in range(batches):
-        x, y = sampler.next()
-        with autocast(device, precision):
-            total += _cross_entropy(model(x.to(device)), y.to(device)).item()
-    model.train(was_training)
-    return total / batches
+    return mean_loss(model, sampler, batches, device, precision)
 
 
 def plot_losses(metrics_path: Path, png_path: Path) -> None:
@@ -204,30 +217,49 @@ def train(
     preset: str | None = "nanogpt-cpu",
     resume: bool = False,
     init_from: str | None = None,
+    val_data: str | None = None,
+    chat: bool | None = None,
+    lora_rank: int = 0,
+    lora_alpha: float = 16.0,
+    lora_dropout: float = 0.0,
+    lora_targets: str = "qkv,proj,fc",
+    merge: bool = False,
     progress: bool = True,
     **overrides: Any,
 ) -> dict[str, Any]:
-    """Pretrain (or continue training) a GPT on prepared token shards.
+    """Train a GPT: pretraining on prepared token shards, or supervised fine-tuning on
+    JSONL examples (prompt/completion or chat messages; loss on the answers only).
 
     Args:
-        data: a directory written by ``gptkit prepare``.
+        data: a directory written by ``gptkit prepare``, or a .jsonl file of examples.
         out: the run directory: checkpoints/, metrics.jsonl, loss.png.
         preset: named starting configuration (see ``gptkit.config.PRESETS``).
         resume: continue the run in ``out`` from its newest checkpoint.
         init_from: start from the weights of this model (a fresh optimizer): any source
             ``gptkit.load`` takes (a checkpoint, a Hugging Face directory, a .gguf file).
+        val_data: for .jsonl data, the validation examples (default: the last 5%).
+        chat: render .jsonl examples with the model's chat template (default: when it has one).
+        lora_rank: > 0 trains LoRA adapters of this rank instead of all the weights.
+        lora_alpha: LoRA scale numerator (the update is alpha / rank * B A).
+        lora_dropout: dropout on the LoRA input path.
+        lora_targets: comma-separated layer names to adapt (qkv, proj, fc, attn.proj, ...).
+        merge: after LoRA training, also write the merged model to OUT/merged.
         progress: show a progress bar.
         overrides: any ModelConfig or TrainConfig field, e.g. ``max_steps=100``.
 
     Returns a summary: final step, losses, checkpoint path, tokens/s.
     """
     out = Path(out)
-    shards = TokenShards(data)
-    tokenizer = load_tokenizer(data)
-    if tokenizer.hash != shards.tokenizer_hash:
-        raise GptkitError(
-            f"{data}: tokenizer.json does not match meta.json; prepare the data again"
-        )
+    sft = Path(data).suffix == ".jsonl"
+    shards: TokenShards | None = None
+    tokenizer: Tokenizer | None = None
+    if not sft:
+        shards = TokenShards(data)
+        tokenizer = load_tokenizer(data)
+        if tokenizer.hash != shards.tokenizer_hash:
+            raise GptkitError(
+                f"{data}: tokenizer.json does not match meta.json; prepare the data again"
+            )
 
     existing = latest_checkpoint(out)
     if existing is not None and not resume:
@@ -241,11 +273,19 @@ def train(
     state: dict[str, Any] = {}
     model: GPT | None = None
     source = existing if resume else init_from
+    if sft and source is None:
+        raise GptkitError(
+            f"fine-tuning on {data} needs a model to start from: pass --init-from MODEL"
+        )
     if source is not None:
         if resume:
             state = read_train_state(existing)
         model, src_tok = load(source)
-        if src_tok is None or src_tok.hash != shards.tokenizer_hash:
+        if sft:
+            if src_tok is None:
+                raise GptkitError(f"{source} has no tokenizer to encode {data} with")
+            tokenizer = src_tok
+        elif src_tok is None or src_tok.hash != shards.tokenizer_hash:
             raise GptkitError(
                 f"the model {source} uses a different tokenizer than the data in {data}; "
                 f"prepare the data with `gptkit prepare ... --tokenizer {source}`, or start a "
@@ -270,10 +310,11 @@ def train(
             train_cfg = build_configs(preset, model_cfg.vocab_size, train_over)[1]
     else:
         model_cfg, train_cfg = build_configs(preset, shards.vocab_size, overrides)
-    if model_cfg.vocab_size < shards.vocab_size:
+    assert tokenizer is not None
+    if model_cfg.vocab_size < tokenizer.vocab_size:
         raise GptkitError(
             f"the model's vocabulary ({model_cfg.vocab_size}) is smaller than the data's "
-            f"({shards.vocab_size}); use a matching checkpoint or tokenizer"
+            f"({tokenizer.vocab_size}); use a matching checkpoint or tokenizer"
         )
 
     device = pick_device(train_cfg.device)
@@ -282,14 +323,39 @@ def train(
     if model is None:
         model = GPT(model_cfg)
     elif model.config.dropout != model_cfg.dropout:
+        if has_lora(model):
+            raise GptkitError("cannot change the dropout of a LoRA run; drop --dropout")
         model = _rebuild_with(model, model_cfg)
+    if lora_rank > 0 and not has_lora(model):
+        apply_lora(model, lora_rank, lora_alpha, lora_dropout, lora_targets)
+    elif lora_rank > 0 and resume is False:
+        raise GptkitError(f"{source} already carries LoRA adapters; merge them first")
     model = model.to(device)
     model.train()
     optimizer = make_optimizer(model, train_cfg)
-    sampler = BatchSampler(
-        shards.split("train"), model_cfg.block_size, train_cfg.batch_size, train_cfg.seed
-    )
-    val_arrays = shards.split("val") if shards.num_tokens("val") > model_cfg.block_size else []
+    sampler: Any
+    make_val: Any = None  # a fresh validation sampler (the same batches at every evaluation)
+    eval_batches = train_cfg.eval_batches
+    if sft:
+        examples = load_examples(data, tokenizer, model_cfg.block_size + 1, chat)
+        if val_data:
+            train_ex, val_ex = (
+                examples,
+                load_examples(val_data, tokenizer, model_cfg.block_size + 1, chat),
+            )
+        else:
+            train_ex, val_ex = split_examples(examples)
+        sampler = ExampleSampler(train_ex, train_cfg.batch_size, train_cfg.seed)
+        if val_ex:
+            make_val = lambda: ExampleSampler(val_ex, train_cfg.batch_size, shuffle=False)
+            eval_batches = min(eval_batches, math.ceil(len(val_ex) / train_cfg.batch_size))
+    else:
+        assert shards is not None
+        B, T = train_cfg.batch_size, model_cfg.block_size
+        sampler = BatchSampler(shards.split("train"), T, B, train_cfg.seed)
+        if shards.num_tokens("val") > T:
+            val_arrays = shards.split("val")
+            make_val = lambda: BatchSampler(val_arrays, T, B, seed=0)
     step = 0
     if resume:
         load_optimizer(optimizer, existing, state["optimizer_param_groups"])
@@ -323,7 +389,7 @@ def train(
                 "step": at_step,
                 "train": train_cfg.to_dict(),
                 "data": str(Path(data).resolve()),
-                "tokenizer_hash": shards.tokenizer_hash,
+                "tokenizer_hash": tokenizer.hash,
                 "sampler": sampler.state_dict(),
                 "rng": rng_state(),
                 "loss": last_loss,
@@ -336,17 +402,9 @@ def train(
         return ckpt
 
     def run_eval(at_step: int, log: Any) -> float | None:
-        if not val_arrays:
+        if make_val is None:
             return None
-        val = evaluate(
-            model,
-            val_arrays,
-            model_cfg.block_size,
-            train_cfg.batch_size,
-            train_cfg.eval_batches,
-            device,
-            precision,
-        )
+        val = mean_loss(model, make_val(), eval_batches, device, precision)
         log({"step": at_step, "val_loss": val, "val_ppl": math.exp(min(val, 50.0))})
         return val
 
@@ -374,8 +432,10 @@ def train(
             for group in optimizer.param_groups:
                 group["lr"] = lr
             loss_sum = torch.zeros((), device=device)
+            step_tokens = 0
             for _ in range(train_cfg.grad_accum):
                 x, y = sampler.next()
+                step_tokens += x.numel()
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 with autocast(device, precision):
                     loss = _cross_entropy(step_fn(x), y)
@@ -394,7 +454,7 @@ def train(
                 )
             dt = time.perf_counter() - t0
             train_time += dt
-            train_tokens += tokens_per_step
+            train_tokens += step_tokens
             tok_s = train_tokens / train_time
             if step % train_cfg.log_every == 0 or step == train_cfg.max_steps:
                 log({"step": step, "loss": last_loss, "lr": lr, "tokens_per_s": round(tok_s, 1)})
@@ -416,6 +476,9 @@ def train(
     if interrupted or ckpt is None or not ckpt.name.endswith(f"{step:07d}"):
         ckpt = save(step, last_loss)
         plot_losses(metrics_path, png_path)
+    if merge and has_lora(model):
+        merged = save_checkpoint(out / "merged", merge_lora(copy.deepcopy(model)), tokenizer)
+        summary["merged"] = str(merged)
     summary |= {
         "step": step,
         "loss": last_loss,
