@@ -420,6 +420,7 @@ def train(
     val_loss: float | None = None
     interrupted = False
     train_time, train_tokens = 0.0, 0
+    last_plot = time.perf_counter()
     with open(metrics_path, "a") as metrics, _sigint_flag() as flag:
 
         def log(row: dict[str, Any]) -> None:
@@ -465,7 +466,10 @@ def train(
                 val_loss = run_eval(step, log)
                 if val_loss is not None and progress:
                     bar.write(f"step {step}: train loss {last_loss:.4f}, val loss {val_loss:.4f}")
-                plot_losses(metrics_path, png_path)
+                # Drawing costs about a second: redraw at most every 30 s, and at the end.
+                if done or time.perf_counter() - last_plot > 30:
+                    plot_losses(metrics_path, png_path)
+                    last_plot = time.perf_counter()
             if flag["stop"]:
                 interrupted = True
                 break
@@ -475,6 +479,7 @@ def train(
     ckpt = latest_checkpoint(out)
     if interrupted or ckpt is None or not ckpt.name.endswith(f"{step:07d}"):
         ckpt = save(step, last_loss)
+    if interrupted or not png_path.exists():
         plot_losses(metrics_path, png_path)
     if merge and has_lora(model):
         merged = save_checkpoint(out / "merged", merge_lora(copy.deepcopy(model)), tokenizer)
