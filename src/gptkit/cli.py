@@ -341,6 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
     from gptkit import __version__
     from gptkit.data.prepare import prepare
     from gptkit.demo import demo
+    from gptkit.eval.run import evaluate_model
     from gptkit.train import train
 
     parser = argparse.ArgumentParser(
@@ -356,6 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_function(sub, generate_cmd, "generate")
     add_function(sub, chat_cmd, "chat")
     add_function(sub, export_cmd, "export")
+    add_function(sub, evaluate_model, "eval")
     add_function(sub, presets_cmd, "presets")
     return parser
 

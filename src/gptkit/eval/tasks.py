@@ -1,0 +1,340 @@
+"""The generation tasks: how each shipped data set is read and how its prompts are worded.
+
+A reader turns a file of ``../shared/data/`` into examples, dicts with
+
+- ``id``: ``file:line`` of the row, to trace a prediction back to its source;
+- ``prompt``: the plain completion prompt, for base models;
+- ``messages``: the same request as a chat (``[{"role": "user", "content": ...}]``),
+  rendered with the model's own chat template for instruction-tuned models;
+- ``reference``: a string, or a list of strings where the row has several.
+
+All the wording lives in :data:`PROMPTS`, one entry per task. Plain prompts end where the
+answer begins ("German:"), so a base model continues with it; the task's ``stop`` strings
+end the continuation. Chat prompts ask for the answer alone. A row that does not parse is a
+:class:`GptkitError` naming ``file:line``.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from gptkit.errors import GptkitError
+
+Example = dict[str, Any]
+
+#: task -> {"plain": completion prompt, "chat": user message}; fields in braces are filled
+#: from the row
+PROMPTS: dict[str, dict[str, str]] = {
+    "gsm8k": {
+        "plain": "Question: {question}\nAnswer:",
+        "chat": (
+            "{question}\n\nSolve the problem step by step. End with a last line of the "
+            "form '#### <number>' giving the final answer."
+        ),
+    },
+    "multi30k": {
+        "plain": "English: {source}\nGerman:",
+        "chat": (
+            "Translate this English sentence into German. Reply with the translation "
+            "only.\n\n{source}"
+        ),
+    },
+    "tatoeba": {
+        "plain": "English: {source}\nChinese:",
+        "chat": (
+            "Translate this English sentence into Chinese. Reply with the translation "
+            "only.\n\n{source}"
+        ),
+    },
+    "scitldr": {
+        "plain": "{source}\n\nTL;DR:",
+        "chat": "Summarize this scientific abstract in one sentence (a TL;DR).\n\n{source}",
+    },
+    "self_instruct": {
+        "plain": "Instruction: {instruction}\n{input_block}Output:",
+        "chat": "{instruction}{chat_input}",
+    },
+}
+
+
+def render(task: str, **fields: str) -> tuple[str, list[dict[str, str]]]:
+    """The plain prompt and the chat messages of ``task`` for one row's fields."""
+    wording = PROMPTS[task]
+    prompt = wording["plain"].format(**fields)
+    messages = [{"role": "user", "content": wording["chat"].format(**fields)}]
+    return prompt, messages
+
+
+# -- reading files -------------------------------------------------------------------------
+
+
+def _lines(path: Path) -> Iterator[tuple[int, str]]:
+    """``(line number, text)`` of a UTF-8 text file, gzip-compressed when it ends in .gz."""
+    if not path.is_file():
+        raise GptkitError(f"{path} does not exist; check the --data path")
+    opener: Callable[..., Any] = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            for n, raw in enumerate(f, 1):
+                try:
+                    yield n, raw.decode("utf-8").rstrip("\r\n")
+                except UnicodeDecodeError as e:
+                    raise GptkitError(
+                        f"{path}:{n}: not valid UTF-8 ({e.reason} at byte {e.start}); fix "
+                        "or remove the line"
+                    ) from None
+    except (OSError, EOFError) as e:  # gzip.BadGzipFile is an OSError
+        raise GptkitError(f"{path} cannot be read ({e}); is it complete?") from None
+
+
+def _jsonl(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    """``("file:line", object)`` per non-blank line of a JSON Lines file."""
+    for n, line in _lines(path):
+        if not line.strip():
+            continue
+        where = f"{path}:{n}"
+        try:
+            row = json.loads(line)
+        except ValueError as e:
+            raise GptkitError(f"{where}: not valid JSON ({e}); fix or remove the line") from None
+        if not isinstance(row, dict):
+            raise GptkitError(f"{where}: expected a JSON object, got {type(row).__name__}")
+        yield where, row
+
+
+def _field(where: str, row: dict[str, Any], name: str, kind: type | tuple[type, ...]) -> Any:
+    value = row.get(name)
+    if not isinstance(value, kind):
+        got = "missing" if name not in row else f"a {type(value).__name__}"
+        want = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+        raise GptkitError(f"{where}: field {name!r} should be a {want} but is {got}")
+    return value
+
+
+def _strings(where: str, row: dict[str, Any], name: str) -> list[str]:
+    value = _field(where, row, name, list)
+    if not value or not all(isinstance(v, str) for v in value):
+        raise GptkitError(f"{where}: field {name!r} should be a non-empty list of strings")
+    return value
+
+
+def _full(examples: list[Example], limit: int | None) -> bool:
+    return limit is not None and len(examples) >= limit
+
+
+def _check_limit(limit: int | None) -> None:
+    if limit is not None and limit < 1:
+        raise GptkitError(f"limit must be at least 1, got {limit}")
+
+
+# -- the readers ---------------------------------------------------------------------------
+
+
+def read_gsm8k(path: str | Path, limit: int | None = None) -> list[Example]:
+    """GSM8K JSON Lines (``question``, ``answer`` ending in ``#### <number>``).
+
+    The reference is the whole worked answer; the metric compares final numbers.
+    """
+    from gptkit.eval.metrics import gsm8k_reference_answer
+
+    _check_limit(limit)
+    examples: list[Example] = []
+    for where, row in _jsonl(Path(path)):
+        question = _field(where, row, "question", str)
+        answer = _field(where, row, "answer", str)
+        if gsm8k_reference_answer(answer) is None:
+            raise GptkitError(f"{where}: the answer has no final '#### <number>' line")
+        prompt, messages = render("gsm8k", question=question)
+        examples.append(dict(id=where, prompt=prompt, messages=messages, reference=answer))
+        if _full(examples, limit):
+            break
+    return examples
+
+
+def _multi30k_pair(path: Path, src: str, tgt: str) -> tuple[Path, Path]:
+    if path.is_dir():
+        path = path / f"test_2016_flickr.{src}.gz"
+    name = path.name
+    suffix = ".gz" if name.endswith(".gz") else ""
+    stem = name.removesuffix(suffix)
+    if not stem.endswith(f".{src}"):
+        raise GptkitError(
+            f"{path} is not a Multi30k source file; pass the directory or a file named "
+            f"like test_2016_flickr.{src}.gz"
+        )
+    return path, path.with_name(stem.removesuffix(src) + tgt + suffix)
+
+
+def read_multi30k(
+    path: str | Path, limit: int | None = None, src: str = "en", tgt: str = "de"
+) -> list[Example]:
+    """Multi30k English -> German: aligned one-caption-per-line files.
+
+    Args:
+        path: the multi30k directory (its ``test_2016_flickr`` split) or a source file such as
+            ``val.en.gz``; the target file is the one with the ``tgt`` suffix beside it.
+        limit: read at most this many pairs.
+        src, tgt: language suffixes of the source and target files.
+    """
+    _check_limit(limit)
+    src_path, tgt_path = _multi30k_pair(Path(path), src, tgt)
+    sources, targets = list(_lines(src_path)), list(_lines(tgt_path))
+    if len(sources) != len(targets):
+        raise GptkitError(
+            f"{src_path} has {len(sources)} lines but {tgt_path} has {len(targets)}; the files "
+            "must be aligned line by line"
+        )
+    examples: list[Example] = []
+    for (n, source), (_, target) in zip(sources, targets, strict=True):
+        if not source.strip() or not target.strip():
+            empty = src_path if not source.strip() else tgt_path
+            raise GptkitError(f"{empty}:{n}: empty line; the files must hold one caption a line")
+        prompt, messages = render("multi30k", source=source.strip())
+        examples.append(
+            dict(id=f"{src_path}:{n}", prompt=prompt, messages=messages, reference=target.strip())
+        )
+        if _full(examples, limit):
+            break
+    return examples
+
+
+def read_tatoeba(path: str | Path, limit: int | None = None) -> list[Example]:
+    """Tatoeba English -> Chinese (``English<TAB>Chinese<TAB>attribution`` per line).
+
+    An English sentence that appears on several lines becomes one example whose reference is
+    the list of its translations, in file order. The file is sorted from short to long, so the
+    first examples are the shortest.
+    """
+    _check_limit(limit)
+    path = Path(path)
+    groups: dict[str, Example] = {}
+    for n, line in _lines(path):
+        if not line.strip():
+            continue
+        parts = line.split("\t")
+        if len(parts) < 2 or not parts[0].strip() or not parts[1].strip():
+            raise GptkitError(
+                f"{path}:{n}: expected 'English<TAB>Chinese<TAB>attribution', got {line[:60]!r}"
+            )
+        english, chinese = parts[0].strip(), parts[1].strip()
+        if english in groups:
+            groups[english]["reference"].append(chinese)
+            continue
+        if limit is not None and len(groups) >= limit:
+            continue  # later lines may still add translations to the examples we keep
+        prompt, messages = render("tatoeba", source=english)
+        groups[english] = dict(
+            id=f"{path}:{n}", prompt=prompt, messages=messages, reference=[chinese]
+        )
+    return list(groups.values())
+
+
+def read_scitldr(path: str | Path, limit: int | None = None) -> list[Example]:
+    """SciTLDR JSON Lines: ``source`` (abstract sentences) -> ``target`` (1-4+ TL;DRs)."""
+    _check_limit(limit)
+    examples: list[Example] = []
+    for where, row in _jsonl(Path(path)):
+        source = " ".join(s.strip() for s in _strings(where, row, "source"))
+        targets = [t.strip() for t in _strings(where, row, "target")]
+        prompt, messages = render("scitldr", source=source)
+        examples.append(dict(id=where, prompt=prompt, messages=messages, reference=targets))
+        if _full(examples, limit):
+            break
+    return examples
+
+
+def read_self_instruct(path: str | Path, limit: int | None = None) -> list[Example]:
+    """Self-Instruct tasks (``instruction`` and ``instances`` of ``input``/``output``), one
+    example per instance; the reference is the human-written output."""
+    _check_limit(limit)
+    examples: list[Example] = []
+    for where, row in _jsonl(Path(path)):
+        instruction = _field(where, row, "instruction", str).strip()
+        instances = _field(where, row, "instances", list)
+        if not instances:
+            raise GptkitError(f"{where}: field 'instances' is empty")
+        for k, inst in enumerate(instances):
+            if not isinstance(inst, dict):
+                raise GptkitError(f"{where}: instance {k} should be an object with input, output")
+            text = _field(f"{where} (instance {k})", inst, "input", str).strip()
+            output = _field(f"{where} (instance {k})", inst, "output", str).strip()
+            prompt, messages = render(
+                "self_instruct",
+                instruction=instruction,
+                input_block=f"Input: {text}\n" if text else "",
+                chat_input=f"\n\n{text}" if text else "",
+            )
+            examples.append(dict(id=where, prompt=prompt, messages=messages, reference=output))
+            if _full(examples, limit):
+                return examples
+    return examples
+
+
+# -- the task table ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Task:
+    """One generation task: its reader, default file, metrics and decoding settings."""
+
+    name: str
+    read: Callable[..., list[Example]]
+    default_data: str  # under the shared data directory
+    metrics: tuple[str, ...]  # names in gptkit.eval.metrics.GENERATION_METRICS
+    stop: tuple[str, ...]  # where a plain (base-model) continuation ends
+    max_new_tokens: int  # enough for a typical reference
+
+
+TASKS: dict[str, Task] = {
+    t.name: t
+    for t in [
+        Task("gsm8k", read_gsm8k, "gsm8k/test.jsonl", ("gsm8k",), ("\n\n", "Question:"), 256),
+        Task("multi30k", read_multi30k, "multi30k", ("bleu", "chrf"), ("\n",), 64),
+        Task(
+            "tatoeba",
+            read_tatoeba,
+            "tatoeba_cmn_eng/cmn.txt",
+            ("bleu_zh", "chrf"),
+            ("\n",),
+            64,
+        ),
+        Task("scitldr", read_scitldr, "scitldr/test.jsonl", ("rouge",), ("\n",), 64),
+        Task(
+            "self_instruct",
+            read_self_instruct,
+            "self_instruct/user_oriented_instructions.jsonl",
+            ("rougeL",),
+            ("\n\n",),
+            128,
+        ),
+    ]
+}
+
+
+def shared_data_dirs() -> list[Path]:
+    """Where the shipped data sets are looked for: ``$GPTKIT_SHARED_DATA``, then
+    ``../shared/data`` beside the repository, then beside the working directory."""
+    repo = Path(__file__).resolve().parents[3]  # src/gptkit/eval/tasks.py -> the checkout
+    dirs = [repo.parent / "shared" / "data", Path.cwd().parent / "shared" / "data"]
+    if os.environ.get("GPTKIT_SHARED_DATA"):
+        dirs.insert(0, Path(os.environ["GPTKIT_SHARED_DATA"]))
+    return dirs
+
+
+def default_data(task: str) -> Path:
+    """The shipped file (or directory) of ``task``, or an error that says to pass --data."""
+    rel = TASKS[task].default_data
+    tried = list(dict.fromkeys((d / rel).resolve() for d in shared_data_dirs()))
+    for p in tried:
+        if p.exists():
+            return p
+    raise GptkitError(
+        f"no data for task {task}: {' and '.join(str(p) for p in tried)} do not exist; "
+        "pass --data PATH"
+    )
