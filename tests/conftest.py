@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -49,6 +50,21 @@ def tiny_config(vocab_size: int = 64, **overrides: object) -> ModelConfig:
 def tiny_model(vocab_size: int = 64, seed: int = 0, **overrides: object) -> GPT:
     torch.manual_seed(seed)
     return GPT(tiny_config(vocab_size, **overrides)).eval()
+
+
+def run_metrics(run: Path) -> list[dict]:
+    """The rows of a training run's metrics.jsonl."""
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def run_losses(run: Path) -> dict[int, float]:
+    """Training loss by step."""
+    return {r["step"]: r["loss"] for r in run_metrics(run) if "loss" in r}
+
+
+def run_val_losses(run: Path) -> list[float]:
+    """Validation losses, in order."""
+    return [r["val_loss"] for r in run_metrics(run) if "val_loss" in r]
 
 
 def shared_path(*parts: str) -> Path:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import run_losses, run_val_losses, tiny_model
 
 import gptkit
 from gptkit.checkpoint import save_checkpoint
@@ -30,23 +30,13 @@ def task(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return data, root / "base"
 
 
-def _vals(run: Path) -> list[float]:
-    lines = (run / "metrics.jsonl").read_text().splitlines()
-    return [r["val_loss"] for r in map(json.loads, lines) if "val_loss" in r]
-
-
-def _losses(run: Path) -> dict[int, float]:
-    lines = (run / "metrics.jsonl").read_text().splitlines()
-    return {r["step"]: r["loss"] for r in map(json.loads, lines) if "loss" in r}
-
-
 FAST = dict(preset="tiny", batch_size=16, eval_every=10, eval_batches=2, progress=False)
 
 
 def test_full_sft_learns_the_answers(task: tuple[Path, Path], tmp_path: Path) -> None:
     data, base = task
     result = train(data, tmp_path, init_from=str(base), max_steps=60, lr=3e-3, **FAST)
-    vals = _vals(tmp_path)
+    vals = run_val_losses(tmp_path)
     assert vals[-1] < vals[0] - 0.5, vals
     assert result["step"] == 60
 
@@ -58,7 +48,7 @@ def test_lora_sft_trains_adapters_only_and_merges(task: tuple[Path, Path], tmp_p
     )
     # The loss of step 1 is the untrained model's; a tiny random base leaves LoRA little to
     # steer, but the drop is clear.
-    assert _vals(tmp_path)[-1] < _losses(tmp_path)[1] - 0.25
+    assert run_val_losses(tmp_path)[-1] < run_losses(tmp_path)[1] - 0.25
     ckpt = Path(result["checkpoint"])
     assert (ckpt / "adapter.safetensors").exists()
     tuned, tok = gptkit.load(ckpt)
@@ -89,7 +79,7 @@ def test_lora_sft_resume_equals_uninterrupted(task: tuple[Path, Path], tmp_path:
     (resumed / "checkpoints").mkdir(parents=True)
     shutil.copytree(full / "checkpoints" / "step-0000006", resumed / "checkpoints" / "step-0000006")
     train(data, resumed, resume=True, progress=False)
-    a, b = _losses(full), _losses(resumed)
+    a, b = run_losses(full), run_losses(resumed)
     assert sorted(b) == list(range(7, 13))
     assert all(a[s] == b[s] for s in b), [(s, a[s], b[s]) for s in b]
 

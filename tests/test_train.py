@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, SAMPLE_TEXT, shared_path
+from conftest import REPO, SAMPLE_TEXT, run_losses, run_metrics, run_val_losses, shared_path
 
 from gptkit.checkpoint import load
 from gptkit.config import TrainConfig
@@ -25,14 +25,6 @@ from gptkit.files import list_checkpoints
 from gptkit.model import GPT
 from gptkit.train import lr_at, train
 from gptkit.train.optim import param_groups
-
-
-def _metrics(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-
-def _losses(run: Path) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in _metrics(run) if "loss" in r}
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +59,7 @@ def test_tiny_model_lowers_val_loss_on_shakespeare(shakespeare: Path, tmp_path: 
         batch_size=16,
         progress=False,
     )
-    vals = [r["val_loss"] for r in _metrics(tmp_path) if "val_loss" in r]
+    vals = run_val_losses(tmp_path)
     vocab = json.loads((shakespeare / "meta.json").read_text())["vocab_size"]
     assert len(vals) == 4
     assert vals[-1] < vals[0] - 0.3, vals
@@ -86,7 +78,7 @@ def test_resume_equals_uninterrupted_run(small_corpus: Path, tmp_path: Path) -> 
     (resumed / "checkpoints").mkdir(parents=True)
     shutil.copytree(full / "checkpoints" / "step-0000008", resumed / "checkpoints" / "step-0000008")
     train(small_corpus, resumed, resume=True, progress=False)
-    a, b = _losses(full), _losses(resumed)
+    a, b = run_losses(full), run_losses(resumed)
     assert sorted(b) == list(range(9, 17))
     assert all(a[s] == b[s] for s in b), [(s, a[s], b[s]) for s in b]
     model_a, _ = load(full)
@@ -109,7 +101,7 @@ def test_resume_trims_metrics_of_the_killed_run(small_corpus: Path, tmp_path: Pa
     )
     shutil.rmtree(tmp_path / "checkpoints" / "step-0000012")  # as if killed after step 6's save
     train(small_corpus, tmp_path, resume=True, progress=False)
-    steps = [r["step"] for r in _metrics(tmp_path) if "loss" in r]
+    steps = [r["step"] for r in run_metrics(tmp_path) if "loss" in r]
     assert steps == list(range(1, 13))  # no step logged twice
 
 
@@ -149,11 +141,11 @@ def test_ctrl_c_saves_a_checkpoint_that_resumes(small_corpus: Path, tmp_path: Pa
     assert proc.returncode == 130, err
     assert "interrupted" in err
     ((step, ckpt),) = list_checkpoints(run)
-    assert step >= 3 and max(_losses(run)) == step
+    assert step >= 3 and max(run_losses(run)) == step
     state = json.loads((ckpt / "train_state.json").read_text())
     assert state["step"] == step
     train(small_corpus, run, resume=True, max_steps=step + 2, progress=False)
-    assert max(_losses(run)) == step + 2
+    assert max(run_losses(run)) == step + 2
 
 
 def test_checkpoint_write_is_atomic(
