@@ -60,9 +60,7 @@ def _looks_like_hub_id(source: str) -> bool:
     return re.fullmatch(r"[\w.-]+/[\w.-]+", source) is not None
 
 
-def load(
-    source: str | Path, device: str | torch.device = "cpu"
-) -> tuple[GPT, Tokenizer | None]:
+def load(source: str | Path, device: str | torch.device = "cpu") -> tuple[GPT, Tokenizer | None]:
     """``model, tokenizer = load(source)`` for any model gptkit runs.
 
     ``source`` is one of: a gptkit checkpoint directory or training run directory; a Hugging
