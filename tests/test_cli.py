@@ -19,9 +19,10 @@ def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
     return code, out, err
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("cli")
+def _prepare_and_train(
+    root: Path, tokenizer: str, steps: str, prepare_flags: tuple = (), train_flags: tuple = ()
+) -> None:
+    """Prepare ``root/corpus.txt`` into ``root/data``, then train ``root/run`` (tiny preset)."""
     (root / "corpus.txt").write_text(SAMPLE_TEXT * 30)
     assert (
         main(
@@ -31,8 +32,9 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
                 "--out",
                 str(root / "data"),
                 "--tokenizer",
-                "char",
+                tokenizer,
                 "--no-progress",
+                *prepare_flags,
             ]
         )
         == 0
@@ -48,14 +50,19 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
                 "--preset",
                 "tiny",
                 "--max-steps",
-                "30",
-                "--n-embd",
-                "48",
+                steps,
                 "--no-progress",
+                *train_flags,
             ]
         )
         == 0
     )
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("cli")
+    _prepare_and_train(root, "char", "30", train_flags=("--n-embd", "48"))
     return root / "run"
 
 
@@ -214,40 +221,7 @@ def test_export_hf_and_gguf_load_back_with_equal_logits(
 ) -> None:
     import torch
 
-    (tmp_path / "code.txt").write_text(SAMPLE_TEXT * 30)
-    assert (
-        main(
-            [
-                "prepare",
-                str(tmp_path / "code.txt"),
-                "--out",
-                str(tmp_path / "data"),
-                "--tokenizer",
-                "bpe",
-                "--vocab-size",
-                "300",
-                "--no-progress",
-            ]
-        )
-        == 0
-    )
-    assert (
-        main(
-            [
-                "train",
-                "--data",
-                str(tmp_path / "data"),
-                "--out",
-                str(tmp_path / "run"),
-                "--preset",
-                "tiny",
-                "--max-steps",
-                "5",
-                "--no-progress",
-            ]
-        )
-        == 0
-    )
+    _prepare_and_train(tmp_path, "bpe", "5", prepare_flags=("--vocab-size", "300"))
     model, tok = gptkit.load(tmp_path / "run")
     ids = torch.tensor([tok.encode("def add(a, b):")])
     for fmt, out in (("hf", tmp_path / "hf"), ("gguf", tmp_path / "m.gguf")):
