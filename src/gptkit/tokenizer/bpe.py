@@ -29,6 +29,26 @@ def _byte_level(model: models.Model, special: Iterable[str]) -> HFTokenizer:
     return tok
 
 
+def _read_vocab_merges(
+    vocab_path: str | Path, merges_path: str | Path, what: str
+) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """A token -> id JSON file and a ranked merges file (one "a b" pair a line)."""
+    try:
+        vocab = json.loads(Path(vocab_path).read_text(encoding="utf-8"))
+        lines = Path(merges_path).read_text(encoding="utf-8").splitlines()
+    except (OSError, ValueError) as e:
+        raise GptkitError(f"cannot read {what} BPE files: {e}") from None
+    merges = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip() or line.startswith("#version"):
+            continue
+        parts = line.split(" ")
+        if len(parts) != 2:
+            raise GptkitError(f"{merges_path}:{n}: a merge line holds two tokens, got {line!r}")
+        merges.append((parts[0], parts[1]))
+    return vocab, merges
+
+
 def _token_text(raw: Any) -> str | None:
     """tokenizer_config.json writes a token as its text or as {"content": text, ...}."""
     return raw.get("content") if isinstance(raw, dict) else raw
@@ -83,19 +103,7 @@ class BPETokenizer(Tokenizer):
     def from_gpt2_files(cls, vocab_path: str | Path, merges_path: str | Path) -> BPETokenizer:
         """GPT-2's ``encoder.json`` or ``vocab.json`` (token -> id) and ``vocab.bpe`` or
         ``merges.txt`` (ranked merges)."""
-        try:
-            vocab = json.loads(Path(vocab_path).read_text(encoding="utf-8"))
-            lines = Path(merges_path).read_text(encoding="utf-8").splitlines()
-        except (OSError, ValueError) as e:
-            raise GptkitError(f"cannot read GPT-2 BPE files: {e}") from None
-        merges = []
-        for n, line in enumerate(lines, 1):
-            if not line.strip() or line.startswith("#version"):
-                continue
-            parts = line.split(" ")
-            if len(parts) != 2:
-                raise GptkitError(f"{merges_path}:{n}: a merge line holds two tokens, got {line!r}")
-            merges.append((parts[0], parts[1]))
+        vocab, merges = _read_vocab_merges(vocab_path, merges_path, "GPT-2")
         special = [t for t in (EOT,) if t in vocab]
         tok = _byte_level(models.BPE(vocab=vocab, merges=merges), special)
         return cls(tok, EOT if special else None)
@@ -108,19 +116,7 @@ class BPETokenizer(Tokenizer):
         byte-level but lower-cased, accent-stripped text split BERT-style into words, and a
         ``</w>`` suffix on each word's last symbol. The pipeline transformers builds for
         ``OpenAIGPTTokenizer``; characters outside the vocabulary become ``unk_token``."""
-        try:
-            vocab = json.loads(Path(vocab_path).read_text(encoding="utf-8"))
-            lines = Path(merges_path).read_text(encoding="utf-8").splitlines()
-        except (OSError, ValueError) as e:
-            raise GptkitError(f"cannot read OpenAI GPT BPE files: {e}") from None
-        merges = []
-        for n, line in enumerate(lines, 1):
-            if not line.strip() or line.startswith("#version"):
-                continue
-            parts = line.split()
-            if len(parts) != 2:
-                raise GptkitError(f"{merges_path}:{n}: a merge line holds two tokens, got {line!r}")
-            merges.append((parts[0], parts[1]))
+        vocab, merges = _read_vocab_merges(vocab_path, merges_path, "OpenAI GPT")
         bpe = models.BPE(vocab=vocab, merges=merges, unk_token=unk_token, end_of_word_suffix="</w>")
         tok = HFTokenizer(bpe)
         tok.normalizer = normalizers.BertNormalizer(lowercase=True)
