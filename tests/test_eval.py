@@ -430,10 +430,11 @@ def test_evaluate_model_derives_a_cli_subcommand() -> None:
     import argparse
 
     from gptkit.cli import add_function
+    from gptkit.eval.classification import CLASSIFICATION_TASKS
     from gptkit.eval.run import TASK_NAMES
     from gptkit.eval.tasks import TASKS
 
-    assert ("text", *TASKS) == TASK_NAMES
+    assert set(TASK_NAMES) == {"text", "classify", *TASKS, *CLASSIFICATION_TASKS}
     parser = argparse.ArgumentParser()
     add_function(parser.add_subparsers(), evaluate_model, "eval")
     args = vars(

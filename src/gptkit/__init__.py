@@ -17,10 +17,10 @@ from gptkit.checkpoint import load
 from gptkit.config import ModelConfig, SampleConfig, TrainConfig
 from gptkit.data.prepare import prepare
 from gptkit.errors import GptkitError
-from gptkit.generate import generate, stream
+from gptkit.generate import classify, generate, stream
 from gptkit.model import GPT
 from gptkit.tokenizer import load_tokenizer
-from gptkit.train import train
+from gptkit.train import finetune, train
 
 __all__ = [
     "GPT",
@@ -28,6 +28,8 @@ __all__ = [
     "ModelConfig",
     "SampleConfig",
     "TrainConfig",
+    "classify",
+    "finetune",
     "generate",
     "load",
     "load_tokenizer",

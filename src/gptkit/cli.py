@@ -10,6 +10,7 @@ import contextlib
 import dataclasses
 import inspect
 import io
+import json
 import re
 import sys
 import tokenize
@@ -109,10 +110,14 @@ def _add_argument(
 
 
 def add_function(
-    sub: argparse._SubParsersAction, fn: Callable, name: str, skip: tuple[str, ...] = ()
+    sub: argparse._SubParsersAction,
+    fn: Callable,
+    name: str,
+    skip: tuple[str, ...] = (),
+    summary: str | None = None,
 ) -> argparse.ArgumentParser:
     doc = inspect.getdoc(fn) or ""
-    summary = doc.split("\n\n")[0].replace("\n", " ")
+    summary = summary or doc.split("\n\n")[0].replace("\n", " ")
     parser = sub.add_parser(name, help=summary, description=summary)
     hints = typing.get_type_hints(fn)
     helps = _doc_args(fn)
@@ -129,11 +134,19 @@ def add_function(
     return parser
 
 
-def add_config_fields(parser: argparse.ArgumentParser, cls: type, title: str) -> None:
+def add_config_fields(
+    parser: argparse.ArgumentParser,
+    cls: type,
+    title: str,
+    skip: tuple[str, ...] = (),
+    only: tuple[str, ...] | None = None,
+) -> None:
     group = parser.add_argument_group(title)
     hints = typing.get_type_hints(cls)
     comments = _field_comments(cls)
     for f in dataclasses.fields(cls):
+        if f.name in skip or (only is not None and f.name not in only):
+            continue
         default = f.default if f.default is not dataclasses.MISSING else None
         text = comments.get(f.name, "")
         help_text = f"{text} (default: the preset's, else {default})".strip()
@@ -314,6 +327,85 @@ def export_cmd(
     print(f"wrote {out}")
 
 
+def classify_cmd(
+    model: str,
+    text: list[str] | None = None,
+    pair: list[str] | None = None,
+    file: str | None = None,
+    out: str | None = None,
+    batch_size: int = 32,
+    device: str = "cpu",
+) -> None:
+    """Predict labels, with probabilities, using a fine-tuned classification head.
+
+    Args:
+        model: a model trained with `gptkit finetune classify`.
+        text: a text to classify (repeatable).
+        pair: the second text of a text pair, one per --text (repeatable).
+        file: classify every row of this file (.tsv label<TAB>text[<TAB>text_b], or .jsonl
+            with "text"[, "text_b"]); labels in it are ignored here (use `gptkit eval`).
+        out: write the predictions as JSON Lines to this file instead of printing them.
+        batch_size: texts per forward pass.
+        device: cpu, cuda, mps.
+    """
+    from gptkit.checkpoint import load
+    from gptkit.data.tasks import read_labelled
+    from gptkit.files import atomic_write_text
+    from gptkit.generate import classify
+
+    if bool(text) == bool(file):
+        raise GptkitError("give texts with --text, or a file with --file (one of the two)")
+    if file:
+        rows = [texts for _, texts, _ in read_labelled(file)]
+        texts = [r[0] for r in rows]
+        pairs = [r[1] for r in rows] if rows and all(len(r) == 2 for r in rows) else None
+    else:
+        texts, pairs = list(text or []), pair
+    net, tok = load(model, device=device)
+    if tok is None:
+        raise GptkitError(f"{model} has no tokenizer; classification needs one")
+    preds = classify(net, tok, texts, pairs, batch_size=batch_size, progress=bool(file))
+    if out:
+        lines = [
+            json.dumps({"text": t} | p, ensure_ascii=False)
+            for t, p in zip(texts, preds, strict=True)
+        ]
+        atomic_write_text(out, "\n".join(lines) + "\n")
+        print(f"wrote {len(preds)} predictions to {out}")
+        return
+    for t, p in zip(texts, preds, strict=True):
+        probs = " ".join(f"{k}={v:.3f}" for k, v in p["probs"].items())
+        print(f"{p['label']}\t{probs}\t{t}")
+
+
+def sft_data_cmd(
+    task: Literal["gsm8k", "multi30k", "tatoeba", "scitldr", "self_instruct"],
+    out: str,
+    data: str | None = None,
+    skip: int = 0,
+    limit: int | None = None,
+    chat: bool = True,
+) -> None:
+    """Write a shipped data set as SFT rows, worded exactly as `gptkit eval` prompts it.
+
+    Args:
+        task: the data set's reader (see `gptkit eval --help`).
+        out: the .jsonl file to write ("messages" rows, or prompt/completion with --no-chat).
+        data: the file (or directory) to read; default the task's eval file, so pass the
+            training split here (gsm8k/train.jsonl, scitldr/train.jsonl, ...).
+        skip: leave out the first N examples (held out for evaluation).
+        limit: write at most N examples (after --skip).
+        chat: chat rows for a model with a chat template; plain prompt/completion otherwise.
+    """
+    from gptkit.eval.tasks import to_sft_rows
+
+    rows = to_sft_rows(task, data, skip, limit, chat)
+    from gptkit.files import atomic_write_text
+
+    atomic_write_text(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    print(f"wrote {len(rows)} examples to {out}")
+
+
 def unescape(text: str) -> str:
     r"""``\n``, ``\t`` and ``\\`` typed in a shell argument become the characters."""
     return re.sub(r"\\([nt\\])", lambda m: {"n": "\n", "t": "\t", "\\": "\\"}[m.group(1)], text)
@@ -324,6 +416,9 @@ def presets_cmd() -> None:
     head = ("name", "layers", "width", "heads", "context", "params")
     print("{:<16} {:>6} {:>6} {:>5} {:>7} {:>10}  source".format(*head))
     for name, p in PRESETS.items():
+        if not p.model:
+            print(f"{name:<16} {'(training fields only)':>42}  {p.source}")
+            continue
         cfg = ModelConfig(**({"vocab_size": 50257} | p.model))
         n = cfg.num_params()
         size = f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
@@ -352,8 +447,24 @@ def build_parser() -> argparse.ArgumentParser:
     add_function(sub, demo, "demo")
     add_function(sub, prepare, "prepare")
     train_parser = add_function(sub, train, "train")
-    add_config_fields(train_parser, ModelConfig, "model fields")
+    add_config_fields(train_parser, ModelConfig, "model fields", skip=("labels",))
     add_config_fields(train_parser, TrainConfig, "training fields")
+    finetune = sub.add_parser(
+        "finetune",
+        help="Fine-tune a model: classify (GPT-1's head) or sft (instructions, chat, QA).",
+        description="Fine-tune a model through the one training loop (see `gptkit train`).",
+    )
+    tasks = finetune.add_subparsers(dest="objective", required=True, metavar="TASK")
+    for task, summary in (
+        ("classify", "GPT-1's recipe: a linear head on the final token, plus λ·LM loss."),
+        ("sft", "Supervised fine-tuning on prompt/completion or chat JSONL."),
+    ):
+        p = add_function(tasks, train, task, skip=("objective",), summary=summary)
+        p.set_defaults(preset="finetune")
+        add_config_fields(p, TrainConfig, "training fields")
+        add_config_fields(p, ModelConfig, "model fields", only=("dropout",))
+    add_function(sub, classify_cmd, "classify")
+    add_function(sub, sft_data_cmd, "sft-data")
     add_function(sub, generate_cmd, "generate")
     add_function(sub, chat_cmd, "chat")
     add_function(sub, export_cmd, "export")

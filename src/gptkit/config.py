@@ -86,6 +86,9 @@ class ModelConfig(_JsonMixin):
     # attend only to the last attention_window positions.
     attention_pattern: Literal["dense", "alternating"] = "dense"
     attention_window: int = 256
+    # A classification head (GPT-1's fine-tuning): one logit per label name, read from the
+    # final token's hidden state. Empty: no head.
+    labels: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
@@ -100,6 +103,10 @@ class ModelConfig(_JsonMixin):
         )
         _check(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
         _check(self.attention_window > 0, "attention_window must be positive")
+        _check(
+            len(set(self.labels)) == len(self.labels) and all(self.labels),
+            f"labels must be distinct, non-empty names, got {list(self.labels)}",
+        )
         _check(
             self.pos_emb != "rope" or self.head_size % 2 == 0,
             f"rope needs an even head size, got {self.head_size}",
@@ -140,6 +147,7 @@ class ModelConfig(_JsonMixin):
         norm = C * (2 if self.bias and self.norm == "layernorm" else 1)
         block = attn + mlp + 2 * norm
         n = self.n_layer * block + (norm if self.norm_position == "pre" else 0)
+        n += (C + 1) * len(self.labels)  # the classification head
         if embeddings:
             n += self.vocab_size * C
             if self.pos_emb == "learned":
@@ -180,6 +188,10 @@ class TrainConfig(_JsonMixin):
         for name in ("max_steps", "warmup_steps", "eval_every", "save_every"):
             _check(getattr(self, name) >= 0, f"TrainConfig.{name} must not be negative")
         _check(self.lr > 0 and self.min_lr >= 0, "lr must be positive and min_lr not negative")
+        _check(
+            self.min_lr <= self.lr,
+            f"min_lr ({self.min_lr}) is above lr ({self.lr}); lower --min-lr",
+        )
         _check(
             self.precision in ("auto", "bf16", "fp16", "fp32"),
             f"precision must be auto, bf16, fp16 or fp32, got {self.precision!r}",
@@ -359,6 +371,23 @@ PRESETS: dict[str, Preset] = {
             tie_embeddings=True,
         ),
         source="HuggingFaceTB/SmolLM2-135M config.json",
+    ),
+    # Training settings only, for `gptkit finetune` (the model comes from --init-from):
+    # GPT-1 fine-tuned with lr 6.25e-5, batch 32, warm-up over 0.2% of training.
+    "finetune": Preset(
+        train=dict(
+            batch_size=16,
+            max_steps=300,
+            lr=5e-5,
+            min_lr=5e-6,
+            warmup_steps=20,
+            weight_decay=0.01,
+            beta2=0.999,
+            eval_every=100,
+            save_every=100,
+            log_every=5,
+        ),
+        source="fine-tuning defaults (training fields only)",
     ),
 }
 

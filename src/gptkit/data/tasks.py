@@ -1,4 +1,5 @@
-"""Supervised fine-tuning data: JSONL examples to token ids with the loss on the answer only.
+"""Fine-tuning data: SFT examples with the loss on the answer only, and classification
+examples (text or text pairs with a label) in GPT-1's input form.
 
 A row is either ``{"prompt": ..., "completion": ...}`` or ``{"messages": [{"role": ...,
 "content": ...}, ...]}`` (chat form). Both are rendered with the model's chat template when
@@ -178,9 +179,7 @@ class ExampleSampler:
     the current epoch's order are the data position saved in checkpoints.
     """
 
-    def __init__(
-        self, examples: list[Example], batch_size: int, seed: int = 0, shuffle: bool = True
-    ):
+    def __init__(self, examples: list[Any], batch_size: int, seed: int = 0, shuffle: bool = True):
         if not examples:
             raise GptkitError("no examples to draw batches from")
         self.examples, self.batch_size, self.shuffle = examples, batch_size, shuffle
@@ -196,13 +195,17 @@ class ExampleSampler:
         )
         self.pos = 0
 
-    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def _draw(self) -> list[Any]:
         batch = []
         while len(batch) < self.batch_size:
             if self.pos == len(self.order):
                 self._new_epoch()
             batch.append(self.examples[self.order[self.pos]])
             self.pos += 1
+        return batch
+
+    def next(self) -> tuple[torch.Tensor, ...]:
+        batch = self._draw()
         T = max(len(ex.ids) for ex in batch) - 1
         x = torch.zeros(len(batch), T, dtype=torch.long)
         y = torch.full((len(batch), T), IGNORE, dtype=torch.long)
@@ -227,3 +230,216 @@ def split_examples(examples: list[Example], val_fraction: float = 0.05) -> tuple
     more, none below) for validation."""
     n_val = max(1, round(len(examples) * val_fraction)) if len(examples) >= 20 else 0
     return (examples[:-n_val], examples[-n_val:]) if n_val else (examples, [])
+
+
+class PackedSampler(ExampleSampler):
+    """Like :class:`ExampleSampler`, but each row packs consecutive examples (in the epoch's
+    order) until the next one would overflow ``row_len`` tokens, so short examples waste no
+    padding. ``next()`` adds segment ids (B, T): 1, 2, ... per example, 0 for padding; the
+    model restarts positions at each segment and lets no token see another example.
+    """
+
+    def __init__(
+        self,
+        examples: list[Example],
+        batch_size: int,
+        row_len: int,
+        seed: int = 0,
+        shuffle: bool = True,
+    ):
+        self.row_len = row_len
+        super().__init__(examples, batch_size, seed, shuffle)
+
+    def _row(self) -> list[Example]:
+        row: list[Example] = []
+        used = 0
+        while True:
+            if self.pos == len(self.order):
+                if row:  # an epoch boundary ends the row
+                    return row
+                self._new_epoch()
+            ex = self.examples[self.order[self.pos]]
+            n = len(ex.ids) - 1
+            if row and used + n > self.row_len:
+                return row
+            row.append(ex)
+            used += n
+            self.pos += 1
+
+    def next(self) -> tuple[torch.Tensor, ...]:
+        rows = [self._row() for _ in range(self.batch_size)]
+        T = max(sum(len(ex.ids) - 1 for ex in row) for row in rows)
+        x = torch.zeros(len(rows), T, dtype=torch.long)
+        y = torch.full((len(rows), T), IGNORE, dtype=torch.long)
+        seg = torch.zeros(len(rows), T, dtype=torch.long)
+        for i, row in enumerate(rows):
+            at = 0
+            for s, ex in enumerate(row, 1):
+                n = len(ex.ids) - 1
+                x[i, at : at + n] = torch.tensor(ex.ids[:-1])
+                y[i, at : at + n] = torch.tensor(ex.labels[1:])
+                seg[i, at : at + n] = s
+                at += n
+        return x, y, seg
+
+
+# -- classification ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Labelled:
+    """One classification example: its ids (ending with the extract token) and label index."""
+
+    ids: list[int]
+    label: int
+
+
+def read_labelled(path: str | Path) -> Iterator[tuple[str, list[str], str | None]]:
+    """``(where, texts, label)`` per example of a classification file.
+
+    A ``.jsonl`` row is ``{"text": ..., "label": ...}``, with ``"text_b"`` for text pairs
+    (``label`` may be a name or an integer, and may be absent in files to predict). Any
+    other file is tab-separated, ``label<TAB>text`` or ``label<TAB>text<TAB>text_b``, one
+    example per line; a first line whose first field is ``label`` is a header and skipped
+    (SST-2's ``.tsv`` files and the SMS spam collection read as they ship).
+    """
+    path = Path(path)
+    if path.suffix == ".jsonl":
+        for where, row in read_jsonl(path):
+            label = row.get("label")
+            if isinstance(label, bool) or not isinstance(label, str | int | None):
+                raise GptkitError(f"{where}: 'label' must be a name or an integer")
+            if isinstance(label, str) and not label.strip():
+                raise GptkitError(f"{where}: empty 'label'; every example needs one")
+            texts = [_text(row, "text", where)]
+            if "text_b" in row:
+                texts.append(_text(row, "text_b", where))
+            yield where, texts, None if label is None else str(label)
+        return
+    if not path.is_file():
+        raise GptkitError(f"data file {path} does not exist; check the path")
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            line = line.rstrip("\r\n")
+            if not line.strip():
+                continue
+            where = f"{path}:{n}"
+            fields = line.split("\t")
+            if n == 1 and fields[0].strip().lower() == "label":
+                continue
+            if len(fields) not in (2, 3):
+                raise GptkitError(
+                    f"{where}: expected label<TAB>text (or label<TAB>text<TAB>text_b), got "
+                    f"{len(fields)} field(s); use tabs between fields, or a .jsonl file"
+                )
+            label, texts = fields[0].strip(), fields[1:]
+            if not label:
+                raise GptkitError(f"{where}: the row has no label; every example needs one")
+            for t in texts:
+                if not t.strip():
+                    raise GptkitError(f"{where}: empty text; every example needs one")
+            yield where, texts, label
+
+
+def encode_texts(tokenizer: Tokenizer, texts: list[str], max_len: int) -> list[int]:
+    """GPT-1's input form: ``[bos] text [delim text_b] extract``.
+
+    The delimiter and the extract token are the tokenizer's end-of-sequence token (a token
+    every pretrained model knows as a boundary); the head reads the hidden state at the
+    extract token. Over ``max_len`` tokens, the longer text loses its tail first.
+    """
+    eos = tokenizer.eos_id
+    mark = [eos] if eos is not None else tokenizer.encode("\n")
+    bos = [tokenizer.bos_id] if tokenizer.add_bos and tokenizer.bos_id is not None else []
+    parts = [tokenizer.encode(t, allow_special=False) for t in texts]
+    budget = max_len - len(bos) - len(mark) * len(parts)
+    if budget < len(parts):
+        raise GptkitError(f"a context of {max_len} tokens is too short to classify text")
+    while sum(map(len, parts)) > budget:
+        longest = max(range(len(parts)), key=lambda i: len(parts[i]))
+        parts[longest] = parts[longest][: len(parts[longest]) - 1]
+    ids = list(bos)
+    for p in parts:
+        ids += p + mark
+    return ids
+
+
+def resolve_label(label: str, labels: tuple[str, ...], where: str) -> int:
+    """The index of ``label`` among ``labels``; an integer indexes them directly (SST-2's
+    0/1 with ``--labels negative,positive``)."""
+    if label in labels:
+        return labels.index(label)
+    if label.isdigit() and int(label) < len(labels):
+        return int(label)
+    raise GptkitError(
+        f"{where}: unknown label {label!r}; the labels are {list(labels)} (fix the row, or "
+        "pass --labels with every label)"
+    )
+
+
+def load_labelled(
+    path: str | Path,
+    tokenizer: Tokenizer,
+    max_len: int,
+    labels: tuple[str, ...] | None = None,
+) -> tuple[list[Labelled], tuple[str, ...]]:
+    """Every example of a classification file (see :func:`read_labelled`), encoded, and
+    the label names: ``labels`` when given, else the distinct labels of the file, sorted."""
+    rows = []
+    for where, texts, label in read_labelled(path):
+        if label is None:
+            raise GptkitError(f"{where}: the row has no 'label'; every example needs one")
+        rows.append((where, texts, label))
+    if not rows:
+        raise GptkitError(f"{path} holds no examples")
+    if not labels:
+        found = {label for _, _, label in rows}
+        key = (lambda s: int(s)) if all(s.isdigit() for s in found) else (lambda s: s)
+        labels = tuple(sorted(found, key=key))
+    if len(labels) < 2:
+        raise GptkitError(f"{path}: classification needs at least two labels, got {list(labels)}")
+    out = [
+        Labelled(encode_texts(tokenizer, texts, max_len), resolve_label(label, labels, where))
+        for where, texts, label in rows
+    ]
+    return out, labels
+
+
+class LabelledSampler(ExampleSampler):
+    """Batches of classification examples, right-padded. Each epoch's random order is
+    grouped by length within windows of 32 batches (then the batches are shuffled), which
+    cuts most padding while keeping batches random.
+
+    ``next()`` gives ids (B, T), next-token targets for the auxiliary LM loss (B, T), the
+    label indices (B,) and the index of each row's extract token (B,).
+    """
+
+    def _new_epoch(self) -> None:
+        super()._new_epoch()
+        window = 32 * self.batch_size
+        order = []
+        for start in range(0, len(self.order), window):
+            chunk = self.order[start : start + window]
+            order += sorted(chunk, key=lambda i: len(self.examples[i].ids))
+        batches = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        if self.shuffle:
+            perm = torch.randperm(len(batches), generator=self.gen).tolist()
+            batches = [batches[i] for i in perm]
+        self.order = [i for b in batches for i in b]
+
+    def next(self) -> tuple[torch.Tensor, ...]:
+        return collate_labelled(self._draw())
+
+
+def collate_labelled(batch: list[Labelled]) -> tuple[torch.Tensor, ...]:
+    """Right-padded ids, LM targets, labels and extract-token indices of ``batch``."""
+    T = max(len(ex.ids) for ex in batch)
+    x = torch.zeros(len(batch), T, dtype=torch.long)
+    y = torch.full((len(batch), T), IGNORE, dtype=torch.long)
+    for i, ex in enumerate(batch):
+        n = len(ex.ids)
+        x[i, :n] = torch.tensor(ex.ids)
+        y[i, : n - 1] = torch.tensor(ex.ids[1:])
+    labels = torch.tensor([ex.label for ex in batch])
+    last = torch.tensor([len(ex.ids) - 1 for ex in batch])
+    return x, y, labels, last

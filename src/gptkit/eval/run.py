@@ -34,15 +34,28 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from gptkit.errors import GptkitError
+from gptkit.eval.classification import CLASSIFICATION_TASKS, classification_eval
+from gptkit.eval.code import HumanEvalScorer, require_execute
 from gptkit.eval.metrics import GENERATION_METRICS
-from gptkit.eval.tasks import TASKS, Example, default_data
+from gptkit.eval.tasks import TASKS, Example, default_data, find_shared
 from gptkit.files import atomic_write_json
 from gptkit.generate import generate
 from gptkit.generate.chat import apply_chat_template
 from gptkit.model import GPT
 from gptkit.tokenizer import Tokenizer
 
-TaskName = Literal["text", "gsm8k", "multi30k", "tatoeba", "scitldr", "self_instruct"]
+TaskName = Literal[
+    "text",
+    "gsm8k",
+    "multi30k",
+    "tatoeba",
+    "scitldr",
+    "self_instruct",
+    "humaneval",
+    "sst2",
+    "sms_spam",
+    "classify",
+]
 TASK_NAMES: tuple[str, ...] = get_args(TaskName)
 _HEAD_CHUNK = 2048  # positions per lm_head call: bounds the (positions, vocab) logits
 
@@ -298,6 +311,14 @@ def generation_eval(
 
 
 def _data_path(task: str, data: str | None) -> Path:
+    if task in ("sst2", "sms_spam", "classify"):
+        if data is not None:
+            if not Path(data).is_file():
+                raise GptkitError(f"--data {data} is not a file; check the path")
+            return Path(data)
+        if task == "classify":
+            raise GptkitError("task classify needs a labelled file; pass --data PATH")
+        return find_shared(CLASSIFICATION_TASKS[task].default_data, task)
     if data is not None:
         path = Path(data)
         if not path.exists():
@@ -320,6 +341,13 @@ def _print_table(result: dict[str, Any]) -> None:
     for name, value in result["metrics"].items():
         shown = f"{value:,}" if isinstance(value, int) else f"{value:.4f}"
         print(f"  {name:<{width}}  {shown:>12}")
+    if "confusion_matrix" in result:
+        names = result["labels"]
+        corner = "gold \\ predicted"
+        w = max(len(n) for n in [*names, corner])
+        print(f"  {corner:<{w}}  " + "  ".join(f"{n:>8}" for n in names))
+        for n, row in zip(names, result["confusion_matrix"], strict=True):
+            print(f"  {n:<{w}}  " + "  ".join(f"{c:>8}" for c in row))
 
 
 def evaluate_model(
@@ -335,19 +363,24 @@ def evaluate_model(
     report: str | None = None,
     device: str = "cpu",
     progress: bool = True,
+    execute: bool = False,
+    timeout: float = 10.0,
+    labels: str | None = None,
 ) -> dict[str, Any]:
-    """Evaluate a model on text (perplexity) or on a generation task, and report the scores.
+    """Evaluate a model on text (perplexity), classification or a generation task.
 
     Args:
         model: a checkpoint or run directory, a Hugging Face directory, or a .gguf file.
-        task: text (perplexity and bits per byte of --data), gsm8k (exact match on the final
-            number), multi30k (English to German: BLEU, chrF), tatoeba (English to Chinese:
-            BLEU with sacrebleu's zh tokenizer, chrF), scitldr (ROUGE-1/2/L), self_instruct
-            (ROUGE-L).
+        task: text (perplexity and bits per byte of --data); sst2, sms_spam or classify (a
+            labelled --data file): accuracy, macro-F1 and the confusion matrix; gsm8k (exact
+            match on the final number), multi30k (English to German: BLEU, chrF), tatoeba
+            (English to Chinese: BLEU with sacrebleu's zh tokenizer, chrF), scitldr
+            (ROUGE-1/2/L), self_instruct (ROUGE-L), humaneval (Python functions; pass@1 by
+            running each problem's tests on the program, which needs --execute).
         data: the data file (or directory); default the task's file under ../shared/data.
         limit: evaluate only the first N examples.
         max_new_tokens: the longest answer in tokens; default the task's (gsm8k 256,
-            self_instruct 128, others 64).
+            self_instruct 128, humaneval 384, others 64).
         batch_size: prompts decoded together, or windows per forward pass for text.
         chat: use the model's chat template; default: when the tokenizer carries one.
         block_size: for text, the window length (default the model's context).
@@ -355,18 +388,33 @@ def evaluate_model(
         report: write the scores and every prediction to this JSON file.
         device: cpu, cuda, mps.
         progress: show progress bars.
+        execute: allow humaneval to run the code the model writes, on this machine: do it
+            in a sandbox (a container or VM without network access or secrets).
+        timeout: for humaneval, wall-clock seconds per program before it is killed.
+        labels: for classification, comma-separated label names (default: the model's
+            head, else the task's: sst2 negative,positive; sms_spam ham,spam).
     """
     from gptkit.checkpoint import load
 
     if task not in TASK_NAMES:
         raise GptkitError(f"unknown task {task!r}; choose from {', '.join(TASK_NAMES)}")
+    if task == "humaneval":
+        require_execute(execute)  # before loading anything
     path = _data_path(task, data)
     net, tok = load(model, device=device)
     if tok is None:
         raise GptkitError(f"{model} has no tokenizer; evaluation needs one")
     t0 = time.perf_counter()
     result: dict[str, Any] = {"task": task, "model": str(model), "data": str(path)}
-    if task == "text":
+    if task in ("sst2", "sms_spam", "classify"):
+        names = [n.strip() for n in labels.split(",")] if labels else None
+        out = classification_eval(
+            net, tok, path, task, names, limit, batch_size=batch_size, progress=progress
+        )
+        result |= {k: out[k] for k in ("metrics", "n", "labels", "confusion_matrix")}
+        result["settings"] = {"limit": limit, "method": out["method"]}
+        result["predictions"] = out["predictions"]
+    elif task == "text":
         scores = perplexity(net, tok, path, block_size, stride, batch_size, progress)
         result["metrics"] = {k: scores[k] for k in ("loss", "perplexity", "bits_per_byte")}
         result["metrics"] |= {k: scores[k] for k in ("tokens", "bytes")}
@@ -377,11 +425,12 @@ def evaluate_model(
         if chat is None:
             chat = tok.chat_template is not None
         new = max_new_tokens or spec.max_new_tokens
+        scorer = HumanEvalScorer(chat, execute, timeout) if task == "humaneval" else None
         out = generation_eval(
             net,
             tok,
             examples,
-            spec.metrics,
+            {"pass@1": scorer} if scorer is not None else spec.metrics,
             max_new_tokens=new,
             batch_size=batch_size,
             chat=chat,
@@ -400,6 +449,10 @@ def evaluate_model(
         }
         result["truncated_prompts"] = out["truncated_prompts"]
         result["predictions"] = out["predictions"]
+        if scorer is not None:  # per problem: the program that ran, passed, and why not
+            result["settings"]["timeout"] = timeout
+            for row, run in zip(result["predictions"], scorer.results, strict=True):
+                row.update(run)
     result["seconds"] = time.perf_counter() - t0
     if report is not None:
         atomic_write_json(report, result)

@@ -6,7 +6,8 @@ A reader turns a file of ``../shared/data/`` into examples, dicts with
 - ``prompt``: the plain completion prompt, for base models;
 - ``messages``: the same request as a chat (``[{"role": "user", "content": ...}]``),
   rendered with the model's own chat template for instruction-tuned models;
-- ``reference``: a string, or a list of strings where the row has several.
+- ``reference``: a string, or a list of strings where the row has several (HumanEval's, in
+  :mod:`gptkit.eval.code`, is a dict of the problem and its tests).
 
 All the wording lives in :data:`PROMPTS`, one entry per task. Plain prompts end where the
 answer begins ("German:"), so a base model continues with it; the task's ``stop`` strings
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from gptkit.errors import GptkitError
+from gptkit.eval.code import HUMANEVAL_STOP, read_humaneval
 
 Example = dict[str, Any]
 
@@ -59,6 +61,13 @@ PROMPTS: dict[str, dict[str, str]] = {
     "self_instruct": {
         "plain": "Instruction: {instruction}\n{input_block}Output:",
         "chat": "{instruction}{chat_input}",
+    },
+    "humaneval": {
+        "plain": "{prompt}",
+        "chat": (
+            "Complete this Python function. Reply with the whole function, with the imports "
+            "it needs, in one ```python code block.\n\n```python\n{prompt}```"
+        ),
     },
 }
 
@@ -313,6 +322,16 @@ TASKS: dict[str, Task] = {
             ("\n\n",),
             128,
         ),
+        # pass@1 is scored by running the programs (gptkit.eval.code.HumanEvalScorer), which
+        # evaluate_model does only when asked to
+        Task(
+            "humaneval",
+            read_humaneval,
+            "humaneval/HumanEval.jsonl.gz",
+            ("pass@1",),
+            HUMANEVAL_STOP,
+            384,
+        ),
     ]
 }
 
@@ -329,7 +348,12 @@ def shared_data_dirs() -> list[Path]:
 
 def default_data(task: str) -> Path:
     """The shipped file (or directory) of ``task``, or an error that says to pass --data."""
-    rel = TASKS[task].default_data
+    return find_shared(TASKS[task].default_data, task)
+
+
+def find_shared(rel: str, task: str) -> Path:
+    """``rel`` under the first shared data directory that has it (see
+    :func:`shared_data_dirs`), or an error that says to pass --data."""
     tried = list(dict.fromkeys((d / rel).resolve() for d in shared_data_dirs()))
     for p in tried:
         if p.exists():
@@ -338,3 +362,38 @@ def default_data(task: str) -> Path:
         f"no data for task {task}: {' and '.join(str(p) for p in tried)} do not exist; "
         "pass --data PATH"
     )
+
+
+def to_sft_rows(
+    task: str,
+    data: str | Path | None = None,
+    skip: int = 0,
+    limit: int | None = None,
+    chat: bool = True,
+) -> list[dict[str, Any]]:
+    """The examples of a shipped data set as SFT rows (``messages`` with the reference as
+    the assistant's answer, or ``prompt``/``completion``), worded exactly as evaluation
+    prompts them, so a model is fine-tuned on the requests it will be scored on. The first
+    ``skip`` examples are left out (hold them out for evaluation with ``--limit``)."""
+    if task not in TASKS:
+        raise GptkitError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
+    if skip < 0:
+        raise GptkitError(f"--skip must not be negative, got {skip}")
+    path = Path(data) if data is not None else default_data(task)
+    if not path.exists():
+        raise GptkitError(f"{path} does not exist; check --data")
+    _check_limit(limit)
+    examples = TASKS[task].read(path, limit=None if limit is None else skip + limit)[skip:]
+    rows = []
+    for ex in examples:
+        ref = ex["reference"]
+        answer = ref[0] if isinstance(ref, list) else ref
+        if not isinstance(answer, str):
+            raise GptkitError(f"{ex['id']}: task {task} has no text answer to train on")
+        if chat:
+            rows.append({"messages": [*ex["messages"], {"role": "assistant", "content": answer}]})
+        else:
+            rows.append({"prompt": ex["prompt"], "completion": " " + answer.strip()})
+    if not rows:
+        raise GptkitError(f"{path} has no examples after skipping {skip}")
+    return rows

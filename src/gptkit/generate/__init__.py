@@ -4,6 +4,7 @@
 server) build on. The context policy is described in :mod:`gptkit.generate.generator`.
 """
 
+from gptkit.generate.classify import classify
 from gptkit.generate.generator import (
     Decoder,
     Detokenizer,
@@ -26,6 +27,7 @@ __all__ = [
     "TokenEvent",
     "apply_repetition_penalty",
     "apply_temperature",
+    "classify",
     "generate",
     "generate_ids",
     "sample_next",

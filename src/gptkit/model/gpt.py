@@ -225,6 +225,8 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(C, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.wte.weight
+        # GPT-1's task head: label logits from the final token's hidden state.
+        self.cls_head = nn.Linear(C, len(config.labels)) if config.labels else None
         if not self.wte.weight.is_meta:  # on the meta device there is nothing to fill
             self.apply(self._init_weights)
             # GPT-2: scale the init of projections into the residual stream, 1/sqrt(2 n_layer).
@@ -244,6 +246,14 @@ class GPT(nn.Module):
             n -= self.wte.weight.numel() + (self.wpe.weight.numel() if self.wpe else 0)
         return n
 
+    def add_classifier(self, labels: tuple[str, ...] | list[str]) -> None:
+        """Give the model a fresh classification head over ``labels`` (replacing any)."""
+        self.config = self.config.replace(labels=tuple(labels))
+        w = self.wte.weight
+        self.cls_head = nn.Linear(self.config.n_embd, len(labels), device=w.device, dtype=w.dtype)
+        nn.init.normal_(self.cls_head.weight, 0.0, self.config.init_std)
+        nn.init.zeros_(self.cls_head.bias)
+
     def _positions(self, B: int, T: int, device: torch.device, cache: KVCache | None) -> Tensor:
         if cache is None:
             if self.config.block_size < T:
@@ -257,6 +267,15 @@ class GPT(nn.Module):
                 "do not fit (generation slides the window for you)"
             )
         return cache.pos[:, None] + torch.arange(T, device=device)  # (B, T)
+
+    @staticmethod
+    def _segment_masks(segments: Tensor) -> tuple[Tensor, Tensor]:
+        """Positions and the dense mask of a batch of segments (see :meth:`hidden`)."""
+        T = segments.shape[1]
+        causal = torch.ones(T, T, dtype=torch.bool, device=segments.device).tril()
+        allowed = (segments[:, :, None] == segments[:, None, :]) & causal  # (B, T, T)
+        pos = allowed.sum(-1) - 1  # index within the segment
+        return pos, allowed[:, None]  # (B, T), (B, 1, T, T)
 
     def _masks(self, pos: Tensor, cache: KVCache | None) -> tuple[Tensor | None, Tensor | None]:
         """Boolean attention masks (True = attend), dense and locally banded.
@@ -277,10 +296,25 @@ class GPT(nn.Module):
             local = (keys <= q) & (q - keys < self.config.attention_window)
         return mask, local
 
-    def hidden(self, idx: Tensor, cache: KVCache | None = None) -> Tensor:
-        """Final hidden states (B, T, C), after the last norm."""
+    def hidden(
+        self, idx: Tensor, cache: KVCache | None = None, segments: Tensor | None = None
+    ) -> Tensor:
+        """Final hidden states (B, T, C), after the last norm.
+
+        ``segments`` (B, T) integers lay several sequences side by side in a row: a token
+        attends only to earlier tokens of its own segment, and positions restart at 0 with
+        each segment. Padding is a segment of its own (left or right), packed examples are
+        segments 1, 2, ...; the result at every real token is what that sequence alone gives.
+        """
         B, T = idx.shape
-        pos = self._positions(B, T, idx.device, cache)  # (B, T)
+        seg_mask = None
+        if segments is None:
+            pos = self._positions(B, T, idx.device, cache)  # (B, T)
+        else:
+            if cache is not None:
+                raise GptkitError("segments and a KV cache cannot be combined")
+            self._positions(B, T, idx.device, None)  # checks the length
+            pos, seg_mask = self._segment_masks(segments.to(idx.device))
         x = self.wte(idx)
         if self.embed_scale != 1.0:
             x = x * self.embed_scale
@@ -295,6 +329,12 @@ class GPT(nn.Module):
             else None
         )
         mask, local_mask = self._masks(pos, cache)
+        if seg_mask is not None:
+            mask = seg_mask
+            if local_mask is not None:
+                local_mask = seg_mask & (
+                    pos[:, None, :, None] - pos[:, None, None, :] < self.config.attention_window
+                )
         for i, block in enumerate(self.blocks):
             layer_cache = (cache.k[i], cache.v[i]) if cache is not None else None
             layer_mask = local_mask if block.local else mask
@@ -304,6 +344,16 @@ class GPT(nn.Module):
             cache.length += T
         return self.norm_f(x) if self.norm_f is not None else x
 
-    def forward(self, idx: Tensor, cache: KVCache | None = None) -> Tensor:
+    def forward(
+        self, idx: Tensor, cache: KVCache | None = None, segments: Tensor | None = None
+    ) -> Tensor:
         """Logits (B, T, V) for token ids (B, T)."""
-        return self.lm_head(self.hidden(idx, cache))
+        return self.lm_head(self.hidden(idx, cache, segments))
+
+    def classify(self, idx: Tensor, last: Tensor, segments: Tensor | None = None) -> Tensor:
+        """Label logits (B, K): the head applied to the hidden state at index ``last[b]`` of
+        each row (the extract token that ends each example)."""
+        if self.cls_head is None:
+            raise GptkitError("this model has no classification head; fine-tune one first")
+        h = self.hidden(idx, segments=segments)
+        return self.cls_head(h[torch.arange(idx.shape[0], device=idx.device), last])

@@ -22,7 +22,7 @@ import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -36,7 +36,16 @@ from gptkit.checkpoint.native import (
 )
 from gptkit.config import ModelConfig, TrainConfig, get_preset
 from gptkit.data.loader import BatchSampler, TokenShards
-from gptkit.data.tasks import IGNORE, ExampleSampler, load_examples, split_examples
+from gptkit.data.tasks import (
+    IGNORE,
+    ExampleSampler,
+    LabelledSampler,
+    PackedSampler,
+    collate_labelled,
+    load_examples,
+    load_labelled,
+    split_examples,
+)
 from gptkit.errors import GptkitError
 from gptkit.files import (
     atomic_path,
@@ -51,6 +60,8 @@ from gptkit.tokenizer import Tokenizer, load_tokenizer
 from gptkit.train.optim import lr_at, make_optimizer
 
 MODEL_FIELDS = {f.name for f in dataclasses.fields(ModelConfig)}
+Objective = Literal["auto", "lm", "sft", "classify"]
+OBJECTIVES: tuple[str, ...] = get_args(Objective)
 TRAIN_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
 
 
@@ -110,6 +121,8 @@ def build_configs(
     for k, v in overrides.items():
         if v is not None:
             (model_kw if k in MODEL_FIELDS else train_kw)[k] = v
+    if overrides.get("lr") is not None and overrides.get("min_lr") is None:
+        train_kw["min_lr"] = min(train_kw.get("min_lr", 1e-4), overrides["lr"] / 10)
     return ModelConfig(**model_kw), TrainConfig(**train_kw)
 
 
@@ -143,6 +156,56 @@ def _cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(flat, targets.reshape(-1), ignore_index=IGNORE)
 
 
+def batch_loss(
+    model: torch.nn.Module, batch: tuple[torch.Tensor, ...], lm_weight: float = 0.5
+) -> torch.Tensor:
+    """The loss of one batch, by its form:
+
+    - ``(ids, targets)``: next-token cross-entropy (pretraining, SFT);
+    - ``(ids, targets, segments)``: the same over packed examples;
+    - ``(ids, targets, labels, last)``: GPT-1's fine-tuning objective, the label
+      cross-entropy at each row's extract token plus ``lm_weight`` (λ) times the
+      next-token loss on the same text.
+    """
+    if len(batch) == 2:
+        return _cross_entropy(model(batch[0]), batch[1])
+    if len(batch) == 3:
+        return _cross_entropy(model(batch[0], segments=batch[2]), batch[1])
+    x, y, labels, last = batch
+    h = model.hidden(x)  # (B, T, C)
+    logits = model.cls_head(h[torch.arange(x.shape[0], device=x.device), last])
+    loss = F.cross_entropy(logits.float(), labels)
+    if lm_weight > 0:
+        loss = loss + lm_weight * _cross_entropy(model.lm_head(h), y)
+    return loss
+
+
+@torch.no_grad()
+def classification_scores(
+    model: GPT,
+    examples: list,
+    batch_size: int,
+    device: torch.device,
+    precision: str = "fp32",
+) -> dict[str, Any]:
+    """Label loss, accuracy and the predicted probabilities over ``examples`` (Labelled)."""
+    was_training = model.training
+    model.eval()
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].ids))
+    probs = torch.zeros(len(examples), len(model.config.labels))
+    for b in range(0, len(order), batch_size):
+        idx = order[b : b + batch_size]
+        x, _, _, last = collate_labelled([examples[i] for i in idx])
+        with autocast(device, precision):
+            logits = model.classify(x.to(device), last.to(device))
+        probs[idx] = logits.float().softmax(-1).cpu()
+    model.train(was_training)
+    gold = torch.tensor([ex.label for ex in examples])
+    loss = F.nll_loss(probs.clamp_min(1e-12).log(), gold).item()
+    acc = (probs.argmax(-1) == gold).float().mean().item()
+    return {"loss": loss, "accuracy": acc, "probs": probs, "gold": gold}
+
+
 @torch.no_grad()
 def mean_loss(
     model: torch.nn.Module, sampler: Any, batches: int, device: torch.device, precision: str
@@ -152,9 +215,9 @@ def mean_loss(
     model.eval()
     total = 0.0
     for _ in range(batches):
-        x, y = sampler.next()
+        batch = tuple(t.to(device) for t in sampler.next())
         with autocast(device, precision):
-            total += _cross_entropy(model(x.to(device)), y.to(device)).item()
+            total += batch_loss(model, batch, 0.0).item()
     model.train(was_training)
     return total / batches
 
@@ -224,14 +287,20 @@ def train(
     lora_dropout: float = 0.0,
     lora_targets: str = "qkv,proj,fc",
     merge: bool = False,
+    objective: Objective = "auto",
+    labels: str | None = None,
+    lm_weight: float = 0.5,
+    pack: bool = False,
     progress: bool = True,
     **overrides: Any,
 ) -> dict[str, Any]:
-    """Train a GPT: pretraining on prepared token shards, or supervised fine-tuning on
-    JSONL examples (prompt/completion or chat messages; loss on the answers only).
+    """Train a GPT: pretraining on prepared token shards, supervised fine-tuning on JSONL
+    examples (loss on the answers only), or GPT-1's classification fine-tuning.
 
     Args:
-        data: a directory written by ``gptkit prepare``, or a .jsonl file of examples.
+        data: a directory written by ``gptkit prepare``, a .jsonl file of SFT examples, or
+            for ``objective="classify"`` a labelled file (.tsv ``label<TAB>text[<TAB>text_b]``
+            or .jsonl ``{"text", "label"[, "text_b"]}``).
         out: the run directory: checkpoints/, metrics.jsonl, loss.png.
         preset: named starting configuration (see ``gptkit.config.PRESETS``).
         resume: continue the run in ``out`` from its newest checkpoint.
@@ -244,13 +313,31 @@ def train(
         lora_dropout: dropout on the LoRA input path.
         lora_targets: comma-separated layer names to adapt (qkv, proj, fc, attn.proj, ...).
         merge: after LoRA training, also write the merged model to OUT/merged.
+        objective: lm (shards), sft (.jsonl), classify, or auto (from the data).
+        labels: classify: comma-separated label names in head order (default: the
+            distinct labels of the data, sorted); integer labels in the data index them.
+        lm_weight: classify: λ, the weight of the auxiliary language-modelling loss.
+        pack: sft: pack several short examples into each row (no cross-example attention).
         progress: show a progress bar.
         overrides: any ModelConfig or TrainConfig field, e.g. ``max_steps=100``.
 
     Returns a summary: final step, losses, checkpoint path, tokens/s.
     """
     out = Path(out)
-    sft = Path(data).suffix == ".jsonl"
+    if objective not in OBJECTIVES:
+        raise GptkitError(f"unknown objective {objective!r}; choose from {OBJECTIVES}")
+    if objective == "auto":
+        objective = "sft" if Path(data).suffix == ".jsonl" else "lm"
+    sft = objective in ("sft", "classify")  # fine-tuning: examples, a model to start from
+    if objective == "lm" and not Path(data).is_dir():
+        raise GptkitError(
+            f"{data} is not a directory written by `gptkit prepare`; for fine-tuning use "
+            "`gptkit finetune sft|classify`"
+        )
+    if pack and objective != "sft":
+        raise GptkitError("--pack applies to sft fine-tuning only; drop it")
+    if lm_weight < 0:
+        raise GptkitError(f"--lm-weight must not be negative, got {lm_weight}")
     shards: TokenShards | None = None
     tokenizer: Tokenizer | None = None
     if not sft:
@@ -292,7 +379,11 @@ def train(
                 "new run"
             )
         model_cfg = model.config
-        model_over = {k: v for k, v in overrides.items() if k in MODEL_FIELDS and v is not None}
+        model_over = {
+            k: v
+            for k, v in overrides.items()
+            if k in MODEL_FIELDS and v is not None and k != "labels"
+        }
         changed = {
             k for k, v in model_over.items() if getattr(model_cfg, k) != v and k != "dropout"
         }
@@ -326,17 +417,37 @@ def train(
         if has_lora(model):
             raise GptkitError("cannot change the dropout of a LoRA run; drop --dropout")
         model = _rebuild_with(model, model_cfg)
+    if objective == "classify":
+        names = tuple(n.strip() for n in labels.split(",")) if labels else model.config.labels
+        cls_train, names = load_labelled(data, tokenizer, model_cfg.block_size, names or None)
+        cls_val = (
+            load_labelled(val_data, tokenizer, model_cfg.block_size, names)[0] if val_data else []
+        )
+        if not val_data:
+            cls_train, cls_val = split_examples(cls_train)
+        if model.config.labels != names:
+            if resume:
+                raise GptkitError(
+                    f"the run in {out} classifies {list(model.config.labels)}, not "
+                    f"{list(names)}; drop --labels or start a new run"
+                )
+            model.add_classifier(names)
+        model_cfg = model.config
     if lora_rank > 0 and not has_lora(model):
         apply_lora(model, lora_rank, lora_alpha, lora_dropout, lora_targets)
     elif lora_rank > 0 and resume is False:
         raise GptkitError(f"{source} already carries LoRA adapters; merge them first")
+    if has_lora(model) and model.cls_head is not None:
+        model.cls_head.requires_grad_(True)  # the new head always trains in full
     model = model.to(device)
     model.train()
     optimizer = make_optimizer(model, train_cfg)
     sampler: Any
     make_val: Any = None  # a fresh validation sampler (the same batches at every evaluation)
     eval_batches = train_cfg.eval_batches
-    if sft:
+    if objective == "classify":
+        sampler = LabelledSampler(cls_train, train_cfg.batch_size, train_cfg.seed)
+    elif sft:
         examples = load_examples(data, tokenizer, model_cfg.block_size + 1, chat)
         if val_data:
             train_ex, val_ex = (
@@ -345,7 +456,11 @@ def train(
             )
         else:
             train_ex, val_ex = split_examples(examples)
-        sampler = ExampleSampler(train_ex, train_cfg.batch_size, train_cfg.seed)
+        if pack:
+            row = model_cfg.block_size
+            sampler = PackedSampler(train_ex, train_cfg.batch_size, row, train_cfg.seed)
+        else:
+            sampler = ExampleSampler(train_ex, train_cfg.batch_size, train_cfg.seed)
         if val_ex:
             make_val = lambda: ExampleSampler(val_ex, train_cfg.batch_size, shuffle=False)
             eval_batches = min(eval_batches, math.ceil(len(val_ex) / train_cfg.batch_size))
@@ -402,6 +517,13 @@ def train(
         return ckpt
 
     def run_eval(at_step: int, log: Any) -> float | None:
+        if objective == "classify":
+            if not cls_val:
+                return None
+            scores = classification_scores(model, cls_val, train_cfg.batch_size, device, precision)
+            log({"step": at_step, "val_loss": scores["loss"], "val_acc": scores["accuracy"]})
+            summary["val_acc"] = scores["accuracy"]
+            return scores["loss"]
         if make_val is None:
             return None
         val = mean_loss(model, make_val(), eval_batches, device, precision)
@@ -435,11 +557,10 @@ def train(
             loss_sum = torch.zeros((), device=device)
             step_tokens = 0
             for _ in range(train_cfg.grad_accum):
-                x, y = sampler.next()
-                step_tokens += x.numel()
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                batch = tuple(t.to(device, non_blocking=True) for t in sampler.next())
+                step_tokens += batch[0].numel()
                 with autocast(device, precision):
-                    loss = _cross_entropy(step_fn(x), y)
+                    loss = batch_loss(step_fn, batch, lm_weight)
                 (loss / train_cfg.grad_accum).backward()
                 loss_sum += loss.detach()
             if train_cfg.grad_clip > 0:
@@ -494,6 +615,21 @@ def train(
         "loss_png": str(png_path),
     }
     return summary
+
+
+def finetune(
+    task: Literal["classify", "sft"],
+    data: str | Path,
+    out: str | Path,
+    init_from: str | None = None,
+    **kwargs: Any,
+) -> dict[str, Any]:
+    """Fine-tune ``init_from`` on ``data``: ``train(data, out, objective=task, ...)``, with
+    the same keyword arguments (``labels``, ``lm_weight``, ``pack``, ``lora_rank``, ...)."""
+    if task not in ("classify", "sft"):
+        raise GptkitError(f"unknown fine-tuning task {task!r}; choose classify or sft")
+    kwargs.setdefault("preset", "finetune")
+    return train(data, out, init_from=init_from, objective=task, **kwargs)
 
 
 def _rebuild_with(model: GPT, cfg: ModelConfig) -> GPT:

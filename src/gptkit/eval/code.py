@@ -1,0 +1,418 @@
+"""HumanEval: write a Python function, scored by running the data set's unit tests on it.
+
+HumanEval (Chen et al., 2021, "Evaluating Large Language Models Trained on Code") gives a
+function signature and docstring; the model writes the body, and a problem counts as solved
+when the program passes the problem's ``check(candidate)``. With ``n`` samples per problem of
+which ``c`` pass, pass@k is estimated without bias by ``1 - C(n-c, k) / C(n, k)``
+(:func:`pass_at_k`); we decode greedily, one answer per problem, so pass@1 is the fraction
+of problems solved.
+
+Scoring runs code that a model wrote. Each program runs in its own ``python -I`` process in a
+fresh temporary directory, with a minimal environment, no stdin, a wall-clock timeout that
+kills its whole process group and, on POSIX, limits on address space, CPU time and file size.
+That stops accidents (endless loops, runaway memory, stray files), not an attacker: the code
+still runs as this user with this user's files and network. So nothing runs unless asked
+(``execute=True``, ``gptkit eval --execute``), and it belongs in a sandbox such as a
+container or VM without secrets.
+
+Program assembly, by how the model was prompted:
+
+- plain continuation (base models): the prompt, then the continuation cut at the first
+  top-level ``def``/``class``/``if __name__``/``print(``/``#`` line. The generation layer
+  strips the continuation, so its first line has lost its indentation; it is re-indented to
+  the function body's (see :func:`extract_program`).
+- chat: the first fenced code block of the reply (a ``python`` one first). If it defines the
+  entry point it replaces the prompt's stub; otherwise it is taken as the body.
+"""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import os
+import re
+import secrets
+import signal
+import subprocess
+import sys
+import tempfile
+import textwrap
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any
+
+from gptkit.errors import GptkitError
+
+if TYPE_CHECKING:
+    from gptkit.eval.tasks import Example
+
+#: where a plain continuation ends: the next top-level statement after the function's body
+#: (the HumanEval paper's stop sequences, spelled a little more narrowly)
+HUMANEVAL_STOP: tuple[str, ...] = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#")
+
+MEMORY_LIMIT_MB = 2048  # address space of one program: far above what a HumanEval test needs
+FILE_LIMIT_MB = 16  # largest file (stdout and stderr included) a program may write
+_REASON_CHARS = 300  # the longest failure reason kept in a report
+
+EXECUTE_WARNING = (
+    "task humaneval scores a model by running the Python code it writes (and the data set's "
+    "tests) on this machine; pass --execute (execute=True) to allow it, ideally inside a "
+    "sandbox such as a container or VM without network access or secrets"
+)
+
+
+def require_execute(execute: bool) -> None:
+    """Refuse to score HumanEval unless running model-written code was asked for."""
+    if not execute:
+        raise GptkitError(EXECUTE_WARNING)
+
+
+# -- reading -------------------------------------------------------------------------------
+
+
+def read_humaneval(path: str | Path, limit: int | None = None) -> list[Example]:
+    """HumanEval JSON Lines (gzip-compressed when the name ends in .gz): ``task_id``,
+    ``prompt``, ``canonical_solution``, ``test``, ``entry_point``.
+
+    The plain ``prompt`` is the problem's own (signature and docstring), for a base model to
+    continue; the reference is a dict of the fields the tests need.
+    """
+    # imported here because gptkit.eval.tasks imports this module for its task table
+    from gptkit.eval.tasks import _check_limit, _field, _full, _jsonl, render
+
+    _check_limit(limit)
+    examples: list[Example] = []
+    for where, row in _jsonl(Path(path)):
+        fields = {
+            name: _field(where, row, name, str)
+            for name in ("task_id", "prompt", "canonical_solution", "test", "entry_point")
+        }
+        entry = fields["entry_point"]
+        if not entry.isidentifier():
+            raise GptkitError(f"{where}: entry_point {entry!r} is not a Python name")
+        if not re.search(rf"^def {entry}\(", fields["prompt"], re.M):
+            raise GptkitError(f"{where}: the prompt does not define {entry}()")
+        if not re.search(r"^def check\(", fields["test"], re.M):
+            raise GptkitError(f"{where}: the test does not define check(candidate)")
+        plain, messages = render("humaneval", prompt=fields["prompt"])
+        examples.append(dict(id=where, prompt=plain, messages=messages, reference=fields))
+        if _full(examples, limit):
+            break
+    return examples
+
+
+# -- from the model's answer to a program --------------------------------------------------
+
+# A fenced block: the opening fence with an optional language, then everything up to a
+# closing fence at the start of a line, or to the end of a reply cut short.
+_FENCE = re.compile(r"```[ \t]*([\w+.-]*)[^\n]*\n(.*?)(?:^[ \t]*```|\Z)", re.S | re.M)
+_PYTHON = {"python", "python3", "py"}
+
+
+def cut_at_stop(text: str, stop: Sequence[str] = HUMANEVAL_STOP) -> str:
+    """``text`` up to the first of the ``stop`` strings."""
+    cuts = [i for i in (text.find(s) for s in stop) if i >= 0]
+    return text[: min(cuts)] if cuts else text
+
+
+def code_block(reply: str) -> str:
+    """The code of a chat reply: its first ``python`` fenced block, else its first fenced
+    block, else the whole reply. Blank lines around it are dropped, indentation kept."""
+    blocks = [(m.group(1).lower(), m.group(2)) for m in _FENCE.finditer(reply)]
+    code = next((c for lang, c in blocks if lang in _PYTHON), blocks[0][1] if blocks else reply)
+    return re.sub(r"\A(?:[ \t]*\n)+", "", code).rstrip()
+
+
+def _compiles(source: str) -> bool:
+    try:
+        compile(source, "<program>", "exec", dont_inherit=True)
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        return False
+    return True
+
+
+def _indent_of(line: str) -> str:
+    return line[: len(line) - len(line.lstrip(" \t"))]
+
+
+def _join_body(prompt: str, body: str) -> str:
+    """``prompt`` followed by ``body`` as the last function's body, re-indented if needed.
+
+    The body's first line may have lost its indentation (generation strips the output), or
+    a chat model may have written the whole body flush left. Candidates are tried in order
+    and the first that compiles wins; if none does, the first is kept and fails when run.
+    """
+    body = re.sub(r"\A(?:[ \t]*\n)+", "", body).rstrip()
+    if not body:
+        return prompt  # the stub alone: its function returns None and fails the tests
+    if not prompt.endswith("\n"):
+        return prompt + body + "\n"  # mid-line prompt: the continuation goes on that line
+    prompt_lines = [line for line in prompt.splitlines() if line.strip()]
+    indent = _indent_of(prompt_lines[-1]) if prompt_lines else ""
+    first, *rest = body.split("\n")
+    candidates = []
+    if _indent_of(first):
+        candidates.append(body)  # it kept its indentation
+    candidates.append(indent + body)  # the usual case: first line at the body's indent
+    later = next((_indent_of(line) for line in rest if line.strip()), "")
+    if later and later != indent:
+        candidates.append(later + body)  # first line at the indent of the lines after it
+    candidates.append(textwrap.indent(body, indent))  # a body written flush left
+    candidates.append(body)
+    for candidate in candidates:
+        if _compiles(prompt + candidate + "\n"):
+            return prompt + candidate + "\n"
+    return prompt + candidates[0] + "\n"
+
+
+def _defines(code: str, name: str) -> bool:
+    """Whether ``code`` defines function ``name`` at top level."""
+    try:
+        tree = ast.parse(code)
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        return re.search(rf"^(?:async\s+)?def\s+{re.escape(name)}\s*\(", code, re.M) is not None
+    return any(
+        isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.name == name
+        for node in tree.body
+    )
+
+
+def extract_program(prediction: str, reference: Mapping[str, Any], chat: bool) -> str:
+    """The program a model's answer stands for (without the tests).
+
+    Args:
+        prediction: the generated text, as generation returns it (stripped).
+        reference: the problem (``prompt``, ``entry_point``; see :func:`read_humaneval`).
+        chat: the answer is a chat reply rather than a continuation of the prompt.
+
+    A continuation is cut at :data:`HUMANEVAL_STOP` and appended to the prompt, its first
+    line re-indented to the function body. A chat reply's code block that defines the entry
+    point is appended after the whole prompt, so its definition replaces the stub while the
+    prompt's imports and helper functions (HumanEval/10 calls ``is_palindrome``, /38
+    ``encode_cyclic``) stay defined; a block that does not is taken as the body.
+    """
+    prompt, entry = reference["prompt"], reference["entry_point"]
+    if not chat:
+        return _join_body(prompt, cut_at_stop(prediction))
+    code = code_block(prediction)
+    if _defines(code, entry):
+        return prompt.rstrip("\n") + "\n\n\n" + code + "\n"
+    return _join_body(prompt, cut_at_stop(code))
+
+
+# -- running a program ---------------------------------------------------------------------
+
+# Runs in the child before the program: set the limits, run the program under a name other
+# than __main__ (so a reply's `if __name__ == "__main__":` demo does not run, as when the
+# code is exec'd), then print a token the program cannot know, which tells a program that
+# ran to the end from one that called sys.exit(0) or os._exit(0) before its tests.
+# The limits are set here rather than in Popen's preexec_fn, which Python documents as
+# unsafe when the parent has threads (the scorer runs programs from a thread pool).
+_RUNNER = """\
+import os, runpy, sys
+program, token = sys.argv[1], sys.argv[2]
+memory, cpu, fsize = (int(v) for v in sys.argv[3:6])
+try:
+    import resource
+except ImportError:
+    resource = None  # not POSIX: only the parent's wall-clock timeout applies
+if resource is not None:
+    limits = [
+        ("RLIMIT_AS", memory, memory),
+        ("RLIMIT_CPU", cpu, cpu + 1),
+        ("RLIMIT_FSIZE", fsize, fsize),
+        ("RLIMIT_CORE", 0, 0),
+    ]
+    for name, soft, hard in limits:
+        try:
+            resource.setrlimit(getattr(resource, name), (soft, hard))
+        except (AttributeError, ValueError, OSError):
+            pass  # unsupported here (macOS refuses RLIMIT_AS), or already lower
+sys.argv[:] = [program]
+runpy.run_path(program, run_name="__humaneval__")
+sys.stdout.flush()
+os.write(1, token.encode())
+"""
+
+_SIGNALS = {
+    "SIGXCPU": "CPU time limit",
+    "SIGKILL": "CPU time limit or killed",
+    "SIGXFSZ": "file size limit",
+    "SIGSEGV": "crashed, possibly out of memory",
+}
+
+
+def check_script(program: str, reference: Mapping[str, Any]) -> str:
+    """``program`` followed by the problem's tests and the call that runs them."""
+    try:
+        test, entry = reference["test"], reference["entry_point"]
+    except (KeyError, TypeError):
+        raise GptkitError(
+            "a HumanEval reference must be a dict with 'test' and 'entry_point' "
+            "(read the data with read_humaneval)"
+        ) from None
+    return f"{program.rstrip()}\n\n\n{test.strip()}\n\n\ncheck({entry})\n"
+
+
+def _child_env(home: str) -> dict[str, str]:
+    env = {"PATH": os.defpath, "HOME": home, "TMPDIR": home, "TEMP": home, "TMP": home}
+    if sys.platform == "win32" and "SYSTEMROOT" in os.environ:
+        env["SYSTEMROOT"] = os.environ["SYSTEMROOT"]  # Windows Python cannot start without
+    return env
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    """Kill the process and whatever it started (its session is its own process group)."""
+    if hasattr(os, "killpg"):
+        with contextlib.suppress(ProcessLookupError, PermissionError):  # the group is gone
+            os.killpg(proc.pid, signal.SIGKILL)
+    else:
+        proc.kill()
+
+
+def _tail(f: IO[bytes], size: int = 4096) -> str:
+    f.seek(0, os.SEEK_END)
+    f.seek(max(0, f.tell() - size))
+    return f.read().decode("utf-8", "replace")
+
+
+def _failure(code: int, stderr: str) -> str:
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    if lines:
+        reason = lines[-1]
+    elif code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        reason = f"killed by {name}" + (f" ({_SIGNALS[name]})" if name in _SIGNALS else "")
+    elif code == 0:
+        reason = "exited before its tests finished"
+    else:
+        reason = f"exit status {code}"
+    return "failed: " + reason[:_REASON_CHARS]
+
+
+def run_program(
+    program: str,
+    timeout: float = 10.0,
+    reference: Mapping[str, Any] | None = None,
+    memory_mb: int = MEMORY_LIMIT_MB,
+) -> tuple[bool, str]:
+    """Run a Python program in a separate, limited process; did it finish without error?
+
+    Args:
+        program: Python source.
+        timeout: wall-clock seconds before the process and everything it started are
+            killed; CPU time is limited to about the same on POSIX.
+        reference: a HumanEval problem; when given, its ``test`` and ``check(entry_point)``
+            are appended to ``program`` (see :func:`check_script`).
+        memory_mb: the process's address-space limit (POSIX).
+
+    Returns:
+        ``(passed, reason)`` with reason ``"passed"``, ``"failed: <last line of stderr>"``
+        or ``"timed out after <timeout>s"``.
+    """
+    if timeout <= 0:
+        raise GptkitError(f"timeout must be positive, got {timeout}")
+    source = program if reference is None else check_script(program, reference)
+    token = secrets.token_hex(16)
+    with (
+        tempfile.TemporaryDirectory(prefix="gptkit-run-", ignore_cleanup_errors=True) as work,
+        tempfile.TemporaryFile() as out,
+        tempfile.TemporaryFile() as err,
+    ):
+        path = Path(work) / "program.py"
+        path.write_text(source, encoding="utf-8")
+        mb = 1024 * 1024
+        limits = [memory_mb * mb, int(timeout) + 1, FILE_LIMIT_MB * mb]
+        cmd = [sys.executable, "-I", "-X", "utf8", "-c", _RUNNER, str(path), token]
+        proc = subprocess.Popen(
+            cmd + [str(v) for v in limits],
+            cwd=work,
+            env=_child_env(work),
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=err,
+            start_new_session=True,  # its own process group, killed as a whole
+        )
+        try:
+            code = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return False, f"timed out after {timeout:g}s"
+        finally:
+            _kill_group(proc)  # on time out, and any child it left running
+            proc.wait()
+        if code == 0 and _tail(out, len(token)) == token:
+            return True, "passed"
+        return False, _failure(code, _tail(err))
+
+
+# -- scoring -------------------------------------------------------------------------------
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from ``n`` samples of which ``c`` passed (Chen et al., 2021, eq. 1):
+    the chance that ``k`` samples drawn without replacement include a passing one.
+
+    ``1 - C(n-c, k) / C(n, k)`` is computed as ``1 - prod_{i=n-c+1}^{n} (1 - k/i)``, a
+    product of ``c`` factors in [0, 1), which never forms the huge binomials.
+    """
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise GptkitError(f"pass@k needs 0 <= c <= n and 1 <= k <= n, got n={n} c={c} k={k}")
+    if n - c < k:
+        return 1.0  # every draw of k includes a passing sample
+    missed = 1.0
+    for i in range(n - c + 1, n + 1):
+        missed *= 1.0 - k / i
+    return 1.0 - missed
+
+
+class HumanEvalScorer:
+    """A generation metric: pass@1 of one answer per problem, by running each program.
+
+    Call it with predictions and references (:func:`read_humaneval`'s dicts) as
+    :func:`gptkit.eval.run.generation_eval` does; afterwards :attr:`results` holds, per
+    problem, the ``program`` that ran, whether it ``passed``, and the ``reason``.
+
+    Args:
+        chat: the predictions are chat replies (see :func:`extract_program`).
+        execute: must be True: running model-written code is opt-in.
+        timeout: wall-clock seconds per program.
+        workers: programs run at once (each in its own process); default up to 4.
+    """
+
+    def __init__(
+        self, chat: bool, execute: bool = False, timeout: float = 10.0, workers: int | None = None
+    ):
+        require_execute(execute)
+        if timeout <= 0:
+            raise GptkitError(f"timeout must be positive, got {timeout}")
+        self.chat = chat
+        self.timeout = timeout
+        self.workers = workers or min(4, os.cpu_count() or 1)
+        self.results: list[dict[str, Any]] = []
+
+    def _run(self, program: str, reference: Mapping[str, Any]) -> tuple[bool, str]:
+        return run_program(program, self.timeout, reference)
+
+    def __call__(
+        self, predictions: Sequence[str], references: Sequence[Mapping[str, Any]]
+    ) -> dict[str, float]:
+        if len(predictions) != len(references):
+            raise GptkitError(
+                f"got {len(predictions)} predictions for {len(references)} problems; "
+                "give one prediction per problem"
+            )
+        programs = [
+            extract_program(p, r, self.chat) for p, r in zip(predictions, references, strict=True)
+        ]
+        with ThreadPoolExecutor(self.workers) as pool:
+            runs = list(pool.map(self._run, programs, references))
+        self.results = [
+            {"program": program, "passed": passed, "reason": reason}
+            for program, (passed, reason) in zip(programs, runs, strict=True)
+        ]
+        solved = sum(passed for passed, _ in runs)
+        return {"pass@1": solved / len(runs) if runs else 0.0}
