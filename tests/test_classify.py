@@ -230,11 +230,17 @@ def test_eval_scores_the_head_and_ranks_labels_zero_shot(task, tmp_path: Path) -
 
 
 def test_zero_shot_scores_are_the_options_log_likelihoods() -> None:
-    from gptkit.eval.classification import score_options
 
     tok = CharTokenizer.train(["abcdefgh xyz\n"])
     model = tiny_model(tok.vocab_size)
-    prompts, options = ["abc", "hgfe dd"], [" x", " yz"]
+    prompts = ["abc", "hgfe dd"]
+    for options in ([" x", " yz"], ["x", "y", "z"]):  # several tokens; one token each
+        check_option_scores(model, tok, prompts, options)
+
+
+def check_option_scores(model, tok, prompts: list[str], options: list[str]) -> None:
+    from gptkit.eval.classification import score_options
+
     scores = score_options(model, tok, prompts, options, batch_size=3)
     for i, p in enumerate(prompts):
         for k, o in enumerate(options):

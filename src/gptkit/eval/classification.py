@@ -67,17 +67,29 @@ def score_options(
     batch_size: int = 16,
     progress: bool = False,
 ) -> torch.Tensor:
-    """Log-likelihood (N, K) of each option's tokens following each prompt."""
+    """Log-likelihood (N, K) of each option's tokens following each prompt.
+
+    When every option is a single token (the usual case for label words), one forward pass
+    per prompt scores all of them; otherwise each (prompt, option) pair is its own row.
+    """
     device = next(model.parameters()).device
     context = model.config.block_size
     opt_ids = [tokenizer.encode(o, allow_special=False) for o in options]
-    rows: list[tuple[list[int], int]] = []  # (ids, where the option starts)
+    if any(not o for o in opt_ids):
+        raise GptkitError("an option encodes to no tokens; every label needs some text")
+    single = all(len(o) == 1 for o in opt_ids)
+    # a row: (ids, where the scored tokens start, the option(s) it scores)
+    rows: list[tuple[list[int], int, list[list[int]]]] = []
     for p in prompts:
         p_ids = tokenizer.encode_prompt(p)
+        if single:
+            kept = p_ids[-context:]
+            rows.append((kept, len(kept), opt_ids))
+            continue
         for o in opt_ids:
-            keep = max(1, context - len(o))
-            rows.append((p_ids[-keep:] + o, len(p_ids[-keep:])))
-    scores = torch.zeros(len(rows))
+            kept = p_ids[-max(1, context - len(o)) :]
+            rows.append((kept + o, len(kept), [o]))
+    scores = torch.zeros(len(rows), len(options) if single else 1)
     was_training = model.training
     model.eval()
     order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))
@@ -87,12 +99,16 @@ def score_options(
         x = torch.zeros(len(idx), T, dtype=torch.long)
         for j, i in enumerate(idx):
             x[j, : len(rows[i][0])] = torch.tensor(rows[i][0])
-        h = model.hidden(x.to(device))  # (b, T, C); the head runs on option positions only
+        h = model.hidden(x.to(device))  # (b, T, C); the head runs on scored positions only
         for j, i in enumerate(idx):
-            ids, start = rows[i]
+            ids, start, opts = rows[i]
+            if single:
+                logp = F.log_softmax(model.lm_head(h[j, start - 1]).float(), -1)
+                scores[i] = logp[[o[0] for o in opts]].cpu()
+                continue
             logp = F.log_softmax(model.lm_head(h[j, start - 1 : len(ids) - 1]).float(), -1)
             targets = torch.tensor(ids[start:], device=logp.device)
-            scores[i] = logp.gather(1, targets[:, None]).sum().cpu()
+            scores[i, 0] = logp.gather(1, targets[:, None]).sum().cpu()
     model.train(was_training)
     return scores.view(len(prompts), len(options))
 
