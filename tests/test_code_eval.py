@@ -268,3 +268,24 @@ def test_evaluate_model_on_humaneval(chat: bool, tmp_path: Path, bpe_tokenizer) 
         assert row["reason"] == "passed" or row["reason"].startswith(("failed: ", "timed out"))
         assert row["passed"] is (row["reason"] == "passed")
     assert json.loads(report.read_text()) == result
+
+
+def test_python_functions_become_humaneval_style_rows(tmp_path: Path) -> None:
+    from gptkit.eval.code import read_python_functions
+
+    source = (
+        "import math\n\n\n"
+        "def area(r: float) -> float:\n"
+        '    """Area of a circle.\n\n    >>> round(area(1), 2)\n    3.14\n    """\n'
+        "    return math.pi * r * r\n\n\n"
+        "def undocumented(x):\n    return x\n"
+    )
+    corpus = tmp_path / "files.jsonl"
+    rows = [{"path": "a.py", "content": source}, {"path": "b.py", "content": "def broken(:\n"}]
+    corpus.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (row,) = read_python_functions(corpus)
+    assert row["prompt"].startswith("import math\n") and row["prompt"].endswith('"""\n')
+    assert row["completion"] == "    return math.pi * r * r\n"
+    namespace: dict = {}
+    exec(row["prompt"] + row["completion"], namespace)  # the pair is the whole function
+    assert round(namespace["area"](1), 2) == 3.14

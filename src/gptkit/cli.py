@@ -379,7 +379,7 @@ def classify_cmd(
 
 
 def sft_data_cmd(
-    task: Literal["gsm8k", "multi30k", "tatoeba", "scitldr", "self_instruct"],
+    task: Literal["gsm8k", "multi30k", "tatoeba", "scitldr", "self_instruct", "python"],
     out: str,
     data: str | None = None,
     skip: int = 0,
@@ -389,7 +389,9 @@ def sft_data_cmd(
     """Write a shipped data set as SFT rows, worded exactly as `gptkit eval` prompts it.
 
     Args:
-        task: the data set's reader (see `gptkit eval --help`).
+        task: the data set's reader (see `gptkit eval --help`), or python: functions with
+            docstrings from a corpus of Python files (JSON Lines with "content", such as
+            thealgorithms_python/), as HumanEval-style prompt/completion rows.
         out: the .jsonl file to write ("messages" rows, or prompt/completion with --no-chat).
         data: the file (or directory) to read; default the task's eval file, so pass the
             training split here (gsm8k/train.jsonl, scitldr/train.jsonl, ...).
@@ -398,10 +400,16 @@ def sft_data_cmd(
         chat: chat rows for a model with a chat template; plain prompt/completion otherwise.
     """
     from gptkit.eval.tasks import to_sft_rows
-
-    rows = to_sft_rows(task, data, skip, limit, chat)
     from gptkit.files import atomic_write_text
 
+    if task == "python":
+        from gptkit.eval.code import read_python_functions
+
+        if data is None:
+            raise GptkitError("--task python needs --data, a JSON Lines file of Python files")
+        rows = read_python_functions(data, None if limit is None else skip + limit)[skip:]
+    else:
+        rows = to_sft_rows(task, data, skip, limit, chat)
     atomic_write_text(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     print(f"wrote {len(rows)} examples to {out}")
 

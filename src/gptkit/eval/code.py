@@ -416,3 +416,46 @@ class HumanEvalScorer:
         ]
         solved = sum(passed for passed, _ in runs)
         return {"pass@1": solved / len(runs) if runs else 0.0}
+
+
+def read_python_functions(
+    path: str | Path, limit: int | None = None, max_chars: int = 2000
+) -> list[dict[str, str]]:
+    """HumanEval-style training rows from a corpus of Python files (JSON Lines with
+    ``path`` and ``content``, as ``thealgorithms_python/`` ships): for each top-level
+    function with a docstring, the prompt is the file's imports, the signature and the
+    docstring, and the completion is the body after the docstring. Functions longer than
+    ``max_chars`` and files that do not parse are skipped (counted, not fatal)."""
+    from gptkit.eval.tasks import _check_limit, _jsonl
+
+    _check_limit(limit)
+    rows: list[dict[str, str]] = []
+    for _, row in _jsonl(Path(path)):
+        source = row.get("content")
+        if not isinstance(source, str):
+            continue
+        try:
+            tree = ast.parse(source)
+        except (SyntaxError, ValueError):
+            continue
+        lines = source.splitlines(keepends=True)
+        imports = "".join(
+            "".join(lines[n.lineno - 1 : n.end_lineno])
+            for n in tree.body
+            if isinstance(n, ast.Import | ast.ImportFrom)
+        )
+        for node in tree.body:
+            if not isinstance(node, ast.FunctionDef) or ast.get_docstring(node) is None:
+                continue
+            doc = node.body[0]
+            if len(node.body) < 2 or node.end_lineno is None or doc.end_lineno is None:
+                continue
+            head = "".join(lines[node.lineno - 1 - len(node.decorator_list) : doc.end_lineno])
+            body = "".join(lines[doc.end_lineno : node.end_lineno]).rstrip() + "\n"
+            if not body.strip() or len(head) + len(body) > max_chars:
+                continue
+            prompt = (imports + "\n\n" if imports else "") + head
+            rows.append({"prompt": prompt, "completion": body})
+            if limit is not None and len(rows) >= limit:
+                return rows
+    return rows
