@@ -312,6 +312,12 @@ def export_cmd(
     from gptkit.checkpoint import load
 
     net, tok = load(model)
+    if net.config.labels:
+        print(
+            f"note: the classification head ({', '.join(net.config.labels)}) is not exported; "
+            "the file holds the language model it was fine-tuned from",
+            file=sys.stderr,
+        )
     if format == "hf":
         from gptkit.checkpoint.hf import save_hf
 
