@@ -182,7 +182,8 @@ _DENSE = dict(attention_pattern="dense")
 #: attention_window only matters to banded layers). A new ModelConfig switch belongs in a
 #: family's ``fixed`` or ``fields``, or here; a test checks that none is forgotten.
 HANDLED_APART = frozenset(
-    {"mlp", "mlp_hidden", "n_kv_head", "rope_theta", "bias", "attention_window"}
+    # labels: a classification head is not exported; the language model under it is
+    {"mlp", "mlp_hidden", "n_kv_head", "rope_theta", "bias", "attention_window", "labels"}
 )
 
 _GPT_FIELDS = (

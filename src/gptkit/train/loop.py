@@ -329,7 +329,7 @@ def train(
     if objective == "auto":
         objective = "sft" if Path(data).suffix == ".jsonl" else "lm"
     sft = objective in ("sft", "classify")  # fine-tuning: examples, a model to start from
-    if objective == "lm" and not Path(data).is_dir():
+    if objective == "lm" and Path(data).is_file():
         raise GptkitError(
             f"{data} is not a directory written by `gptkit prepare`; for fine-tuning use "
             "`gptkit finetune sft|classify`"
