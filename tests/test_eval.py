@@ -446,3 +446,28 @@ def test_evaluate_model_derives_a_cli_subcommand() -> None:
     assert args["max_new_tokens"] is None and args["progress"] is True
     with pytest.raises(SystemExit):
         parser.parse_args(["eval", "--model", "m", "--task", "squad"])
+
+
+def test_sft_rows_are_worded_as_evaluation_asks(tmp_path: Path) -> None:
+    from gptkit.eval.tasks import read_gsm8k, to_sft_rows
+
+    data = tmp_path / "gsm.jsonl"
+    rows = [
+        {
+            "question": f"What is {i} + {i}?",
+            "answer": f"{i} + {i} = <<{i}+{i}={2 * i}>>{2 * i}\n#### {2 * i}",
+        }
+        for i in range(5)
+    ]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    chat = to_sft_rows("gsm8k", data, skip=1, limit=2)
+    assert len(chat) == 2
+    asked = read_gsm8k(data)[1]["messages"]
+    assert chat[0]["messages"][:-1] == asked  # the very request evaluation makes
+    assert chat[0]["messages"][-1] == {"role": "assistant", "content": "1 + 1 = 2\n#### 2"}
+    plain = to_sft_rows("gsm8k", data, limit=1, chat=False)
+    assert plain == [
+        {"prompt": "Question: What is 0 + 0?\nAnswer:", "completion": " 0 + 0 = 0\n#### 0"}
+    ]
+    with pytest.raises(GptkitError, match="no examples after skipping 5"):
+        to_sft_rows("gsm8k", data, skip=5)

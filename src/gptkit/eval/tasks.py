@@ -20,6 +20,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -373,7 +374,8 @@ def to_sft_rows(
 ) -> list[dict[str, Any]]:
     """The examples of a shipped data set as SFT rows (``messages`` with the reference as
     the assistant's answer, or ``prompt``/``completion``), worded exactly as evaluation
-    prompts them, so a model is fine-tuned on the requests it will be scored on. The first
+    prompts them, so a model is fine-tuned on the requests it will be scored on (GSM8K's
+    calculator annotations ``<<48/2=24>>`` are dropped from its answers). The first
     ``skip`` examples are left out (hold them out for evaluation with ``--limit``)."""
     if task not in TASKS:
         raise GptkitError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
@@ -390,6 +392,8 @@ def to_sft_rows(
         answer = ref[0] if isinstance(ref, list) else ref
         if not isinstance(answer, str):
             raise GptkitError(f"{ex['id']}: task {task} has no text answer to train on")
+        if task == "gsm8k":  # the calculator annotations "<<48/2=24>>" are not prose
+            answer = re.sub(r"<<[^<>]*>>", "", answer)
         if chat:
             rows.append({"messages": [*ex["messages"], {"role": "assistant", "content": answer}]})
         else:
