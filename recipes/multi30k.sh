@@ -7,8 +7,9 @@
 # data: multi30k/train.{en,de}.gz (train), multi30k/test_2016_flickr (score: the first 100 sentences)
 # subset: 80 steps x 8 = 640 of the 29,000 training pairs
 # expected: BLEU and chrF above the base model's on the same 100 sentences
+# measured: BLEU 0.30 -> 7.21, chrF 16.1 -> 30.6
 # hardware: 2 CPU cores, no GPU
-# wall time: about 10 min
+# wall time: 10 min measured
 set -euo pipefail
 DATA=${GPTKIT_SHARED_DATA:-../shared/data}
 MODEL=${MODEL:-models/SmolLM2-135M-Instruct.Q4_1.gguf}

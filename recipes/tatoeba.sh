@@ -7,8 +7,9 @@
 # data: tatoeba_cmn_eng/cmn.txt: its first 150 English sentences (the shortest; the file is sorted by length) score, the next ones train
 # subset: 80 steps x 8 = 640 sentence pairs
 # expected: BLEU (sacrebleu zh tokenizer) and chrF above the base model's on the same 150 sentences
+# measured: BLEU 0.04 -> 9.90, chrF 0.42 -> 12.1
 # hardware: 2 CPU cores, no GPU
-# wall time: about 8 min
+# wall time: 14 min measured (cores shared with other jobs part of the time)
 set -euo pipefail
 DATA=${GPTKIT_SHARED_DATA:-../shared/data}
 MODEL=${MODEL:-models/SmolLM2-135M-Instruct.Q4_1.gguf}
