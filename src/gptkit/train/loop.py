@@ -181,7 +181,7 @@ def batch_loss(
 
 
 @torch.no_grad()
-def classification_scores(
+def label_scores(
     model: GPT,
     examples: list,
     batch_size: int,
@@ -520,7 +520,7 @@ def train(
         if objective == "classify":
             if not cls_val:
                 return None
-            scores = classification_scores(model, cls_val, train_cfg.batch_size, device, precision)
+            scores = label_scores(model, cls_val, train_cfg.batch_size, device, precision)
             log({"step": at_step, "val_loss": scores["loss"], "val_acc": scores["accuracy"]})
             summary["val_acc"] = scores["accuracy"]
             return scores["loss"]
