@@ -48,6 +48,18 @@ def apply_repetition_penalty(logits: Tensor, history: History, penalty: float) -
     return torch.where(seen, penalized, logits)
 
 
+def apply_presence_frequency_penalty(
+    logits: Tensor, counts: Tensor, presence: float, frequency: float
+) -> Tensor:
+    """The OpenAI API's additive penalties: ``logit - frequency * count - presence * [count >
+    0]``, where ``counts`` ``(B, V)`` says how often each token was generated so far.
+    Positive values make repeats less likely, negative ones more likely."""
+    if presence == 0.0 and frequency == 0.0:
+        return logits
+    counts = counts.to(logits.dtype)
+    return logits - frequency * counts - presence * (counts > 0).to(logits.dtype)
+
+
 def apply_temperature(logits: Tensor, temperature: float) -> Tensor:
     """Divide by ``temperature`` (> 0): below 1 sharpens the distribution, above 1 flattens."""
     return logits if temperature == 1.0 else logits / temperature
