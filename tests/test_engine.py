@@ -142,10 +142,10 @@ def test_a_failing_request_leaves_the_others_running(setup, monkeypatch) -> None
     engine = Engine(model, tok)
     real = engine._sample
 
-    def flaky(req, logits):
+    def flaky(req, logits, greedy):
         if req.params.seed == 666 and len(req.generated) == 3:
             raise RuntimeError("injected fault")
-        return real(req, logits)
+        return real(req, logits, greedy)
 
     monkeypatch.setattr(engine, "_sample", flaky)
     with engine:

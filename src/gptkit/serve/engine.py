@@ -432,11 +432,12 @@ class Engine:
     def _sample_rows(self, logits: Tensor, rows: range) -> None:
         """Sample the next token of each row, stream its text and retire finished rows."""
         logits = logits[:, : self.vocab]
+        greedy = logits.argmax(dim=-1).tolist()  # one call for every greedy row
         done: list[int] = []
         for i, b in enumerate(rows):
             req = self._rows[b]
             try:
-                token = self._sample(req, logits[i : i + 1])
+                token = self._sample(req, logits[i : i + 1], greedy[i])
                 if self._advance(req, token):
                     done.append(b)
                 else:
@@ -448,9 +449,13 @@ class Engine:
             self._retire(b)
         self.stats.max_active = max(self.stats.max_active, len(self._rows))
 
-    def _sample(self, req: Request, logits: Tensor) -> int:
+    def _sample(self, req: Request, logits: Tensor, greedy: int) -> int:
+        """The next token of one row from its logits (1, V); ``greedy`` is their argmax."""
         p = req.params
-        if req.counts and (p.presence_penalty or p.frequency_penalty):
+        penalized = bool(req.counts) and bool(p.presence_penalty or p.frequency_penalty)
+        if p.temperature == 0 and not penalized:
+            return greedy
+        if penalized:
             counts = torch.zeros_like(logits)
             ids = torch.tensor(list(req.counts))
             counts[0, ids] = torch.tensor(list(req.counts.values()), dtype=logits.dtype)
