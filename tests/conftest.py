@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import threading
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import torch
@@ -93,3 +99,57 @@ def bpe_tokenizer() -> BPETokenizer:
 @pytest.fixture(scope="session")
 def gpt2_dir() -> Path:
     return shared_path("gpt2")
+
+
+@pytest.fixture(scope="session")
+def chatml_tokenizer() -> BPETokenizer:
+    """A byte-level BPE with ChatML's markers as special tokens and a chat template; its eos is
+    ``<|im_end|>``, as in chat models."""
+    from gptkit.tokenizer.chat import CHATML
+
+    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tok = BPETokenizer.train(iter([SAMPLE_TEXT]), 320, special=special, show_progress=False)
+    tok.eos_token = "<|im_end|>"
+    tok.chat_template = CHATML
+    return tok
+
+
+@contextlib.contextmanager
+def running_server(
+    model: GPT,
+    tokenizer: Any,
+    name: str = "tiny",
+    engine_kwargs: dict[str, Any] | None = None,
+    wrap: Callable[[Any], Any] | None = None,
+    **app_kwargs: Any,
+) -> Iterator[SimpleNamespace]:
+    """A real gptkit server (uvicorn, in a thread) on a free port of 127.0.0.1.
+
+    Yields ``url`` (``http://127.0.0.1:PORT``), ``engine`` and ``app``. ``wrap`` may replace
+    the engine the app sees (to record requests); ``app_kwargs`` go to ``create_app``.
+    """
+    import uvicorn
+
+    from gptkit.serve.app import create_app
+    from gptkit.serve.engine import Engine
+
+    engine = Engine(model, tokenizer, **(engine_kwargs or {}))
+    engine.start()
+    app = create_app(wrap(engine) if wrap else engine, name, **app_kwargs)
+    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            engine.shutdown()
+            raise RuntimeError("the test server did not start")
+        time.sleep(0.01)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield SimpleNamespace(url=f"http://127.0.0.1:{port}", engine=engine, app=app)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        engine.shutdown()

@@ -6,7 +6,7 @@ import io
 from pathlib import Path
 
 import pytest
-from conftest import SAMPLE_TEXT, tiny_model
+from conftest import tiny_model
 
 from gptkit.checkpoint import save_checkpoint
 from gptkit.cli import main
@@ -71,14 +71,6 @@ def test_template_errors_are_clear() -> None:
         render_chat([{"role": "user", "content": "x"}], "{% for %}")
     with pytest.raises(GptkitError, match="'role' and a 'content'"):
         render_chat([{"text": "x"}])
-
-
-@pytest.fixture(scope="module")
-def chatml_tokenizer() -> BPETokenizer:
-    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    tok = BPETokenizer.train(iter([SAMPLE_TEXT]), 320, special=special, show_progress=False)
-    tok.eos_token = "<|im_end|>"
-    return tok
 
 
 def test_session_keeps_history_and_resets(chatml_tokenizer: BPETokenizer) -> None:

@@ -11,6 +11,7 @@ import dataclasses
 import inspect
 import io
 import json
+import os
 import re
 import sys
 import tokenize
@@ -451,6 +452,7 @@ def build_parser() -> argparse.ArgumentParser:
     from gptkit.data.prepare import prepare
     from gptkit.demo import demo
     from gptkit.eval.run import evaluate_model
+    from gptkit.serve.app import serve
     from gptkit.train import train
 
     parser = argparse.ArgumentParser(
@@ -483,6 +485,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_function(sub, chat_cmd, "chat")
     add_function(sub, export_cmd, "export")
     add_function(sub, evaluate_model, "eval")
+    add_function(sub, serve, "serve")
     add_function(sub, presets_cmd, "presets")
     return parser
 
@@ -501,7 +504,8 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     if isinstance(result, dict) and result.get("interrupted"):
-        print(f"interrupted: checkpoint saved to {result.get('checkpoint')}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 alone says it
+            print(f"interrupted: checkpoint saved to {result.get('checkpoint')}", file=sys.stderr)
         return 130
     return 0
 

@@ -55,6 +55,10 @@ class QueueFull(EngineError):
     """Every batch row is busy and the waiting line is full; retry later."""
 
 
+class EngineStopped(EngineError):
+    """The engine is not running (not started yet, or shutting down)."""
+
+
 class PromptTooLong(EngineError):
     """The prompt leaves no room in the model's context for a reply."""
 
@@ -267,7 +271,7 @@ class Engine:
             self._thread.join()
             self._thread = None
         for req in [*self._rows, *self._waiting]:
-            req._end(EngineError("the server is shutting down"))
+            req._end(EngineStopped("the server is shutting down"))
         self._rows, self._pending = [], []
         self._waiting.clear()
 
@@ -306,7 +310,7 @@ class Engine:
         req = Request(ids, params, self.tokenizer)
         with self._wake:
             if not self._running:
-                raise EngineError("the engine is not running; call start() first")
+                raise EngineStopped("the engine is not running; call start() first")
             free = self.max_batch - len(self._rows)
             if len(self._waiting) >= self.max_queue + max(0, free):
                 raise QueueFull(

@@ -1,0 +1,151 @@
+"""Serving throughput and latency: `gptkit serve` under 1, 4 and 16 concurrent clients.
+
+Starts the real server (`python -m gptkit serve`) on a free local port, then, for each
+concurrency level, runs that many clients at once with the official `openai` client, each
+streaming chat completions one after another. Reports, per level:
+
+- total tokens/s: completion tokens of all clients / wall time of the level;
+- per-client tokens/s;
+- time to first token (TTFT), p50 and p95: from sending a request to its first text chunk;
+- the ratio of the total tokens/s to the single-client figure (continuous batching should
+  lift it well above 1; the goal is >= 4x at 16 clients).
+
+    python bench/serve.py                                  # SmolLM2 from `make models`
+    python bench/serve.py --model PATH --requests 3 --max-tokens 64
+
+Every request asks for exactly ``--max-tokens`` tokens (``ignore_eos`` is not an OpenAI
+parameter, so the prompt asks for a long story and the count is taken from ``usage``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_MODEL = REPO / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+PROMPTS = [
+    "Write a long story about a robot who learns to paint.",
+    "Tell me a long tale of a sailor lost at sea.",
+    "Describe, at length, a day in the life of a medieval baker.",
+    "Write a long essay on why the sky looks blue.",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(model: str, port: int, max_batch: int) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "gptkit", "serve", "--model", model, "--port", str(port)]
+    cmd += ["--max-batch", str(max_batch)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    import urllib.request
+
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"the server exited:\n{proc.stderr.read() if proc.stderr else ''}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
+                return proc
+        except OSError:
+            time.sleep(0.5)
+    proc.kill()
+    raise SystemExit("the server did not come up within 300 s")
+
+
+async def client(
+    api: object, model: str, i: int, requests: int, max_tokens: int
+) -> tuple[list[float], int]:
+    """One client sending ``requests`` streamed chats in turn: TTFTs and tokens received."""
+    ttfts, tokens = [], 0
+    for r in range(requests):
+        t0 = time.perf_counter()
+        first = None
+        stream = await api.chat.completions.create(  # type: ignore[attr-defined]
+            model=model,
+            messages=[{"role": "user", "content": PROMPTS[(i + r) % len(PROMPTS)]}],
+            max_tokens=max_tokens,
+            temperature=0.8,
+            seed=i * 1000 + r,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        async for chunk in stream:
+            if first is None and chunk.choices and chunk.choices[0].delta.content:
+                first = time.perf_counter() - t0
+            if chunk.usage is not None:
+                tokens += chunk.usage.completion_tokens
+        ttfts.append(first if first is not None else time.perf_counter() - t0)
+    return ttfts, tokens
+
+
+async def level(base_url: str, model: str, n: int, requests: int, max_tokens: int) -> dict:
+    from openai import AsyncOpenAI
+
+    api = AsyncOpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=600)
+    model = model or (await api.models.list()).data[0].id
+    await client(api, model, 0, 1, 4)  # warm up
+    t0 = time.perf_counter()
+    results = await asyncio.gather(*(client(api, model, i, requests, max_tokens) for i in range(n)))
+    wall = time.perf_counter() - t0
+    await api.close()
+    ttfts = sorted(t for r in results for t in r[0])
+    tokens = sum(r[1] for r in results)
+    return {
+        "clients": n,
+        "tokens": tokens,
+        "wall_s": wall,
+        "tok_s": tokens / wall,
+        "per_client": tokens / wall / n,
+        "ttft_p50": statistics.median(ttfts),
+        "ttft_p95": ttfts[min(len(ttfts) - 1, round(0.95 * (len(ttfts) - 1)))],
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default=str(DEFAULT_MODEL))
+    ap.add_argument("--levels", default="1,4,16", help="concurrency levels, comma separated")
+    ap.add_argument("--requests", type=int, default=2, help="requests per client per level")
+    ap.add_argument("--max-tokens", type=int, default=64)
+    args = ap.parse_args()
+    if not Path(args.model).exists():
+        raise SystemExit(f"{args.model} not found; run `make models` or pass --model")
+    levels = [int(x) for x in args.levels.split(",")]
+    port = free_port()
+    proc = start_server(args.model, port, max(levels))
+    try:
+        rows = [
+            asyncio.run(level(f"http://127.0.0.1:{port}/v1", "", n, args.requests, args.max_tokens))
+            for n in levels
+        ]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    base = rows[0]["tok_s"]
+    print(f"model: {args.model}; {args.max_tokens} tokens per request, {args.requests} per client")
+    print(f"threads: {os.environ.get('OMP_NUM_THREADS', 'default')}")
+    print()
+    print("| clients | total tok/s | per-client tok/s | TTFT p50 | TTFT p95 | vs 1 client |")
+    print("|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(
+            f"| {r['clients']} | {r['tok_s']:.1f} | {r['per_client']:.1f} | "
+            f"{r['ttft_p50'] * 1000:.0f} ms | {r['ttft_p95'] * 1000:.0f} ms | "
+            f"{r['tok_s'] / base:.2f}x |"
+        )
+
+
+if __name__ == "__main__":
+    main()

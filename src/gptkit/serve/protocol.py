@@ -1,0 +1,310 @@
+"""The HTTP protocol: pydantic schemas of the OpenAI API's requests, responses and errors.
+
+Field names, defaults and bounds follow the OpenAI API reference (Completions, Chat
+Completions, Models; https://platform.openai.com/docs/api-reference), as vLLM's
+``entrypoints/openai/protocol.py`` does, so the official ``openai`` client talks to gptkit
+unchanged. Two liberties, both vLLM's too: ``model`` may be left out (the server has one
+model), and ``top_k`` is accepted as an extension. Parameters that would change the answer
+in ways gptkit does not implement (``logprobs``, ``echo``, ``tools``, ...) are refused with
+a 400 rather than silently ignored; harmless ones (``user``, ``store``, ...) are ignored.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidatorFunctionWrapHandler,
+    field_serializer,
+    field_validator,
+    model_validator,
+)
+
+# -- errors -------------------------------------------------------------------------------
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """``{"error": {"message", "type", "param", "code"}}``, as the OpenAI API sends it."""
+
+    error: ErrorDetail
+
+
+# -- requests -----------------------------------------------------------------------------
+
+#: request fields gptkit does not implement -> the test a value must pass to be accepted
+#: (the field's "off" value, which clients often send explicitly)
+_UNSUPPORTED: dict[str, Any] = {
+    "logprobs": lambda v: v in (None, False, 0),
+    "top_logprobs": lambda v: v in (None, 0),
+    "echo": lambda v: v in (None, False),
+    "suffix": lambda v: v in (None, ""),
+    "logit_bias": lambda v: not v,
+    "tools": lambda v: not v,
+    "functions": lambda v: not v,
+    "tool_choice": lambda v: v in (None, "none", "auto"),
+    "response_format": lambda v: v is None or (isinstance(v, dict) and v.get("type") == "text"),
+}
+
+_SEED_MAX = 2**63 - 1
+
+
+def _one_of(value: Any, handler: ValidatorFunctionWrapHandler, kinds: str) -> Any:
+    """Validate a union field, with one message naming its forms instead of one error per
+    member of the union."""
+    try:
+        return handler(value)
+    except ValidationError:
+        raise ValueError(f"must be {kinds}") from None
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    include_usage: bool = False
+
+
+class _SamplingRequest(BaseModel):
+    """What completions and chat completions share."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, ge=0.0, le=1.0)
+    top_k: int | None = Field(default=None, ge=1)  # an extension (vLLM's)
+    n: int = Field(default=1, ge=1, le=128)
+    stop: str | list[str] | None = None
+    seed: int | None = Field(default=None, ge=0, le=_SEED_MAX)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    best_of: int | None = None
+    user: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_unsupported(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for name, accepted in _UNSUPPORTED.items():
+                if name in data and not accepted(data[name]):
+                    raise ValueError(f"'{name}' is not supported by this server; leave it out")
+        return data
+
+    @field_validator("stop", mode="wrap")
+    @classmethod
+    def _check_stop(cls, value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        stop = _one_of(value, handler, "a string or a list of strings")
+        stops = [stop] if isinstance(stop, str) else stop or []
+        if len(stops) > 4:
+            raise ValueError(f"at most 4 stop strings are allowed, got {len(stops)}")
+        if any(not s for s in stops):
+            raise ValueError("a stop string must not be empty")
+        return stop
+
+    @model_validator(mode="after")
+    def _check_best_of(self) -> _SamplingRequest:
+        if self.best_of not in (None, self.n):
+            raise ValueError("'best_of' is not supported by this server; leave it out")
+        return self
+
+    def stop_strings(self) -> tuple[str, ...]:
+        if self.stop is None:
+            return ()
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class CompletionRequest(_SamplingRequest):
+    """``POST /v1/completions``. ``prompt``: a string, a list of strings, token ids, or a
+    list of token-id lists; each prompt gets ``n`` choices."""
+
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(default=None, ge=1)  # None: 16, the OpenAI API's default
+
+    @field_validator("prompt", mode="wrap")
+    @classmethod
+    def _check_prompt(cls, value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        kinds = "a string, a list of strings, a list of token ids, or a list of such lists"
+        prompt = _one_of(value, handler, kinds)
+        if isinstance(prompt, list) and not prompt:
+            raise ValueError("the list must not be empty")
+        return prompt
+
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts, one per item: text or token ids."""
+        p = self.prompt
+        if isinstance(p, str):
+            return [p]
+        if all(isinstance(x, int) for x in p):
+            return [list(p)]  # type: ignore[arg-type]
+        return list(p)  # type: ignore[arg-type]
+
+
+class TextPart(BaseModel):
+    """A part of a message's content; only text is understood."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+    @field_validator("content", mode="wrap")
+    @classmethod
+    def _check_content(cls, value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        kinds = 'a string or a list of text parts ({"type": "text", "text": ...}); only text'
+        return _one_of(value, handler, kinds + " is understood")
+
+    def as_template_message(self) -> dict[str, str]:
+        """The ``{"role", "content"}`` dict that chat templates read. ``developer`` is the
+        newer name of ``system`` (the OpenAI API reference), so templates see ``system``."""
+        if isinstance(self.content, list):
+            content = "".join(part.text for part in self.content)
+        else:
+            content = self.content or ""
+        role = "system" if self.role == "developer" else self.role
+        return {"role": role, "content": content}
+
+
+class ChatCompletionRequest(_SamplingRequest):
+    """``POST /v1/chat/completions``."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+
+    def token_limit(self) -> int | None:
+        """``max_completion_tokens`` (the newer name) or ``max_tokens``; None: no limit."""
+        return self.max_completion_tokens or self.max_tokens
+
+
+# -- responses ----------------------------------------------------------------------------
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def now() -> int:
+    return int(time.time())
+
+
+FinishReason = Literal["stop", "length"]
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+    @classmethod
+    def of(cls, prompt_tokens: int, completion_tokens: int) -> Usage:
+        return cls(
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            total_tokens=prompt_tokens + completion_tokens,
+        )
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: None = None
+    finish_reason: FinishReason | None = None
+
+
+class Completion(BaseModel):
+    """A ``text_completion``; streamed chunks have the same shape, with pieces of text."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+    system_fingerprint: str | None = None
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: None = None
+    finish_reason: FinishReason | None = None
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+    system_fingerprint: str | None = None
+
+
+class Delta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: Delta
+    logprobs: None = None
+    finish_reason: FinishReason | None = None
+
+    @field_serializer("delta")
+    def _only_set(self, delta: Delta) -> dict[str, Any]:
+        # A delta carries only what changed: the role once, then content pieces.
+        return delta.model_dump(exclude_none=True)
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+    system_fingerprint: str | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "gptkit"
+    max_model_len: int  # the context in tokens (vLLM's extension field)
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
