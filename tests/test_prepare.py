@@ -169,6 +169,28 @@ def test_chunked_encoding_equals_whole_text(tmp_path: Path) -> None:
     assert split_ids(tmp_path / "out", "train").tolist() == expected
 
 
+def test_parallel_workers_write_the_same_bytes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, bpe_tokenizer: BPETokenizer
+) -> None:
+    records = "".join(json.dumps({"text": python_like(3000, seed=i)}) + "\n" for i in range(8))
+    corpus = write_corpus(tmp_path / "c", PARTS | {"d.py": python_like(60_000), "e.jsonl": records})
+    bpe_tokenizer.save(tmp_path / "tok")
+    monkeypatch.setattr(P, "BATCH", 5000)  # many small batches: their order must be kept
+    kw = dict(tokenizer=str(tmp_path / "tok"), shard_tokens=20_000, val_fraction=0.2)
+    one = run([corpus], tmp_path / "one", **kw)
+    two = run([corpus], tmp_path / "two", workers=2, **kw)
+    names = sorted(p.name for p in (tmp_path / "one").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "two").iterdir())
+    assert len(one["splits"]["train"]["shards"]) > 1
+    for name in names:
+        if name != "meta.json":
+            assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes()
+    del one["seconds"], two["seconds"]
+    assert one == two
+    with pytest.raises(GptkitError, match="--workers 0"):
+        run([corpus], tmp_path / "none", workers=0)
+
+
 def test_cuts_are_exact_even_when_small(monkeypatch: pytest.MonkeyPatch) -> None:
     # Cut every few hundred characters: each cut must keep the GPT-2 pre-tokenization intact.
     text = python_like(200_000, seed=1)
@@ -497,4 +519,4 @@ def test_progress_bars_on_stderr(tmp_path: Path, capsys: pytest.CaptureFixture[s
     run([tmp_path / "a.txt"], tmp_path / "out", progress=True)
     err = capsys.readouterr().err
     assert "learn char" in err and "encode" in err and "B/s" in err
-    assert "prepared" in err
+    assert "prepared" in err and "MB/s" in err

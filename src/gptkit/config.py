@@ -161,7 +161,9 @@ class ModelConfig(_JsonMixin):
 class TrainConfig(_JsonMixin):
     """How to train: optimisation, schedule, evaluation, checkpoints."""
 
-    batch_size: int = 12  # sequences per micro-batch
+    # Under torchrun each of the N processes takes batch_size sequences, so one optimizer step
+    # sees batch_size × N × grad_accum sequences (the global batch).
+    batch_size: int = 12  # sequences per micro-batch per process (global: × processes × grad_accum)
     grad_accum: int = 1  # micro-batches per optimizer step
     max_steps: int = 2000
     lr: float = 1e-3
@@ -181,6 +183,8 @@ class TrainConfig(_JsonMixin):
     compile: bool = False
     device: str = "auto"
     seed: int = 1337
+    fsdp: bool = False  # under torchrun, shard weights, gradients and optimizer state (FSDP2)
+    activation_checkpointing: bool = False  # recompute each block's activations in backward
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "grad_accum", "eval_batches", "log_every", "keep_checkpoints"):

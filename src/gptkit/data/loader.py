@@ -5,6 +5,12 @@ A prepared directory holds ``meta.json`` and flat token files (``train-00000.bin
 Each batch draws ``batch_size`` windows of ``block_size + 1`` tokens at random positions (as
 nanoGPT does); the generator's state is the data position, so a resumed run draws the same
 batches an uninterrupted one would.
+
+Data parallelism: every rank holds the same generator and draws the same *global* batch of
+``batch_size × world_size`` windows, then reads only its own ``batch_size`` of them (rows
+``rank·B .. rank·B + B - 1``). The ranks' batches are disjoint parts of one global batch, so
+N ranks with ``batch_size=B`` see exactly the rows one process sees with ``batch_size=N·B``,
+and the generator's state (equal on every rank) resumes under any number of ranks.
 """
 
 from __future__ import annotations
@@ -80,9 +86,10 @@ class BatchSampler:
     Args:
         arrays: token arrays (one per shard); a window never crosses two shards.
         block_size: tokens per input sequence; targets are shifted by one.
-        batch_size: sequences per batch.
-        seed: the generator seed; each rank of a data-parallel run adds its rank.
-        rank, world_size: this process's share of a data-parallel run.
+        batch_size: sequences per batch for this rank.
+        seed: the generator seed, the same on every rank.
+        rank, world_size: this process's share of a data-parallel run: it reads rows
+            ``rank·batch_size ..`` of each global batch of ``batch_size × world_size``.
     """
 
     def __init__(
@@ -105,16 +112,20 @@ class BatchSampler:
         # Shards are weighted by how many windows start in them.
         counts = torch.tensor([len(a) - block_size for a in self.arrays], dtype=torch.float64)
         self.weights = counts / counts.sum()
-        self.gen = torch.Generator().manual_seed(seed + 1_000_003 * rank)
-        del world_size  # every rank samples independently from its own seeded stream
+        if not 0 <= rank < world_size:
+            raise GptkitError(f"rank {rank} is outside a world of {world_size} processes")
+        self.rank, self.world_size = rank, world_size
+        self.gen = torch.Generator().manual_seed(seed)
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """One batch: inputs and targets, both int64 (B, T)."""
+        """This rank's batch: inputs and targets, both int64 (B, T)."""
         B, T = self.batch_size, self.block_size
-        which = torch.multinomial(self.weights, B, replacement=True, generator=self.gen)
-        starts = torch.rand(B, generator=self.gen, dtype=torch.float64)
+        G = B * self.world_size  # the global batch, drawn alike on every rank
+        which = torch.multinomial(self.weights, G, replacement=True, generator=self.gen)
+        starts = torch.rand(G, generator=self.gen, dtype=torch.float64)
+        mine = slice(self.rank * B, (self.rank + 1) * B)
         rows = []
-        for w, u in zip(which.tolist(), starts.tolist(), strict=True):
+        for w, u in zip(which[mine].tolist(), starts[mine].tolist(), strict=True):
             a = self.arrays[w]
             i = int(u * (len(a) - T))
             rows.append(np.asarray(a[i : i + T + 1], dtype=np.int64))

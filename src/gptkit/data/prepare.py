@@ -14,6 +14,11 @@ in the whole text as in the chunks, and the chunks' ids concatenate to the whole
 (A cut after a blank line or before an indented line would not: ``"\\n\\n"`` followed by ``def``
 splits as ``"\\n" "\\n"`` in the whole text but stays ``"\\n\\n"`` at the end of a chunk.)
 
+Parallel encoding: with ``workers > 1`` the reading and cutting stay in this process and the
+batches of chunks are encoded by a pool of worker processes, a bounded number at a time (so
+memory stays flat however large the corpus), and written back in their original order: the
+shards are byte-for-byte those of one worker.
+
 Atomicity: every file is written under a hidden temporary name; only when the whole corpus is
 encoded are the shards and the tokenizer renamed into place, then ``meta.json`` is written last.
 A failure or Ctrl-C leaves the directory as it was before the run.
@@ -25,6 +30,7 @@ import codecs
 import contextlib
 import fnmatch
 import json
+import multiprocessing
 import os
 import random
 import re
@@ -32,6 +38,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections import deque
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,6 +71,8 @@ _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")  # a JSON escape that may 
 Chunk = tuple[str, int, bool]
 #: where a piece of text may be cut: the largest safe index > lo, or 0 for nowhere
 CutRule = Callable[[str, int], int]
+#: a batch of chunks encoded: the ids of each split (train, val), the documents each ended
+Encoded = tuple[list[np.ndarray], list[int]]
 
 
 # -- options --------------------------------------------------------------------------------
@@ -91,7 +100,10 @@ def _check_options(
     dtype: str,
     on_bad_bytes: str,
     shard_tokens: int,
+    workers: int = 1,
 ) -> None:
+    if workers < 1:
+        raise GptkitError(f"--workers {workers} must be at least 1")
     if not 0 <= val_fraction < 1:  # also false for NaN
         raise GptkitError(
             f"--val-fraction {val_fraction} is outside [0, 1); use e.g. 0.1, or 0 for no "
@@ -670,21 +682,78 @@ class _ShardWriter:
         return {"shards": self.shards, "tokens": tokens, "documents": self.documents}
 
 
-def _encode(tok: Tokenizer, batch: list[Chunk], writers: list[_ShardWriter]) -> None:
-    if not batch:
-        return
+def _batches(chunks: Iterator[Chunk]) -> Iterator[list[Chunk]]:
+    """Chunks grouped into batches of about ``BATCH`` characters."""
+    batch: list[Chunk] = []
+    size = 0
+    for chunk in chunks:
+        batch.append(chunk)
+        size += len(chunk[0])
+        if size >= BATCH:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
+def _encode(tok: Tokenizer, batch: list[Chunk], dtype: str) -> Encoded:
     eos = tok.eos_id
     flat: tuple[list[int], list[int]] = ([], [])
+    documents = [0, 0]
     ids = tok.encode_batch([text for text, _, _ in batch], allow_special=False)
     for (_, split, end), piece_ids in zip(batch, ids, strict=True):
         flat[split].extend(piece_ids)
         if end:
-            writers[split].documents += 1
+            documents[split] += 1
             if eos is not None:
                 flat[split].append(eos)
-    for writer, split_ids in zip(writers, flat, strict=True):
-        if split_ids:
-            writer.write(split_ids)
+    return [np.asarray(f, dtype=_LE[dtype]) for f in flat], documents
+
+
+def _write(encoded: Encoded, writers: list[_ShardWriter]) -> None:
+    for writer, ids, documents in zip(writers, *encoded, strict=True):
+        writer.documents += documents
+        if len(ids):
+            writer.write(ids)
+
+
+_worker_tokenizer: Tokenizer | None = None
+
+
+def _start_worker(tokenizer_dir: str, expected_hash: str) -> None:
+    global _worker_tokenizer
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the processes are the parallelism
+    _worker_tokenizer = load_tokenizer(tokenizer_dir)
+    if _worker_tokenizer.hash != expected_hash:
+        raise GptkitError("a worker's tokenizer differs from the saved one; use --workers 1")
+
+
+def _encode_in_worker(batch: list[Chunk], dtype: str) -> Encoded:
+    assert _worker_tokenizer is not None
+    return _encode(_worker_tokenizer, batch, dtype)
+
+
+def _encode_all(
+    tok: Tokenizer, batches: Iterator[list[Chunk]], dtype: str, workers: int, tok_dir: Path
+) -> Iterator[Encoded]:
+    """Each batch encoded, in order; by ``workers`` processes when there is more than one.
+
+    At most ``2 × workers`` batches are in flight, so reading never runs far ahead of
+    writing. Workers are spawned (not forked: the tokenizer's thread pool and torch do not
+    survive a fork) and load the tokenizer from ``tok_dir``."""
+    if workers == 1:
+        for batch in batches:
+            yield _encode(tok, batch, dtype)
+        return
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(workers, _start_worker, (str(tok_dir), tok.hash)) as pool:
+        pending: deque[Any] = deque()
+        for batch in batches:
+            pending.append(pool.apply_async(_encode_in_worker, (batch, dtype)))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
 
 
 def _previous_run(directory: Path) -> tuple[bool, set[str]]:
@@ -731,6 +800,7 @@ def prepare(
     shuffle: bool = True,
     seed: int = 1337,
     shard_tokens: int = 100_000_000,
+    workers: int = 1,
     progress: bool = True,
 ) -> dict:
     """Tokenize a corpus into the shard directory that training reads.
@@ -754,6 +824,8 @@ def prepare(
         shuffle: shuffle the order of the files (seeded) before splitting.
         seed: the seed of that shuffle.
         shard_tokens: the most tokens in one shard file.
+        workers: processes that encode in parallel (1: this process alone; the BPE encoder
+            already uses several threads in one); the shards are identical for any number.
         progress: show progress bars on stderr.
 
     Returns:
@@ -761,7 +833,14 @@ def prepare(
     """
     t0 = time.perf_counter()
     _check_options(
-        tokenizer, vocab_size, tokenizer_path, val_fraction, dtype, on_bad_bytes, shard_tokens
+        tokenizer,
+        vocab_size,
+        tokenizer_path,
+        val_fraction,
+        dtype,
+        on_bad_bytes,
+        shard_tokens,
+        workers,
     )
     out_dir = Path(out)
     if out_dir.exists() and not out_dir.is_dir():
@@ -799,16 +878,10 @@ def prepare(
         writers = [_ShardWriter(out_dir, s, dtype_name, shard_tokens, stack) for s in SPLITS]
         with _Progress(total, "encode", progress, eager=False) as bar:
             reader = _Reader(cut, cut_rule(tok), text_field, bad, bar)
-            batch: list[Chunk] = []
-            size = 0
-            for chunk in reader.chunks(files):
-                batch.append(chunk)
-                size += len(chunk[0])
-                if size >= BATCH:
-                    _encode(tok, batch, writers)
-                    bar.flush()
-                    batch, size = [], 0
-            _encode(tok, batch, writers)
+            batches = _batches(reader.chunks(files))
+            for encoded in _encode_all(tok, batches, dtype_name, workers, staging):
+                _write(encoded, writers)
+                bar.flush()
         splits = {w.split: w.close() for w in writers}
         if not any(s["documents"] for s in splits.values()):
             raise _no_text(files)
@@ -853,7 +926,8 @@ def prepare(
         print(
             f"prepared {n_train:,} train + {n_val:,} val tokens ({kind} tokenizer, "
             f"{tok.vocab_size:,} ids, {dtype_name}) from {len(files):,} file(s), "
-            f"{total / 1e6:.1f} MB in {meta['seconds']:.1f} s -> {out_dir}",
+            f"{total / 1e6:.1f} MB in {meta['seconds']:.1f} s "
+            f"({total / 1e6 / max(meta['seconds'], 1e-9):.1f} MB/s) -> {out_dir}",
             file=sys.stderr,
         )
     return meta

@@ -8,6 +8,10 @@ and perplexity; every ``save_every`` steps it writes a complete checkpoint atomi
 checkpoint carries the optimizer moments, the data sampler's generator and the global RNG,
 so ``resume=True`` continues with exactly the losses an uninterrupted run would have.
 Ctrl-C finishes the current step, saves, and returns.
+
+Under ``torchrun`` the same loop runs once per process (see ``gptkit.train.distributed``):
+each rank trains its rows of every global batch, losses are averaged over ranks, and rank 0
+alone logs and writes checkpoints.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import copy
 import dataclasses
 import json
 import math
+import os
 import shutil
 import signal
 import time
@@ -29,11 +34,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from gptkit.checkpoint import load, read_train_state, save_checkpoint
-from gptkit.checkpoint.native import (
-    load_optimizer,
-    rng_state,
-    set_rng_state,
-)
+from gptkit.checkpoint.native import rng_state, set_rng_state
 from gptkit.config import ModelConfig, TrainConfig, get_preset
 from gptkit.data.loader import BatchSampler, TokenShards
 from gptkit.data.tasks import (
@@ -57,6 +58,7 @@ from gptkit.files import (
 from gptkit.model import GPT
 from gptkit.model.lora import apply_lora, has_lora, merge_lora
 from gptkit.tokenizer import Tokenizer, load_tokenizer
+from gptkit.train import distributed
 from gptkit.train.optim import lr_at, make_optimizer
 
 MODEL_FIELDS = {f.name for f in dataclasses.fields(ModelConfig)}
@@ -132,11 +134,14 @@ def build_configs(
 @contextlib.contextmanager
 def _sigint_flag() -> Iterator[dict[str, bool]]:
     """The first Ctrl-C asks the loop to save and stop after the current step; the second
-    interrupts at once."""
+    interrupts at once. Under torchrun every Ctrl-C reaches each worker twice (from the
+    terminal, then forwarded by torchrun), so there only the first counts; torchrun kills
+    workers that have not exited 30 s later."""
     flag = {"stop": False}
+    repeat_interrupts = not distributed.launched_by_torchrun()
 
     def handler(signum: int, frame: Any) -> None:
-        if flag["stop"]:
+        if flag["stop"] and repeat_interrupts:
             raise KeyboardInterrupt
         flag["stop"] = True
 
@@ -408,7 +413,16 @@ def train(
             f"({tokenizer.vocab_size}); use a matching checkpoint or tokenizer"
         )
 
-    device = pick_device(train_cfg.device)
+    ranks, device = distributed.setup(pick_device(train_cfg.device))
+    progress = progress and ranks.is_main
+    if resume:
+        saved_world = state.get("world_size", 1)
+        given = overrides.get("batch_size") is not None
+        train_cfg = distributed.keep_global_batch(train_cfg, saved_world, ranks, given)
+    if objective == "classify" and ranks.world_size > 1:
+        raise GptkitError(
+            "classification fine-tuning runs in one process; launch it without torchrun"
+        )
     precision = resolve_precision(train_cfg.precision, device)
     torch.manual_seed(train_cfg.seed)
     if model is None:
@@ -441,6 +455,9 @@ def train(
         model.cls_head.requires_grad_(True)  # the new head always trains in full
     model = model.to(device)
     model.train()
+    train_module = distributed.wrap(
+        model, ranks, device, train_cfg.fsdp, train_cfg.activation_checkpointing
+    )
     optimizer = make_optimizer(model, train_cfg)
     sampler: Any
     make_val: Any = None  # a fresh validation sampler (the same batches at every evaluation)
@@ -456,49 +473,66 @@ def train(
             )
         else:
             train_ex, val_ex = split_examples(examples)
+        rows = train_cfg.batch_size * ranks.world_size  # every rank draws the global batch
         if pack:
-            row = model_cfg.block_size
-            sampler = PackedSampler(train_ex, train_cfg.batch_size, row, train_cfg.seed)
+            sampler = PackedSampler(train_ex, rows, model_cfg.block_size, train_cfg.seed)
         else:
-            sampler = ExampleSampler(train_ex, train_cfg.batch_size, train_cfg.seed)
+            sampler = ExampleSampler(train_ex, rows, train_cfg.seed)
+        if ranks.world_size > 1:
+            sampler = distributed.RankShare(sampler, ranks)
         if val_ex:
             make_val = lambda: ExampleSampler(val_ex, train_cfg.batch_size, shuffle=False)
             eval_batches = min(eval_batches, math.ceil(len(val_ex) / train_cfg.batch_size))
     else:
         assert shards is not None
         B, T = train_cfg.batch_size, model_cfg.block_size
-        sampler = BatchSampler(shards.split("train"), T, B, train_cfg.seed)
+        share = {"rank": ranks.rank, "world_size": ranks.world_size}
+        sampler = BatchSampler(shards.split("train"), T, B, train_cfg.seed, **share)
         if shards.num_tokens("val") > T:
             val_arrays = shards.split("val")
-            make_val = lambda: BatchSampler(val_arrays, T, B, seed=0)
+            make_val = lambda: BatchSampler(val_arrays, T, B, seed=0, **share)
     step = 0
     if resume:
-        load_optimizer(optimizer, existing, state["optimizer_param_groups"])
+        distributed.load_optimizer_state(
+            model, optimizer, existing, state["optimizer_param_groups"]
+        )
         sampler.load_state_dict(state["sampler"])
         set_rng_state(state["rng"])
         step = state["step"]
-    step_fn = torch.compile(model) if train_cfg.compile else model
+    step_fn = torch.compile(train_module) if train_cfg.compile else train_module
 
-    out.mkdir(parents=True, exist_ok=True)
     metrics_path, png_path = out / "metrics.jsonl", out / "loss.png"
-    if resume:
-        _trim_metrics(metrics_path, step)
-    elif metrics_path.exists():
-        metrics_path.unlink()
+    if ranks.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        if resume:
+            _trim_metrics(metrics_path, step)
+        elif metrics_path.exists():
+            metrics_path.unlink()
 
-    tokens_per_step = train_cfg.batch_size * train_cfg.grad_accum * model_cfg.block_size
+    global_batch = train_cfg.batch_size * ranks.world_size * train_cfg.grad_accum
+    tokens_per_step = global_batch * model_cfg.block_size
     summary: dict[str, Any] = {
         "out": str(out),
         "params": model.num_params(),
         "device": str(device),
         "precision": precision,
         "tokens_per_step": tokens_per_step,
+        "world_size": ranks.world_size,
     }
 
+    saved_step = step if resume else None  # the step of the newest checkpoint of this run
+
     def save(at_step: int, last_loss: float | None) -> Path:
-        ckpt = save_checkpoint(
-            step_dir(out, at_step),
-            model,
+        nonlocal saved_step
+        saved_step = at_step
+        ckpt = step_dir(out, at_step)
+        whole_model, whole_optimizer = distributed.whole(model, optimizer, ranks)
+        if whole_model is None:  # not rank 0: wait until rank 0 has written it
+            distributed.barrier()
+            return ckpt
+        save_checkpoint(
+            ckpt,
+            whole_model,
             tokenizer,
             train_state={
                 "step": at_step,
@@ -509,11 +543,13 @@ def train(
                 "rng": rng_state(),
                 "loss": last_loss,
                 "precision": precision,
+                "world_size": ranks.world_size,
             },
-            optimizer=optimizer,
+            optimizer=whole_optimizer,
         )
         for _, old in list_checkpoints(out)[: -train_cfg.keep_checkpoints]:
             shutil.rmtree(old, ignore_errors=True)
+        distributed.barrier()
         return ckpt
 
     def run_eval(at_step: int, log: Any) -> float | None:
@@ -526,7 +562,9 @@ def train(
             return scores["loss"]
         if make_val is None:
             return None
+        # Every rank evaluates its rows of the same batches (FSDP needs them all anyway).
         val = mean_loss(model, make_val(), eval_batches, device, precision)
+        val = distributed.mean_over_ranks(torch.tensor(val, device=device)).item()
         log({"step": at_step, "val_loss": val, "val_ppl": math.exp(min(val, 50.0))})
         return val
 
@@ -543,7 +581,11 @@ def train(
     interrupted = False
     train_time, train_tokens = 0.0, 0
     last_plot = time.perf_counter()
-    with open(metrics_path, "a") as metrics, _sigint_flag() as flag:
+    # Only rank 0 keeps the metrics; the other ranks write the same rows to nowhere.
+    with (
+        open(metrics_path if ranks.is_main else os.devnull, "a") as metrics,
+        _sigint_flag() as flag,
+    ):
 
         def log(row: dict[str, Any]) -> None:
             metrics.write(json.dumps(row) + "\n")
@@ -556,19 +598,21 @@ def train(
                 group["lr"] = lr
             loss_sum = torch.zeros((), device=device)
             step_tokens = 0
-            for _ in range(train_cfg.grad_accum):
+            for micro in range(train_cfg.grad_accum):
                 batch = tuple(t.to(device, non_blocking=True) for t in sampler.next())
-                step_tokens += batch[0].numel()
-                with autocast(device, precision):
-                    loss = batch_loss(step_fn, batch, lm_weight)
-                (loss / train_cfg.grad_accum).backward()
+                step_tokens += batch[0].numel() * ranks.world_size
+                last_micro = micro == train_cfg.grad_accum - 1
+                with distributed.gradient_sync(train_module, last_micro):
+                    with autocast(device, precision):
+                        loss = batch_loss(step_fn, batch, lm_weight)
+                    (loss / train_cfg.grad_accum).backward()
                 loss_sum += loss.detach()
             if train_cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            last_loss = loss_sum.item() / train_cfg.grad_accum
+            last_loss = distributed.mean_over_ranks(loss_sum).item() / train_cfg.grad_accum
             if not math.isfinite(last_loss):
                 raise GptkitError(
                     f"loss became {last_loss} at step {step}; lower --lr or use --precision fp32 "
@@ -588,21 +632,21 @@ def train(
                 if val_loss is not None and progress:
                     bar.write(f"step {step}: train loss {last_loss:.4f}, val loss {val_loss:.4f}")
                 # Drawing costs about a second: redraw at most every 30 s, and at the end.
-                if done or time.perf_counter() - last_plot > 30:
+                if ranks.is_main and (done or time.perf_counter() - last_plot > 30):
                     plot_losses(metrics_path, png_path)
                     last_plot = time.perf_counter()
-            if flag["stop"]:
+            if distributed.any_rank(flag["stop"], device):
                 interrupted = True
                 break
             if (train_cfg.save_every and step % train_cfg.save_every == 0) or done:
                 save(step, last_loss)
     bar.close()
-    ckpt = latest_checkpoint(out)
-    if interrupted or ckpt is None or not ckpt.name.endswith(f"{step:07d}"):
+    ckpt = step_dir(out, step)
+    if interrupted or saved_step != step:
         ckpt = save(step, last_loss)
-    if interrupted or not png_path.exists():
+    if ranks.is_main and (interrupted or not png_path.exists()):
         plot_losses(metrics_path, png_path)
-    if merge and has_lora(model):
+    if merge and has_lora(model) and ranks.is_main:
         merged = save_checkpoint(out / "merged", merge_lora(copy.deepcopy(model)), tokenizer)
         summary["merged"] = str(merged)
     summary |= {
