@@ -71,11 +71,9 @@ def _checkout(src: Path, dest: Path) -> Path:
     return dest
 
 
-def run_nanogpt(src: Path, text_path: Path, work: Path, iters: int) -> dict:
-    repo = _checkout(src, work / "nanoGPT")
-    data_dir = repo / "data" / "shakespeare_char"
+def write_nanogpt_data(text_path: Path, data_dir: Path) -> None:
+    """The files nanoGPT's data/shakespeare_char/prepare.py writes (without its download)."""
     text = text_path.read_text()
-    # The same files nanoGPT's data/shakespeare_char/prepare.py writes (without its download).
     chars = sorted(set(text))
     stoi = {c: i for i, c in enumerate(chars)}
     n = int(len(text) * 0.9)
@@ -84,6 +82,11 @@ def run_nanogpt(src: Path, text_path: Path, work: Path, iters: int) -> dict:
     meta = {"vocab_size": len(chars), "itos": dict(enumerate(chars)), "stoi": stoi}
     with open(data_dir / "meta.pkl", "wb") as f:
         pickle.dump(meta, f)
+
+
+def run_nanogpt(src: Path, text_path: Path, work: Path, iters: int) -> dict:
+    repo = _checkout(src, work / "nanoGPT")
+    write_nanogpt_data(text_path, repo / "data" / "shakespeare_char")
     cmd = [
         sys.executable,
         "train.py",

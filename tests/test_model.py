@@ -43,3 +43,35 @@ def test_gpt3_175b_builds_on_the_meta_device_without_memory() -> None:
         model = GPT(cfg)
     assert 174e9 < model.num_params() < 176e9
     assert all(p.is_meta for p in model.parameters())
+
+
+def test_fast_dropout_keeps_the_right_fraction_and_scale() -> None:
+    from gptkit.model.gpt import Dropout, keep_mask
+
+    torch.manual_seed(0)
+    keep = keep_mask((1000, 1000), 0.2, torch.device("cpu"))
+    assert abs(keep.float().mean().item() - 0.8) < 0.002
+    drop = Dropout(0.2).train()
+    x = torch.ones(1000, 1000)
+    y = drop(x)
+    assert set(y.unique().tolist()) == {0.0, 1.25}
+    assert abs(y.mean().item() - 1.0) < 0.01
+    assert torch.equal(drop.eval()(x), x)
+
+
+def test_attention_with_dropout_zero_equals_sdpa() -> None:
+    from gptkit.model.gpt import attention_with_dropout
+
+    torch.manual_seed(0)
+    q = torch.randn(2, 4, 7, 8)
+    k, v = torch.randn(2, 2, 7, 8), torch.randn(2, 2, 7, 8)  # grouped-query: 2 kv heads
+    want = torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, is_causal=True, enable_gqa=True
+    )
+    torch.testing.assert_close(attention_with_dropout(q, k, v, None, 1e-9), want)
+    mask = torch.rand(2, 1, 7, 7) > 0.3
+    mask[..., 0] = True  # every query sees at least one key
+    want = torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, enable_gqa=True
+    )
+    torch.testing.assert_close(attention_with_dropout(q, k, v, mask, 1e-9), want)
