@@ -171,6 +171,8 @@ def generate_cmd(
     context_policy: Literal["slide", "error"] = "slide",
     stream: bool = True,
     device: str = "cpu",
+    quantize: Literal["bf16", "int8", "int4"] | None = None,
+    compile: bool = False,
 ) -> None:
     """Generate text from a prompt (several prompts are batched together).
 
@@ -189,14 +191,16 @@ def generate_cmd(
         context_policy: "slide" keeps the last tokens when the context fills; "error" refuses.
         stream: print tokens as they come (one prompt only).
         device: cpu, cuda, mps.
+        quantize: quantize the weights on load (see `gptkit quantize`).
+        compile: decode through torch.compile (one prompt; pays a compilation first).
     """
-    from gptkit.checkpoint import load
+    from gptkit.compress import load
     from gptkit.generate import generate
     from gptkit.generate import stream as stream_fn
 
     prompts = [sys.stdin.read() if p == "-" else p for p in prompt]
     stop = [unescape(s) for s in stop] if stop else None
-    net, tok = load(model, device=device)
+    net, tok = load(model, device=device, quantize=quantize)
     if tok is None:
         raise GptkitError(f"{model} has no tokenizer; generation needs one")
     kwargs = dict(
@@ -209,6 +213,7 @@ def generate_cmd(
         stop=stop,
         stop_at_eos=stop_at_eos,
         context_policy=context_policy,
+        compile=compile,
     )
     if stream and len(prompts) == 1:
         sys.stdout.write(prompts[0])
@@ -251,7 +256,7 @@ def chat_cmd(
         seed: makes the replies reproducible.
         device: cpu, cuda, mps.
     """
-    from gptkit.checkpoint import load
+    from gptkit.compress import load
     from gptkit.generate.chat import ChatSession
 
     net, tok = load(model, device=device)
@@ -332,6 +337,34 @@ def export_cmd(
             raise GptkitError(f"{model} has no tokenizer; a GGUF file must carry one")
         save_gguf(net, tok, out, dtype=dtype)
     print(f"wrote {out}")
+
+
+def quantize_cmd(
+    model: str,
+    out: str,
+    mode: Literal["bf16", "int8", "int4"] = "int4",
+    group_size: int = 32,
+    lm_head: Literal["auto", "bf16", "int8", "int8-dynamic", "int4", "none"] = "auto",
+) -> None:
+    """Quantize a model's weights and save it; `gptkit.load(out)` gives it back quantized.
+
+    Args:
+        model: any source gptkit loads (checkpoint, run directory, HF directory, .gguf).
+        out: the checkpoint directory to write.
+        mode: bf16, int8 (per-channel, weight-only) or int4 (group-wise) for the blocks.
+        group_size: int4 only: inputs per scale and zero (32 keeps a Q4_1 GGUF's own grid).
+        lm_head: the output head: auto (bf16 under bf16, else int8-dynamic), a mode, or
+            none to keep it as it is.
+    """
+    from pathlib import Path
+
+    from gptkit.compress import load, quantize, save_quantized
+
+    net, tok = load(model)
+    quantize(net, mode, group_size=group_size, lm_head=lm_head)
+    save_quantized(out, net, tok)
+    size = sum(f.stat().st_size for f in Path(out).iterdir())
+    print(f"wrote {out} ({mode}, {size / 2**20:.0f} MiB)")
 
 
 def classify_cmd(
@@ -484,6 +517,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_function(sub, generate_cmd, "generate")
     add_function(sub, chat_cmd, "chat")
     add_function(sub, export_cmd, "export")
+    add_function(sub, quantize_cmd, "quantize")
     add_function(sub, evaluate_model, "eval")
     add_function(sub, serve, "serve")
     add_function(sub, presets_cmd, "presets")

@@ -1,0 +1,145 @@
+"""Quantized checkpoints, and ``load`` with quantization: the public ``gptkit.load``.
+
+A quantized checkpoint directory is self-describing, like a native one::
+
+    model-int4/
+      config.json        {"format": "gptkit.quantized/1", "model": {ModelConfig fields},
+                          "quantization": {"mode": "int4", "group_size": 32, "lm_head": true}}
+      model.safetensors  the quantized model's state: int8 / packed-int4 weights and their
+                         scales under the layers' own names ("blocks.0.attn.qkv.weight",
+                         "...scales_and_zeros"), everything else as it was (fp32)
+      tokenizer.json     (+ tokenizer_config.json)
+
+Only portable tensors are stored: int4 values two per byte in a plain row-major layout, not
+the CPU kernel's tiled layout (which depends on the CPU), so loading re-packs them; a load
+gives back exactly the model that was saved.
+
+``load`` lives here, above :mod:`gptkit.checkpoint` (layer 4 knows nothing of quantization):
+it reads a quantized directory itself and hands everything else to
+:func:`gptkit.checkpoint.load`, quantizing on the way when asked.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from gptkit.checkpoint import load as load_plain
+from gptkit.compress.quantize import QuantConfig, quantization, quantized_skeleton
+from gptkit.compress.quantize import quantize as quantize_model
+from gptkit.config import ModelConfig
+from gptkit.errors import GptkitError, shape_mismatch
+from gptkit.files import atomic_dir, atomic_write_json
+from gptkit.model import GPT
+from gptkit.model.gpt import sinusoidal_table
+from gptkit.tokenizer import Tokenizer, load_tokenizer
+
+FORMAT = "gptkit.quantized/1"
+CONFIG, WEIGHTS = "config.json", "model.safetensors"
+
+
+def is_quantized(directory: str | Path) -> bool:
+    """Whether ``directory`` holds a quantized gptkit checkpoint."""
+    try:
+        data = json.loads((Path(directory) / CONFIG).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and data.get("format") == FORMAT
+
+
+def _stored_state(model: GPT) -> dict[str, torch.Tensor]:
+    """The state to write: a head still tied to the embedding is stored once."""
+    state = model.state_dict()
+    if model.config.tie_embeddings and isinstance(model.lm_head, torch.nn.Linear):
+        state.pop("lm_head.weight", None)
+    return {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+
+
+def save_quantized(directory: str | Path, model: GPT, tokenizer: Tokenizer | None) -> Path:
+    """Write a quantized model (and its tokenizer) as a checkpoint directory, atomically."""
+    config = quantization(model)
+    if config is None:
+        raise GptkitError("the model is not quantized; quantize it first (gptkit.compress)")
+    directory = Path(directory)
+    with atomic_dir(directory) as tmp:
+        atomic_write_json(
+            tmp / CONFIG,
+            {"format": FORMAT, "model": model.config.to_dict(), "quantization": config.to_dict()},
+        )
+        save_file(_stored_state(model), str(tmp / WEIGHTS), metadata={"format": "pt"})
+        if tokenizer is not None:
+            tokenizer.save(tmp)
+    return directory
+
+
+def load_quantized(
+    directory: str | Path, device: str | torch.device = "cpu"
+) -> tuple[GPT, Tokenizer | None]:
+    """Model (eval mode, quantized as it was saved) and tokenizer of a quantized checkpoint."""
+    directory = Path(directory)
+    try:
+        data = json.loads((directory / CONFIG).read_text())
+        config = ModelConfig.from_dict(data["model"])
+        qconfig = QuantConfig.from_dict(data["quantization"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise GptkitError(f"{directory / CONFIG} is unreadable ({e}); re-quantize") from None
+    try:
+        state = load_file(str(directory / WEIGHTS))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise GptkitError(
+            f"{directory / WEIGHTS} is missing, truncated or corrupted ({e}); re-quantize"
+        ) from None
+    with torch.device("meta"):
+        model = GPT(config)
+    quantized_skeleton(model, qconfig)
+    model = model.to_empty(device=device)
+    tied = config.tie_embeddings and isinstance(model.lm_head, torch.nn.Linear)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if tied:
+        expected.pop("lm_head.weight", None)
+    problem = shape_mismatch(expected, {k: tuple(v.shape) for k, v in state.items()})
+    if problem:
+        raise GptkitError(f"weights in {directory / WEIGHTS} do not fit its config ({problem})")
+    model.load_state_dict(state, strict=False)  # re-packs each quantized layer (its hook)
+    if tied:
+        model.lm_head.weight = model.wte.weight
+    if config.pos_emb == "sinusoidal":  # a non-persistent buffer: rebuild it
+        model.sinusoid = sinusoidal_table(config.block_size, config.n_embd).to(device)
+    tokenizer = load_tokenizer(directory) if (directory / "tokenizer.json").exists() else None
+    return model.eval(), tokenizer
+
+
+def load(
+    source: str | Path,
+    device: str | torch.device = "cpu",
+    quantize: str | None = None,
+) -> tuple[GPT, Tokenizer | None]:
+    """``model, tokenizer = load(source)`` for any model gptkit runs, quantized or not.
+
+    Args:
+        source: a gptkit checkpoint or run directory, a quantized checkpoint (written by
+            ``gptkit quantize``), a Hugging Face model directory, a ``.gguf`` file, or a
+            hub id (see :func:`gptkit.checkpoint.load`).
+        device: where the model goes (int4 runs on the CPU only).
+        quantize: quantize the weights on load: "bf16", "int8" or "int4" (see
+            :mod:`gptkit.compress.quantize`); None keeps them as stored.
+    """
+    if Path(source).is_dir() and is_quantized(source):
+        model, tokenizer = load_quantized(source, device)
+        stored = quantization(model)
+        if quantize is not None and stored is not None and quantize != stored.mode:
+            raise GptkitError(
+                f"{source} is already quantized ({stored.mode}); load it without "
+                f"quantize=, or quantize the original model to {quantize}"
+            )
+        return model, tokenizer
+    if quantize is not None:
+        QuantConfig(quantize)  # a bad mode name fails before the (slow) load
+    model, tokenizer = load_plain(source, device)
+    if quantize is not None:
+        model = quantize_model(model, quantize)
+    return model, tokenizer

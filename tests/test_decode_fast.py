@@ -1,0 +1,75 @@
+"""Compiled decoding (``compile=True``): the torch.compile'd static-shape step gives the
+tokens of eager decoding, token for token — fp32 and int4, across a window slide, when a
+batch shrinks to one row, and through the text API. Each graph compiles once per process
+(a few seconds for these tiny models), so the tests share models and cache lengths."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import FAMILIES, tiny_model
+
+from gptkit.compress import quantize
+from gptkit.config import SampleConfig
+from gptkit.generate import generate, generate_ids
+from gptkit.generate.generator import compiled_cache_len
+from gptkit.tokenizer import CharTokenizer
+
+GREEDY = SampleConfig(temperature=0.0, max_new_tokens=20, stop_at_eos=False)
+
+
+def run_ids(model, prompts, cfg=GREEDY, eos_id=None, **kw) -> list[list[int]]:
+    out: list[list[int]] = [[] for _ in prompts]
+    for events in generate_ids(model, prompts, cfg, eos_id, **kw):
+        for ev in events:
+            out[ev.row].append(ev.token)
+    return out
+
+
+@pytest.fixture(scope="module")
+def models() -> dict[str, torch.nn.Module]:
+    return {
+        "gpt2": tiny_model(),
+        "llama": tiny_model(**FAMILIES["llama"]),
+        "llama-int4": quantize(tiny_model(**FAMILIES["llama"]), "int4", lm_head="int4"),
+    }
+
+
+def test_cache_lengths_are_few() -> None:
+    assert [compiled_cache_len(n) for n in (1, 200, 256, 257, 600)] == [256, 256, 256, 512, 1024]
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama", "llama-int4"])
+def test_compiled_equals_eager(models, name: str) -> None:
+    model = models[name]
+    prompts = [[1, 2, 3, 4, 5], [9, 8, 7]]
+    for p in prompts:
+        assert run_ids(model, [p], compile=True) == run_ids(model, [p])
+    decoder = generate_ids(model, [prompts[0]], GREEDY, compile=True)
+    list(decoder)
+    assert decoder.compile and decoder._compiled_shape == (1, 32)  # it ran compiled
+
+
+def test_compiled_equals_eager_across_a_slide(models) -> None:
+    # block_size 32: 10 prompt tokens + 40 new ones slide the window twice.
+    cfg = SampleConfig(temperature=0.0, max_new_tokens=40, stop_at_eos=False)
+    prompt = [[3, 1, 4, 1, 5, 9, 2, 6, 5, 3]]
+    assert run_ids(models["llama"], prompt, cfg, compile=True) == run_ids(
+        models["llama"], prompt, cfg
+    )
+
+
+def test_a_batch_decodes_eagerly_then_compiled_once_one_row_is_left(models) -> None:
+    model = models["gpt2"]
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9]]
+    eager = run_ids(model, prompts)
+    eos = eager[0][5]  # row 0 ends early on this token; row 1 goes on alone
+    cfg = SampleConfig(temperature=0.0, max_new_tokens=20)
+    assert run_ids(model, prompts, cfg, eos, compile=True) == run_ids(model, prompts, cfg, eos)
+
+
+def test_generate_text_with_compile(models) -> None:
+    tok = CharTokenizer.train(["abcdefghijklmnopqrstuvwxyz .,\n" * 3])
+    model = tiny_model(tok.vocab_size)
+    kw = dict(max_new_tokens=12, temperature=0.0, stop_at_eos=False)
+    assert generate(model, tok, "hello", compile=True, **kw) == generate(model, tok, "hello", **kw)
