@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import torch
 
-from gptkit.config import ModelConfig
+from gptkit.config import ModelConfig, SampleConfig
 from gptkit.model import GPT
 from gptkit.tokenizer import BPETokenizer, CharTokenizer
 
@@ -153,3 +153,17 @@ def running_server(
         server.should_exit = True
         thread.join(timeout=30)
         engine.shutdown()
+
+
+def run_ids(
+    model: GPT, prompts: list, cfg: SampleConfig | None = None, eos_id: int | None = None, **kw: Any
+) -> list[list[int]]:
+    """Every row's generated ids, from the id-level loop (greedy, 24 tokens by default)."""
+    from gptkit.generate.generator import generate_ids
+
+    cfg = cfg or SampleConfig(temperature=0.0, max_new_tokens=24)
+    out: list[list[int]] = [[] for _ in prompts]
+    for events in generate_ids(model, prompts, cfg, eos_id, **kw):
+        for ev in events:
+            out[ev.row].append(ev.token)
+    return out

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import FAMILIES, tiny_model
+from conftest import FAMILIES, run_ids, tiny_model
 
 from gptkit.compress import quantize
 from gptkit.config import SampleConfig
@@ -16,14 +16,6 @@ from gptkit.generate.generator import compiled_cache_len
 from gptkit.tokenizer import CharTokenizer
 
 GREEDY = SampleConfig(temperature=0.0, max_new_tokens=20, stop_at_eos=False)
-
-
-def run_ids(model, prompts, cfg=GREEDY, eos_id=None, **kw) -> list[list[int]]:
-    out: list[list[int]] = [[] for _ in prompts]
-    for events in generate_ids(model, prompts, cfg, eos_id, **kw):
-        for ev in events:
-            out[ev.row].append(ev.token)
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +36,7 @@ def test_compiled_equals_eager(models, name: str) -> None:
     model = models[name]
     prompts = [[1, 2, 3, 4, 5], [9, 8, 7]]
     for p in prompts:
-        assert run_ids(model, [p], compile=True) == run_ids(model, [p])
+        assert run_ids(model, [p], GREEDY, compile=True) == run_ids(model, [p], GREEDY)
     decoder = generate_ids(model, [prompts[0]], GREEDY, compile=True)
     list(decoder)
     assert decoder.compile and decoder._compiled_shape == (1, 32)  # it ran compiled
@@ -62,7 +54,7 @@ def test_compiled_equals_eager_across_a_slide(models) -> None:
 def test_a_batch_decodes_eagerly_then_compiled_once_one_row_is_left(models) -> None:
     model = models["gpt2"]
     prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9]]
-    eager = run_ids(model, prompts)
+    eager = run_ids(model, prompts, GREEDY)
     eos = eager[0][5]  # row 0 ends early on this token; row 1 goes on alone
     cfg = SampleConfig(temperature=0.0, max_new_tokens=20)
     assert run_ids(model, prompts, cfg, eos, compile=True) == run_ids(model, prompts, cfg, eos)

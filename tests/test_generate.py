@@ -9,7 +9,7 @@ from collections import defaultdict
 
 import pytest
 import torch
-from conftest import FAMILIES, SAMPLE_TEXT, tiny_model
+from conftest import FAMILIES, SAMPLE_TEXT, run_ids, tiny_model
 
 from gptkit.config import SampleConfig
 from gptkit.errors import GptkitError
@@ -29,15 +29,6 @@ from gptkit.tokenizer import CharTokenizer
 
 GREEDY = SampleConfig(temperature=0.0, max_new_tokens=24)
 INF = float("inf")
-
-
-def run_ids(model, prompts, cfg=GREEDY, eos_id=None, **kw) -> list[list[int]]:
-    """Every row's generated ids, from the id-level loop."""
-    out: list[list[int]] = [[] for _ in prompts]
-    for events in generate_ids(model, prompts, cfg, eos_id, **kw):
-        for ev in events:
-            out[ev.row].append(ev.token)
-    return out
 
 
 def random_prompts(lengths: list[int], vocab: int = 64, seed: int = 0) -> list[list[int]]:
