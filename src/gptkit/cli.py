@@ -425,6 +425,7 @@ def sft_data_cmd(
     skip: int = 0,
     limit: int | None = None,
     chat: bool = True,
+    calculator: bool = False,
 ) -> None:
     """Write a shipped data set as SFT rows, worded exactly as `gptkit eval` prompts it.
 
@@ -438,6 +439,8 @@ def sft_data_cmd(
         skip: leave out the first N examples (held out for evaluation).
         limit: write at most N examples (after --skip).
         chat: chat rows for a model with a chat template; plain prompt/completion otherwise.
+        calculator: gsm8k: keep the calculator annotations (``<<48/2=24>>``) in the answers,
+            for a model evaluated with ``gptkit eval --calculator``.
     """
     from gptkit.eval.tasks import to_sft_rows
     from gptkit.files import atomic_write_text
@@ -449,7 +452,7 @@ def sft_data_cmd(
             raise GptkitError("--task python needs --data, a JSON Lines file of Python files")
         rows = read_python_functions(data, None if limit is None else skip + limit)[skip:]
     else:
-        rows = to_sft_rows(task, data, skip, limit, chat)
+        rows = to_sft_rows(task, data, skip, limit, chat, calculator)
     atomic_write_text(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     print(f"wrote {len(rows)} examples to {out}")
 

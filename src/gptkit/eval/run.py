@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from gptkit.errors import GptkitError
+from gptkit.eval.calculator import calculator as gsm8k_calculator
 from gptkit.eval.classification import CLASSIFICATION_TASKS, classification_eval
 from gptkit.eval.code import HumanEvalScorer, require_execute
 from gptkit.eval.metrics import GENERATION_METRICS
@@ -231,6 +232,7 @@ def generation_eval(
     chat: bool = False,
     stop: Sequence[str] | None = None,
     progress: bool = True,
+    tool: Callable[[str], str | None] | None = None,
 ) -> dict[str, Any]:
     """Greedy answers to ``examples`` and their scores.
 
@@ -246,6 +248,8 @@ def generation_eval(
             chat template; otherwise the plain ``prompt`` is continued.
         stop: strings that end an answer (for example "\\n\\n"); eos always ends one.
         progress: show a progress bar over the examples.
+        tool: written into the answers as they are decoded (see ``tool`` of
+            :func:`gptkit.generate.generate`), such as the GSM8K calculator.
 
     Returns:
         ``metrics`` (name -> score), ``n`` (examples), ``seconds``, ``truncated_prompts``
@@ -276,6 +280,7 @@ def generation_eval(
                     max_new_tokens=max_new_tokens,
                     temperature=0.0,
                     stop=list(stop) if stop else None,
+                    tool=tool,
                 )
                 for i, out in zip(idx, outs, strict=True):
                     outputs[i] = out.strip()
@@ -366,6 +371,7 @@ def evaluate_model(
     execute: bool = False,
     timeout: float = 10.0,
     labels: str | None = None,
+    calculator: bool = False,
 ) -> dict[str, Any]:
     """Evaluate a model on text (perplexity), classification or a generation task.
 
@@ -393,6 +399,9 @@ def evaluate_model(
         timeout: for humaneval, wall-clock seconds per program before it is killed.
         labels: for classification, comma-separated label names (default: the model's
             head, else the task's: sst2 negative,positive; sms_spam ham,spam).
+        calculator: for gsm8k, the calculator of Cobbe et al. (2021): when the model writes
+            an annotation such as ``<<48/2=``, the result ``24>>`` is written for it. Models
+            learn to write annotations from ``gptkit sft-data --task gsm8k --calculator``.
     """
     from gptkit.checkpoint import load
 
@@ -400,6 +409,8 @@ def evaluate_model(
         raise GptkitError(f"unknown task {task!r}; choose from {', '.join(TASK_NAMES)}")
     if task == "humaneval":
         require_execute(execute)  # before loading anything
+    if calculator and task != "gsm8k":
+        raise GptkitError(f"--calculator is for --task gsm8k, not {task}")
     path = _data_path(task, data)
     net, tok = load(model, device=device)
     if tok is None:
@@ -436,6 +447,7 @@ def evaluate_model(
             chat=chat,
             stop=None if chat else spec.stop,
             progress=progress,
+            tool=gsm8k_calculator if calculator else None,
         )
         result["metrics"] = out["metrics"]
         result["n"] = out["n"]
@@ -447,6 +459,8 @@ def evaluate_model(
             "stop": [] if chat else list(spec.stop),
             "decoding": "greedy",
         }
+        if task == "gsm8k":
+            result["settings"]["calculator"] = calculator
         result["truncated_prompts"] = out["truncated_prompts"]
         result["predictions"] = out["predictions"]
         if scorer is not None:  # per problem: the program that ran, passed, and why not

@@ -371,14 +371,18 @@ def to_sft_rows(
     skip: int = 0,
     limit: int | None = None,
     chat: bool = True,
+    calculator: bool = False,
 ) -> list[dict[str, Any]]:
     """The examples of a shipped data set as SFT rows (``messages`` with the reference as
     the assistant's answer, or ``prompt``/``completion``), worded exactly as evaluation
     prompts them, so a model is fine-tuned on the requests it will be scored on (GSM8K's
-    calculator annotations ``<<48/2=24>>`` are dropped from its answers). The first
-    ``skip`` examples are left out (hold them out for evaluation with ``--limit``)."""
+    calculator annotations ``<<48/2=24>>`` are dropped from its answers unless
+    ``calculator``, for a model evaluated with the calculator). The first ``skip`` examples
+    are left out (hold them out for evaluation with ``--limit``)."""
     if task not in TASKS:
         raise GptkitError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
+    if calculator and task != "gsm8k":
+        raise GptkitError(f"--calculator keeps GSM8K's annotations; task {task} has none")
     if skip < 0:
         raise GptkitError(f"--skip must not be negative, got {skip}")
     path = Path(data) if data is not None else default_data(task)
@@ -392,7 +396,7 @@ def to_sft_rows(
         answer = ref[0] if isinstance(ref, list) else ref
         if not isinstance(answer, str):
             raise GptkitError(f"{ex['id']}: task {task} has no text answer to train on")
-        if task == "gsm8k":  # the calculator annotations "<<48/2=24>>" are not prose
+        if task == "gsm8k" and not calculator:  # annotations "<<48/2=24>>" are not prose
             answer = re.sub(r"<<[^<>]*>>", "", answer)
         if chat:
             rows.append({"messages": [*ex["messages"], {"role": "assistant", "content": answer}]})

@@ -46,7 +46,8 @@ from __future__ import annotations
 import contextlib
 import sys
 import warnings
-from collections.abc import Iterator, Sequence
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -204,6 +205,7 @@ class Decoder:
         self.pending: list[int] = [0] * n  # per row: the sampled token not yet fed to the model
         self.active = list(range(n)) if cfg.max_new_tokens > 0 else []
         self._leaving: list[int] = []  # rows that finished and still occupy the batch
+        self._forced: dict[int, deque[int]] = {}  # row -> ids to emit instead of sampling
         self._started = False
         self.cache: KVCache | None = None
         self._seen: Tensor | None = None  # (B, V) ids each active row holds, for the penalty
@@ -271,6 +273,22 @@ class Decoder:
         # A stop string found in the last token outranks the "length" that token also set.
         self.finish_reasons[row] = reason
 
+    def force(self, row: int, ids: Sequence[int]) -> None:
+        """Make ``ids`` the next tokens of ``row`` instead of sampled ones (a tool's output,
+        such as a calculator's result). They come as events like sampled tokens, count
+        toward ``max_new_tokens``, and the model reads them as it would its own. Forcing a
+        row that has finished does nothing."""
+        if row not in self.active or self.finish_reasons[row] is not None:
+            return
+        bad = next((t for t in ids if not 0 <= int(t) < self.config.vocab_size), None)
+        if bad is not None:
+            raise GptkitError(
+                f"cannot force token id {bad}: outside the model's vocabulary of "
+                f"{self.config.vocab_size}"
+            )
+        if ids:
+            self._forced.setdefault(row, deque()).extend(int(t) for t in ids)
+
     def __next__(self) -> list[TokenEvent]:
         model = self.model
         was_training = model.training
@@ -317,6 +335,12 @@ class Decoder:
         if isinstance(gens, list):
             gens = [gens[r] for r in self.active]
         tokens = sample_next(logits, self._seen, self.cfg, gens)  # (B,)
+        for b, r in enumerate(self.active):
+            queue = self._forced.get(r)
+            if queue:
+                tokens[b] = queue.popleft()
+                if not queue:
+                    del self._forced[r]
         if self._seen is not None:
             self._seen[torch.arange(len(tokens), device=self.device), tokens] = True
         return tokens.tolist()
@@ -327,6 +351,8 @@ class Decoder:
             return
         gone = set(self._leaving)
         self._leaving.clear()
+        for r in gone:
+            self._forced.pop(r, None)
         keep = [b for b, r in enumerate(self.active) if r not in gone]
         self.active = [self.active[b] for b in keep]
         if not self.active or not self._started:
@@ -533,8 +559,15 @@ class Detokenizer:
         return held
 
 
-def _text_pieces(decoder: Decoder, texts: list[Detokenizer]) -> Iterator[tuple[int, str]]:
-    """(row, text) pieces as the decoder produces tokens; empty pieces are skipped."""
+def _text_pieces(
+    decoder: Decoder,
+    texts: list[Detokenizer],
+    tool: Callable[[str], str | None] | None = None,
+    tokenizer: Tokenizer | None = None,
+) -> Iterator[tuple[int, str]]:
+    """(row, text) pieces as the decoder produces tokens; empty pieces are skipped. With a
+    ``tool``, a row's text is passed to it after every new token, and the text it returns
+    (if any) is forced into that row next."""
     for events in decoder:
         for ev in events:
             text = texts[ev.row]
@@ -543,6 +576,10 @@ def _text_pieces(decoder: Decoder, texts: list[Detokenizer]) -> Iterator[tuple[i
                 decoder.finish(ev.row, "stop")
             elif ev.finish_reason is not None:
                 piece += text.close()
+            elif tool is not None and tokenizer is not None:
+                forced = tool(text.text)
+                if forced:
+                    decoder.force(ev.row, tokenizer.encode(forced))
             if piece:
                 yield ev.row, piece
 
@@ -593,6 +630,7 @@ def generate(
     context_policy: str = "slide",
     use_cache: bool = True,
     compile: bool = False,
+    tool: Callable[[str], str | None] | None = None,
 ) -> str | list[str]:
     """Continue ``prompt`` (or each prompt of a list, batched) and return only the new text.
 
@@ -612,6 +650,10 @@ def generate(
         use_cache: False recomputes every step without the KV cache (slow; the reference).
         compile: decode a single prompt through torch.compile (faster per token after a
             one-off compilation; see :mod:`gptkit.generate.generator`).
+        tool: called with a row's text so far after every new token; a string it returns
+            is encoded and written into that row next, in place of sampled tokens (for
+            example :func:`gptkit.eval.calculator.calculator`). Its tokens count toward
+            ``max_new_tokens``.
 
     Returns:
         The continuation, or a list of them for a list of prompts.
@@ -633,6 +675,7 @@ def generate(
         context_policy=context_policy,
         use_cache=use_cache,
         compile=compile,
+        tool=tool,
     )
     parts: list[list[str]] = [[] for _ in prompts]
     for row, piece in pieces:
@@ -656,6 +699,7 @@ def stream(
     context_policy: str = "slide",
     use_cache: bool = True,
     compile: bool = False,
+    tool: Callable[[str], str | None] | None = None,
 ) -> Iterator[Any]:
     """Like :func:`generate`, but yields the text as it comes: ``"".join(stream(...)) ==
     generate(...)`` for the same arguments. For a list of prompts it yields ``(index, piece)``
@@ -674,5 +718,5 @@ def stream(
     single = isinstance(prompt, str)
     prompts = [prompt] if single else list(prompt)
     decoder, texts = _start(model, tokenizer, prompts, cfg, use_cache, compile)
-    pieces = _text_pieces(decoder, texts)
+    pieces = _text_pieces(decoder, texts, tool, tokenizer)
     return (piece for _, piece in pieces) if single else pieces
