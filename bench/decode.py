@@ -213,7 +213,7 @@ def main() -> None:
         match = same_prefix(a["tokens"], b["tokens"])
         for what in ("prefill", "decode"):
             g, r = statistics.median(a[what]), statistics.median(b[what])
-            label = f"{what} gptkit {mode}" + (f" ({how})" if what == "decode" else "")
+            label = f"{what} gptkit {mode} ({how})"
             label += f" vs {anchor}"
             print(f"| {label:<44} | {g:>8.1f} | {r:>8.1f} | {g / r:>6.2f} | {match:>10} |")
     for mode in ours:  # modes without an anchor above still get their figures

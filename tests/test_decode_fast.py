@@ -12,7 +12,8 @@ from conftest import FAMILIES, run_ids, tiny_model
 from gptkit.compress import quantize
 from gptkit.config import SampleConfig
 from gptkit.generate import generate, generate_ids
-from gptkit.generate.generator import compiled_cache_len
+from gptkit.generate.generator import compiled_cache_len, compiled_prefill
+from gptkit.model import KVCache
 from gptkit.tokenizer import CharTokenizer
 
 GREEDY = SampleConfig(temperature=0.0, max_new_tokens=20, stop_at_eos=False)
@@ -29,6 +30,21 @@ def models() -> dict[str, torch.nn.Module]:
 
 def test_cache_lengths_are_few() -> None:
     assert [compiled_cache_len(n) for n in (1, 200, 256, 257, 600)] == [256, 256, 256, 512, 1024]
+
+
+@pytest.mark.parametrize("name", ["llama", "llama-int4"])
+def test_compiled_prefill_equals_eager_at_every_length(models, name: str) -> None:
+    model = models[name]
+    for n in (5, 9, 17):  # one graph with the length symbolic serves them all
+        x = torch.randint(0, 64, (1, n), generator=torch.Generator().manual_seed(n))
+        caches = [KVCache(model.config, 1, 32) for _ in range(2)]
+        with torch.inference_mode():
+            h = compiled_prefill(model, x, caches[0])
+            ref = model.hidden(x, caches[1])[:, -1]
+        assert h is not None
+        torch.testing.assert_close(h, ref, rtol=1e-4, atol=1e-4)
+        for a, b in zip(caches[0].k + caches[0].v, caches[1].k + caches[1].v, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("name", ["gpt2", "llama", "llama-int4"])

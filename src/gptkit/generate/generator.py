@@ -63,6 +63,7 @@ from gptkit.tokenizer.base import Tokenizer
 FinishReason = Literal["eos", "length", "stop"]
 _REPLACEMENT = "\ufffd"  # what a decoder shows for the bytes of an unfinished UTF-8 character
 _compiled_step: Any = None  # the torch.compile'd decode step, made on first use
+_compiled_prefill: Any = None  # the torch.compile'd single-prompt prefill, made on first use
 
 
 def _outside_caller() -> int:
@@ -130,6 +131,30 @@ def compiled_step(model: GPT, x: Tensor, cache: KVCache, trusted: bool = False) 
         return None
     cache.pos, cache.length = view.pos, cache.length + x.shape[1]
     return model.lm_head(h)
+
+
+def compiled_prefill(model: GPT, x: Tensor, cache: KVCache) -> Tensor | None:
+    """The last position's hidden state of ``model.hidden(x, cache)`` for one prompt x
+    (1, T), through ``torch.compile`` with the prompt length symbolic (one graph serves every
+    length); fills ``cache`` like the eager call. Compiling fuses the elementwise work
+    (norms, rotary embeddings, activations, residual adds) that otherwise costs as much as a
+    small model's matmuls. None when torch will not compile another graph; prefill eagerly
+    then."""
+    global _compiled_prefill
+    if _compiled_prefill is None:
+        _compiled_prefill = torch.compile(
+            _step, fullgraph=True, dynamic=True, options={"cpp_wrapper": True}
+        )
+    torch._dynamo.maybe_mark_dynamic(x, 1)
+    try:
+        return _compiled_prefill(model, x, cache)
+    except torch._dynamo.exc.FailOnRecompileLimitHit:
+        warnings.warn(
+            "torch.compile's recompile limit is reached (too many different models in one "
+            "process); prefilling eagerly",
+            stacklevel=_outside_caller(),
+        )
+        return None
 
 
 @dataclass(frozen=True)
@@ -391,7 +416,11 @@ class Decoder:
         if self.compile:
             need = compiled_cache_len(need)
         self.cache = KVCache(self.config, len(rows), need, self.device, self.dtype)
-        logits = self._last_logits(x, lengths, self.cache)
+        h = compiled_prefill(self.model, x, self.cache) if self.compile and len(rows) == 1 else None
+        if h is not None:
+            logits = self.model.lm_head(h)
+        else:
+            logits = self._last_logits(x, lengths, self.cache)
         self.cache.set_pos(lengths)
         return logits
 
