@@ -13,7 +13,7 @@ SMOLLM2 := models/SmolLM2-135M-Instruct.Q4_1.gguf
 
 .PHONY: demo test lint bench-train models browser clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py src/gptkit/tokenizer/_fastbpe.c
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH)"

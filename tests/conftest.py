@@ -17,7 +17,7 @@ import torch
 
 from gptkit.config import ModelConfig, SampleConfig
 from gptkit.model import GPT
-from gptkit.tokenizer import BPETokenizer, CharTokenizer
+from gptkit.tokenizer import EOT, BPETokenizer, CharTokenizer
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
@@ -99,6 +99,29 @@ def bpe_tokenizer() -> BPETokenizer:
 @pytest.fixture(scope="session")
 def gpt2_dir() -> Path:
     return shared_path("gpt2")
+
+
+#: GPT-2's split regex, as tiktoken writes it
+GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
+
+@pytest.fixture(scope="session")
+def gpt2(gpt2_dir: Path) -> BPETokenizer:
+    """GPT-2's tokenizer from the shared encoder.json and vocab.bpe."""
+    return BPETokenizer.from_gpt2_files(gpt2_dir / "encoder.json", gpt2_dir / "vocab.bpe")
+
+
+@pytest.fixture(scope="session")
+def tiktoken_gpt2(gpt2_dir: Path) -> Any:
+    """tiktoken's gpt2 encoding, built from the same local files (nothing is downloaded)."""
+    tiktoken = pytest.importorskip("tiktoken")
+    from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+
+    d = str(gpt2_dir)
+    ranks = data_gym_to_mergeable_bpe_ranks(f"{d}/vocab.bpe", f"{d}/encoder.json")
+    return tiktoken.Encoding(
+        "gpt2-local", pat_str=GPT2_PATTERN, mergeable_ranks=ranks, special_tokens={EOT: 50256}
+    )
 
 
 @pytest.fixture(scope="session")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import SAMPLE_TEXT, SHARED_DATA, shared_path
@@ -12,12 +13,6 @@ from hypothesis import strategies as st
 
 from gptkit.errors import GptkitError
 from gptkit.tokenizer import EOT, BPETokenizer, CharTokenizer, load_tokenizer
-
-
-@pytest.fixture(scope="module")
-def gpt2() -> BPETokenizer:
-    d = shared_path("gpt2")
-    return BPETokenizer.from_gpt2_files(d / "encoder.json", d / "vocab.bpe")
 
 
 @settings(max_examples=300, deadline=None)
@@ -60,18 +55,8 @@ GPT2_SAMPLES = [
 ]
 
 
-def test_gpt2_ids_equal_tiktoken(gpt2: BPETokenizer) -> None:
-    tiktoken = pytest.importorskip("tiktoken")
-    d = shared_path("gpt2")
-    from tiktoken.load import data_gym_to_mergeable_bpe_ranks
-
-    ranks = data_gym_to_mergeable_bpe_ranks(str(d / "vocab.bpe"), str(d / "encoder.json"))
-    enc = tiktoken.Encoding(
-        "gpt2-local",
-        pat_str=r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""",
-        mergeable_ranks=ranks,
-        special_tokens={EOT: 50256},
-    )
+def test_gpt2_ids_equal_tiktoken(gpt2: BPETokenizer, tiktoken_gpt2: Any) -> None:
+    enc = tiktoken_gpt2
     texts = [*GPT2_SAMPLES]
     shakespeare = SHARED_DATA / "tinyshakespeare" / "input.txt"
     if shakespeare.exists():

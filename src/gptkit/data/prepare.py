@@ -54,7 +54,7 @@ from gptkit.tokenizer import BPETokenizer, CharTokenizer, Tokenizer, find_tokeni
 
 BLOCK = 1 << 20  # bytes read at a time; a block is extended to the end of its last line
 CHUNK = 1 << 20  # characters of one document handed to the tokenizer in one piece
-BATCH = 4 << 20  # characters per encode_batch call (the BPE encoder runs them in parallel)
+BATCH = 4 << 20  # characters per encode_batch call
 SNIFF = 8192  # a NUL byte among this many leading bytes marks a file as binary
 UINT16_IDS = 1 << 16
 ON_BAD_BYTES = ("replace", "skip", "error")

@@ -4,11 +4,19 @@ Three ways in: train on a corpus at a chosen vocabulary size; load GPT-2's own f
 (``encoder.json`` + ``vocab.bpe``, or ``vocab.json`` + ``merges.txt``); or read a
 ``tokenizer.json``. Text is split with GPT-2's regex, mapped to bytes, and merged by rank, so
 ``decode(encode(s)) == s`` for every Unicode string.
+
+Encoding has a fast path: when a tokenizer splits text exactly as GPT-2 does (the ByteLevel
+pre-tokenizer with its regex, no normalizer, a plain BPE model over all 256 bytes), the C
+extension :mod:`gptkit.tokenizer._fastbpe` encodes it, with the same ids as ``tokenizers``
+and several times tiktoken's speed (``bench/tokenizer.py``). Anything else, or an install
+built without a C compiler, goes through ``tokenizers``.
 """
 
 from __future__ import annotations
 
 import json
+import re
+from array import array
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -18,6 +26,11 @@ from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
 
 from gptkit.errors import GptkitError
 from gptkit.tokenizer.base import EOT, Tokenizer
+
+try:
+    from gptkit.tokenizer import _fastbpe
+except ImportError:  # built without a C compiler: tokenizers does all the encoding
+    _fastbpe = None  # type: ignore[assignment]
 
 
 def _byte_level(model: models.Model, special: Iterable[str]) -> HFTokenizer:
@@ -49,6 +62,97 @@ def _read_vocab_merges(
     return vocab, merges
 
 
+def _bytes_to_unicode() -> list[str]:
+    """GPT-2's byte -> printable character map (``bytes_to_unicode``), indexed by byte."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1)]
+    keep += range(ord("®"), ord("ÿ") + 1)
+    extra = iter(range(256, 512))
+    return [chr(b) if b in keep else chr(next(extra)) for b in range(256)]
+
+
+class _FastBPE:
+    """The C encoder of a tokenizer that splits text exactly as GPT-2 does.
+
+    Added tokens are cut out of the text first, as ``tokenizers`` does: at the leftmost
+    match, the longest token. ``added`` is None when they carry options this path does not
+    implement (lstrip, rstrip, single_word, or both normalized and raw ones); texts that need
+    them go through ``tokenizers``.
+    """
+
+    def __init__(self, encoder: Any, added: dict[str, int] | None):
+        self.encoder = encoder
+        self.added = added
+        self.pattern = None
+        if added:
+            longest_first = sorted(added, key=len, reverse=True)
+            self.pattern = re.compile("(" + "|".join(map(re.escape, longest_first)) + ")")
+
+    @classmethod
+    def build(cls, tok: HFTokenizer) -> _FastBPE | None:
+        """The fast path for ``tok``, or None when ``tok`` is not GPT-2-style byte-level BPE
+        (or the extension is not built)."""
+        if _fastbpe is None or not isinstance(tok.pre_tokenizer, pre_tokenizers.ByteLevel):
+            return None  # (the cheap test first: the JSON of a large vocabulary takes 0.2 s)
+        data = json.loads(tok.to_str())
+        pre = data.get("pre_tokenizer") or {}
+        model = data.get("model") or {}
+        if (
+            data.get("normalizer") is not None
+            or data.get("truncation") is not None
+            or data.get("padding") is not None
+            or pre.get("type") != "ByteLevel"
+            or pre.get("add_prefix_space") is not False
+            or pre.get("use_regex", True) is not True
+            or model.get("type") != "BPE"
+            # each of these changes how a piece is merged
+            or model.get("dropout")
+            or model.get("continuing_subword_prefix")
+            or model.get("end_of_word_suffix")
+            or model.get("byte_fallback")
+            or model.get("ignore_merges")
+        ):
+            return None
+        vocab = model.get("vocab") or {}
+        try:
+            byte_ids = array("i", [vocab[c] for c in _bytes_to_unicode()])
+            merges = array("i")
+            for merge in model.get("merges") or []:
+                left, right = merge.split(" ") if isinstance(merge, str) else merge
+                merges.extend((vocab[left], vocab[right], vocab[left + right]))
+        except (KeyError, ValueError, TypeError):
+            return None  # a byte without a token, or a merge outside the vocabulary
+        added: dict[str, int] | None = {}
+        tokens = tok.get_added_tokens_decoder()
+        if any(t.lstrip or t.rstrip or t.single_word or not t.content for t in tokens.values()):
+            added = None
+        elif len({t.normalized for t in tokens.values()}) > 1:
+            added = None  # matched in two rounds, raw then normalized
+        else:
+            added = {t.content: i for i, t in tokens.items()}
+        return cls(_fastbpe.Encoder(byte_ids, merges), added)
+
+    def encode(self, text: str, split_added: bool) -> list[int] | None:
+        """The ids of ``text`` (with added tokens matched when ``split_added``), or None
+        when this path cannot give the ``tokenizers`` result."""
+        if split_added and self.added is None:
+            return None
+        try:
+            if not split_added or self.pattern is None:
+                return self.encoder.encode(text)
+            parts = self.pattern.split(text)
+            if len(parts) == 1:
+                return self.encoder.encode(text)
+            ids: list[int] = []
+            for k, part in enumerate(parts):
+                if k % 2:
+                    ids.append(self.added[part])
+                elif part:
+                    ids += self.encoder.encode(part)
+            return ids
+        except UnicodeEncodeError:
+            return None  # lone surrogates: tokenizers decides what they give (an error)
+
+
 def _token_text(raw: Any) -> str | None:
     """tokenizer_config.json writes a token as its text or as {"content": text, ...}."""
     return raw.get("content") if isinstance(raw, dict) else raw
@@ -63,6 +167,8 @@ class BPETokenizer(Tokenizer):
     ):
         self._tok = tok
         self._plain: HFTokenizer | None = None
+        # Built from self._tok on first use (False: not yet), so it must not change after.
+        self._fast: _FastBPE | bool | None = False
         self.special_tokens = {
             t.content: i for i, t in tok.get_added_tokens_decoder().items() if t.special
         }
@@ -158,12 +264,41 @@ class BPETokenizer(Tokenizer):
             self._plain = HFTokenizer.from_str(json.dumps(data))
         return self._plain
 
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_fast"] = False  # the C encoder does not pickle; it is rebuilt on first use
+        return state
+
+    def _fast_path(self) -> _FastBPE | None:
+        if self._fast is False:
+            self._fast = _FastBPE.build(self._tok)
+        return self._fast  # type: ignore[return-value]
+
+    @property
+    def fast(self) -> bool:
+        """Whether :meth:`encode` runs the C encoder (GPT-2-style byte-level BPE, extension
+        built) rather than ``tokenizers``; the ids are the same either way."""
+        return self._fast_path() is not None
+
     def encode(self, text: str, allow_special: bool = True) -> list[int]:
-        tok = self._tok if allow_special or not self.special_tokens else self._plain_tok()
+        # Added tokens are matched with the full tokenizer; the plain copy has none.
+        use_added = allow_special or not self.special_tokens
+        fast = self._fast_path()
+        if fast is not None:
+            ids = fast.encode(text, use_added)
+            if ids is not None:
+                return ids
+        tok = self._tok if use_added else self._plain_tok()
         return tok.encode(text, add_special_tokens=False).ids
 
     def encode_batch(self, texts: list[str], allow_special: bool = True) -> list[list[int]]:
-        tok = self._tok if allow_special or not self.special_tokens else self._plain_tok()
+        use_added = allow_special or not self.special_tokens
+        fast = self._fast_path()
+        if fast is not None:
+            out = [fast.encode(t, use_added) for t in texts]
+            if all(ids is not None for ids in out):
+                return out  # type: ignore[return-value]
+        tok = self._tok if use_added else self._plain_tok()
         return [e.ids for e in tok.encode_batch(texts, add_special_tokens=False)]
 
     def decode(self, ids: list[int]) -> str:
