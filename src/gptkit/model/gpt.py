@@ -14,7 +14,9 @@ Read top-down: leaf modules first, :class:`GPT` last.
 
 from __future__ import annotations
 
+import contextlib
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -60,17 +62,64 @@ class KVCache:
         self.set_pos(torch.zeros_like(self.pos))
 
 
-def keep_mask(shape: tuple[int, ...], p: float, device: torch.device) -> Tensor:
-    """A random bool mask, True with probability ``1 - p`` (to 1/65536).
-
-    ``bernoulli_`` draws one random number per element; this draws one 64-bit integer per
-    four elements and compares its 16-bit quarters with a threshold: about 4x faster on a
-    CPU, where dropout's random numbers otherwise cost as much as the model's matmuls.
-    """
-    n = math.prod(shape)
+def random_quarters(n: int, device: torch.device) -> Tensor:
+    """``n`` uniform int16 values from the global generator: one 64-bit integer per four
+    (``bernoulli_`` draws one random number per element and costs about 4x more on a CPU,
+    where dropout's random numbers otherwise cost as much as the model's matmuls)."""
     words = torch.randint(-(2**63), 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64, device=device)
-    quarters = words.view(torch.int16)[:n]  # uniform in [-32768, 32767]
+    return words.view(torch.int16)[:n]
+
+
+def keep_mask(shape: tuple[int, ...], p: float, device: torch.device) -> Tensor:
+    """A random bool mask, True with probability ``1 - p`` (to 1/65536): the 16-bit values
+    of :func:`random_quarters` compared with a threshold."""
+    quarters = random_quarters(math.prod(shape), device)  # uniform in [-32768, 32767]
     return (quarters >= round(p * 65536) - 32768).view(shape)
+
+
+def _int64(x: int) -> int:
+    return x - (1 << 64) if x >= 1 << 63 else x
+
+
+_PACK = _int64(0x0102040810204080)  # byte i of a word (0 or 1) -> bit 56 + i of the product
+_SPREAD = _int64(0x0101010101010101)  # a byte copied into all eight bytes of a word
+_BIT_I = _int64(0x8040201008040201)  # bit i of byte i
+
+
+def pack_bits(mask: Tensor) -> Tensor:
+    """A bool tensor as uint8 bits (element 8j + i is bit i of byte j): the eighth of the
+    memory that saving the bool mask for backward would take."""
+    flat = mask.reshape(-1).view(torch.uint8)
+    if flat.numel() % 8:
+        flat = F.pad(flat, (0, 8 - flat.numel() % 8))
+    words = flat.contiguous().view(torch.int64)  # eight 0/1 bytes per word
+    return ((words * _PACK) >> 56).bitwise_and_(0xFF).to(torch.uint8)
+
+
+def unpack_bits(bits: Tensor, shape: tuple[int, ...]) -> Tensor:
+    """Inverse of :func:`pack_bits`: the bool tensor of ``shape``."""
+    words = (bits.to(torch.int64) * _SPREAD).bitwise_and_(_BIT_I)  # byte i: bit i alone
+    words = ((words + 0x7F7F7F7F7F7F7F7F) >> 7).bitwise_and_(_SPREAD)  # byte i: 0 or 1
+    return words.view(torch.uint8)[: math.prod(shape)].view(torch.bool).view(shape)
+
+
+class _DropoutFunction(torch.autograd.Function):
+    """``x * keep / (1 - p)``, saving only the bits of ``keep`` for backward (autograd would
+    keep a byte per element, and ``torch.where`` is 5x slower than this multiply on a CPU)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, p: float) -> Tensor:
+        keep = keep_mask(tuple(x.shape), p, x.device)
+        ctx.save_for_backward(pack_bits(keep))
+        ctx.p, ctx.shape = p, tuple(x.shape)
+        # x * 1 * scale rounds as x * scale does: the result equals nn.Dropout's formula.
+        return (x * keep.view(torch.uint8)).mul_(1.0 / (1.0 - p))
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        (bits,) = ctx.saved_tensors
+        keep = unpack_bits(bits, ctx.shape)
+        return (grad * keep.view(torch.uint8)).mul_(1.0 / (1.0 - ctx.p)), None
 
 
 class Dropout(nn.Module):
@@ -83,26 +132,121 @@ class Dropout(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if not self.training or self.p == 0.0:
             return x
-        keep = keep_mask(tuple(x.shape), self.p, x.device)
-        return torch.where(keep, x * (1.0 / (1.0 - self.p)), 0.0)
+        return _DropoutFunction.apply(x, self.p)
+
+
+def _no_autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def _attention_tiles(
+    B: int, H: int, T: int, S: int, causal: bool
+) -> list[tuple[slice, slice, int]]:
+    """(batch rows, query rows, keys 0..kend) of each tile :class:`_DropoutAttention` works on.
+
+    Tiles of 64 query rows let a causal layer skip the keys after each tile's last query
+    (with 4 tiles, 3/8 of the products), and a few batch rows per tile keep its (b, H, 64, S)
+    products in the CPU's cache (about 2**19 elements) across the ops that use them.
+    """
+    bt = min(T, 64)
+    bb = max(1, min(B, 2**19 // (H * bt * S)))
+    tiles = []
+    for r in range(0, T, bt):
+        kend = min(S, r + bt + S - T) if causal else S
+        for b in range(0, B, bb):
+            tiles.append((slice(b, b + bb), slice(r, min(r + bt, T)), kend))
+    return tiles
+
+
+class _DropoutAttention(torch.autograd.Function):
+    """Attention with dropout on the weights that keeps no (B, H, T, S) tensor for backward.
+
+    Forward and backward walk the same tiles (see :func:`_attention_tiles`); backward
+    recomputes each tile's probabilities from q and k instead of reading them back, and the
+    dropout mask from its bits. Saved: q, k, v (views of the qkv projection's output), the
+    mask's bits and the attention mask. Autograd on the materialised formula saves the
+    probabilities twice (before and after dropout, 16-bit under bf16 autocast) and a byte of
+    mask per weight: 126 MB per layer at nanoGPT's Shakespeare size (batch 64, 6 heads,
+    context 256), against 3 MB of bits here. The recomputed Q·Kᵀ costs about 2% of a layer's
+    training FLOPs there, less than the causal tiles skip. The random numbers are those
+    ``keep_mask(att.shape)`` draws, so the result equals the materialised formula's (same
+    seed, same mask) to rounding.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, p: float) -> Tensor:
+        B, H, T, S = *q.shape[:3], k.shape[2]
+        keep = keep_mask((B, H, T, S), p, q.device)
+        ctx.save_for_backward(q, k, v, pack_bits(keep), mask)
+        ctx.p = p
+        with _no_autocast(q.device):
+            qs, kc, vs, bias = _DropoutAttention._inputs(q, k, v, mask, p)
+            out = torch.empty_like(qs)
+            for bs, rows, kend in _attention_tiles(B, H, T, S, mask is None):
+                s = qs[bs, :, rows] @ kc[bs, :, :kend].transpose(-2, -1)
+                prob = s.add_(bias[bs, :, rows, :kend]).softmax(-1)
+                prob.mul_(keep[bs, :, rows, :kend].view(torch.uint8))
+                out[bs, :, rows] = prob @ vs[bs, :, :kend]
+        return out
+
+    @staticmethod
+    def _inputs(
+        q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, p: float
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """q scaled by 1/sqrt(hs), k, v scaled by 1/(1 - p), contiguous; the mask as an
+        additive bias (0 or -inf) broadcast to (B, H, T, S)."""
+        B, H, T, hs = q.shape
+        S = k.shape[2]
+        qs = (q * (1.0 / math.sqrt(hs))).contiguous()
+        vs = (v * (1.0 / (1.0 - p))).contiguous()
+        if mask is None:
+            mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+        bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(
+            ~mask, float("-inf")
+        )
+        return qs, k.contiguous(), vs, bias.expand(B, H, T, S)
+
+    @staticmethod
+    def backward(ctx: Any, dout: Tensor) -> tuple[Tensor, Tensor, Tensor, None, None]:
+        q, k, v, bits, mask = ctx.saved_tensors
+        p = ctx.p
+        B, H, T, hs = q.shape
+        S = k.shape[2]
+        keep = unpack_bits(bits, (B, H, T, S))
+        with _no_autocast(q.device):
+            qs, kc, vs, bias = _DropoutAttention._inputs(q, k, v, mask, p)
+            dout = dout.to(qs.dtype).contiguous()
+            dq, dk, dv = torch.empty_like(qs), torch.zeros_like(kc), torch.zeros_like(vs)
+            for bs, rows, kend in _attention_tiles(B, H, T, S, mask is None):
+                kt, d = kc[bs, :, :kend], dout[bs, :, rows]
+                s = qs[bs, :, rows] @ kt.transpose(-2, -1)
+                prob = s.add_(bias[bs, :, rows, :kend]).softmax(-1)
+                del s
+                keep_t = keep[bs, :, rows, :kend].view(torch.uint8).to(prob.dtype)
+                dprob = (d @ vs[bs, :, :kend].transpose(-2, -1)).mul_(keep_t)
+                ds = torch._softmax_backward_data(dprob, prob, -1, prob.dtype)
+                del dprob
+                dv[bs, :, :kend] += prob.mul_(keep_t).transpose(-2, -1) @ d
+                dq[bs, :, rows] = ds @ kt
+                dk[bs, :, :kend] += ds.transpose(-2, -1) @ qs[bs, :, rows]
+            dq.mul_(1.0 / math.sqrt(hs))
+            dv.mul_(1.0 / (1.0 - p))
+        return dq, dk, dv, None, None
 
 
 def attention_with_dropout(
     q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, p: float
 ) -> Tensor:
-    """Training attention with dropout on the weights, as SDPA's reference math computes it
-    (SDPA leaves its fused kernels for that path anyway), with :func:`keep_mask`'s cheaper
-    random numbers. ``mask`` None is causal; True in ``mask`` means attend."""
-    nh, nkv, T, S = q.shape[1], k.shape[1], q.shape[2], k.shape[2]
+    """Training attention with dropout on the weights: SDPA's reference math (SDPA has no
+    fused CPU kernel with dropout) with :func:`keep_mask`'s cheaper random numbers, computed
+    tile by tile and recomputed in backward (:class:`_DropoutAttention`). ``mask`` None is
+    causal; True in ``mask`` means attend."""
+    nh, nkv = q.shape[1], k.shape[1]
     if nkv != nh:  # grouped-query heads: each key/value head serves nh / nkv query heads
         k, v = k.repeat_interleave(nh // nkv, dim=1), v.repeat_interleave(nh // nkv, dim=1)
-    att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))  # (B, nh, T, S)
-    if mask is None:
-        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
-    att = att.masked_fill(~mask, float("-inf")).softmax(dim=-1)
-    keep = keep_mask(tuple(att.shape), p, att.device)
-    att = torch.where(keep, att * (1.0 / (1.0 - p)), 0.0)
-    return att @ v  # (B, nh, T, hs)
+    return _DropoutAttention.apply(q, k.to(q.dtype), v.to(q.dtype), mask, p)  # (B, nh, T, hs)
 
 
 class Norm(nn.Module):
