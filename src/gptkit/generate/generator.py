@@ -123,11 +123,7 @@ def compiled_step(model: GPT, x: Tensor, cache: KVCache, trusted: bool = False) 
         with stance:
             h = _compiled_step(model, x, view)
     except torch._dynamo.exc.FailOnRecompileLimitHit:
-        warnings.warn(
-            "torch.compile's recompile limit is reached (too many different models or cache "
-            "lengths in one process); decoding eagerly",
-            stacklevel=_outside_caller(),
-        )
+        _warn_recompile_limit("models or cache lengths", "decoding")
         return None
     cache.pos, cache.length = view.pos, cache.length + x.shape[1]
     return model.lm_head(h)
@@ -149,12 +145,16 @@ def compiled_prefill(model: GPT, x: Tensor, cache: KVCache) -> Tensor | None:
     try:
         return _compiled_prefill(model, x, cache)
     except torch._dynamo.exc.FailOnRecompileLimitHit:
-        warnings.warn(
-            "torch.compile's recompile limit is reached (too many different models in one "
-            "process); prefilling eagerly",
-            stacklevel=_outside_caller(),
-        )
+        _warn_recompile_limit("models", "prefilling")
         return None
+
+
+def _warn_recompile_limit(what: str, doing: str) -> None:
+    warnings.warn(
+        f"torch.compile's recompile limit is reached (too many different {what} in one "
+        f"process); {doing} eagerly",
+        stacklevel=_outside_caller(),
+    )
 
 
 @dataclass(frozen=True)
