@@ -565,7 +565,15 @@ def train(
         # Every rank evaluates its rows of the same batches (FSDP needs them all anyway).
         val = mean_loss(model, make_val(), eval_batches, device, precision)
         val = distributed.mean_over_ranks(torch.tensor(val, device=device)).item()
-        log({"step": at_step, "val_loss": val, "val_ppl": math.exp(min(val, 50.0))})
+        elapsed = round(time.perf_counter() - start, 3)
+        log(
+            {
+                "step": at_step,
+                "val_loss": val,
+                "val_ppl": math.exp(min(val, 50.0)),
+                "elapsed_s": elapsed,
+            }
+        )
         return val
 
     bar = tqdm(
@@ -580,7 +588,7 @@ def train(
     val_loss: float | None = None
     interrupted = False
     train_time, train_tokens = 0.0, 0
-    last_plot = time.perf_counter()
+    start = last_plot = time.perf_counter()  # wall time includes evaluations and saving
     # Only rank 0 keeps the metrics; the other ranks write the same rows to nowhere.
     with (
         open(metrics_path if ranks.is_main else os.devnull, "a") as metrics,
@@ -595,7 +603,7 @@ def train(
             t0 = time.perf_counter()
             lr = lr_at(step, train_cfg)
             for group in optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * group.get("lr_scale", 1.0)
             loss_sum = torch.zeros((), device=device)
             step_tokens = 0
             for micro in range(train_cfg.grad_accum):
@@ -631,6 +639,16 @@ def train(
                 val_loss = run_eval(step, log)
                 if val_loss is not None and progress:
                     bar.write(f"step {step}: train loss {last_loss:.4f}, val loss {val_loss:.4f}")
+                target = train_cfg.target_loss
+                if target is not None and val_loss is not None and val_loss <= target:
+                    summary["target_reached"] = {
+                        "step": step,
+                        "val_loss": val_loss,
+                        "seconds": time.perf_counter() - start,
+                    }
+                    if progress:
+                        bar.write(f"step {step}: val loss {val_loss:.4f} <= {target}, stopping")
+                    done = True
                 # Drawing costs about a second: redraw at most every 30 s, and at the end.
                 if ranks.is_main and (done or time.perf_counter() - last_plot > 30):
                     plot_losses(metrics_path, png_path)
@@ -640,6 +658,8 @@ def train(
                 break
             if (train_cfg.save_every and step % train_cfg.save_every == 0) or done:
                 save(step, last_loss)
+            if done:
+                break
     bar.close()
     ckpt = step_dir(out, step)
     if interrupted or saved_step != step:
@@ -655,6 +675,7 @@ def train(
         "val_loss": val_loss,
         "checkpoint": str(ckpt),
         "tokens_per_s": train_tokens / train_time if train_time else None,
+        "wall_s": time.perf_counter() - start,
         "interrupted": interrupted,
         "loss_png": str(png_path),
     }
