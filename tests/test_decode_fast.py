@@ -29,7 +29,9 @@ def models() -> dict[str, torch.nn.Module]:
 
 
 def test_cache_lengths_are_few() -> None:
-    assert [compiled_cache_len(n) for n in (1, 200, 256, 257, 600)] == [256, 256, 256, 512, 1024]
+    lengths = [compiled_cache_len(n) for n in (1, 200, 256, 257, 384, 385, 600, 1000, 1025)]
+    assert lengths == [256, 256, 256, 384, 384, 512, 768, 1024, 1536]
+    assert len({compiled_cache_len(n) for n in range(1, 8193)}) == 11  # 256 ... 8192
 
 
 @pytest.mark.parametrize("name", ["llama", "llama-int4"])
