@@ -166,9 +166,7 @@ class TrainConfig(_JsonMixin):
     batch_size: int = 12  # sequences per micro-batch per process (global: × processes × grad_accum)
     grad_accum: int = 1  # micro-batches per optimizer step
     max_steps: int = 2000
-    optimizer: Literal["adamw", "muon"] = (
-        "adamw"  # muon: Muon on hidden matrices, AdamW on the rest
-    )
+    optimizer: Literal["adamw", "muon"] = "adamw"  # muon: Muon on matrices, AdamW on the rest
     lr: float = 1e-3  # AdamW's learning rate (with muon: of embeddings, norms and biases)
     muon_lr: float = 0.02  # muon: the learning rate of the hidden matrices
     muon_momentum: float = 0.95  # muon: Nesterov momentum of the hidden matrices
