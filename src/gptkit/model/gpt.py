@@ -337,7 +337,7 @@ class Attention(nn.Module):
         dtype, fp32 = q.dtype, _slow_bf16_sdpa_backward(q)
         if fp32:
             q, k, v = q.float(), k.float(), v.float()
-        with torch.autocast("cpu", enabled=False) if fp32 else contextlib.nullcontext():
+        with _no_autocast(q.device) if fp32 else contextlib.nullcontext():
             y = F.scaled_dot_product_attention(
                 q,
                 k,

@@ -5,8 +5,8 @@
 - ``muon`` (Jordan et al. 2024, "Muon: An optimizer for hidden layers in neural networks")
   replaces each hidden matrix's update by the nearest semi-orthogonal matrix to its Nesterov
   momentum, found by a few Newton-Schulz iterations; embeddings, the output head, norms and
-  biases keep AdamW. On nanoGPT's small Shakespeare model it reaches a given validation loss
-  in about half the steps of AdamW (bench/train_shakespeare_char.py).
+  biases keep AdamW. On nanoGPT's small Shakespeare model it reached a given validation loss
+  in about half the steps of AdamW (a side experiment, in the README's Benchmarks section).
 
 Schedules: linear warm-up, then cosine decay to ``min_lr`` and constant after, or ``wsd``
 (warm-up, stable, decay): constant ``lr`` until the last ``cooldown`` fraction of the steps,
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 import torch
@@ -31,9 +31,13 @@ from gptkit.config import TrainConfig
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    params = [p for p in model.parameters() if p.requires_grad]  # tied weights appear once
-    decay = [p for p in params if p.dim() >= 2]
+def param_groups(
+    model: nn.Module, weight_decay: float, skip: Collection[int] = frozenset()
+) -> list[dict]:
+    """Trainable parameters (but those whose id is in ``skip``) in two AdamW groups: matrices
+    with ``weight_decay``, vectors (biases, norm gains) without."""
+    params = [p for p in model.parameters() if p.requires_grad and id(p) not in skip]
+    decay = [p for p in params if p.dim() >= 2]  # tied weights appear once
     no_decay = [p for p in params if p.dim() < 2]
     return [
         {"params": decay, "weight_decay": weight_decay},
@@ -50,20 +54,13 @@ def is_hidden_matrix(name: str, p: Tensor) -> bool:
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     device = next(model.parameters()).device
     if cfg.optimizer == "muon":
-        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        hidden = [p for n, p in named if is_hidden_matrix(n, p)]
-        ids = {id(p) for p in hidden}
-        rest = [p for _, p in named if id(p) not in ids]
-        groups = [
-            {
-                "params": hidden,
-                "muon": True,
-                "lr_scale": cfg.muon_lr / cfg.lr,
-                "weight_decay": cfg.weight_decay,
-            },
-            {"params": [p for p in rest if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-            {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0},
+        hidden = [
+            p for n, p in model.named_parameters() if p.requires_grad and is_hidden_matrix(n, p)
         ]
+        muon = dict(
+            params=hidden, muon=True, lr_scale=cfg.muon_lr / cfg.lr, weight_decay=cfg.weight_decay
+        )
+        groups = [muon, *param_groups(model, cfg.weight_decay, skip={id(p) for p in hidden})]
         return Muon(
             [g for g in groups if g["params"]],
             lr=cfg.lr,
