@@ -5,6 +5,9 @@ batch shrinks to one row, and through the text API. Each graph compiles once per
 
 from __future__ import annotations
 
+import copy
+import importlib
+
 import pytest
 import torch
 from conftest import FAMILIES, run_ids, tiny_model
@@ -16,6 +19,7 @@ from gptkit.generate.generator import compiled_cache_len, compiled_prefill
 from gptkit.model import KVCache
 from gptkit.tokenizer import CharTokenizer
 
+generator = importlib.import_module("gptkit.generate.generator")
 GREEDY = SampleConfig(temperature=0.0, max_new_tokens=20, stop_at_eos=False)
 
 
@@ -58,6 +62,23 @@ def test_compiled_equals_eager(models, name: str) -> None:
     decoder = generate_ids(model, [prompts[0]], GREEDY, compile=True)
     list(decoder)
     assert decoder.compile and decoder._compiled_shape == (1, 32)  # it ran compiled
+    # after the first step, the steps called the compiled graph directly (no dynamo)
+    assert decoder.cache in generator._bound
+
+
+def test_direct_steps_see_new_weights(models) -> None:
+    """Steps that skip dynamo read the weights the graph was bound to; a new decode binds
+    again, so weights swapped between decodes (not in place) are seen."""
+    model = copy.deepcopy(models["llama"])
+    prompt = [[1, 2, 3, 4, 5]]
+    before = run_ids(model, prompt, GREEDY, compile=True)
+    with torch.no_grad():
+        torch.manual_seed(0)
+        for block in model.blocks:  # new tensors
+            block.mlp.proj.weight = torch.nn.Parameter(torch.randn_like(block.mlp.proj.weight))
+        model.blocks[0].mlp.fc.weight.mul_(3.0)  # in place: the bound tensor itself changes
+    after = run_ids(model, prompt, GREEDY, compile=True)
+    assert after == run_ids(model, prompt, GREEDY) and after != before
 
 
 def test_compiled_equals_eager_across_a_slide(models) -> None:
