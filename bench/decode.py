@@ -17,7 +17,8 @@ same 200-token prompt (the start of tiny Shakespeare, as the anchor scripts in
 
 ``--llama-python`` names an interpreter that has ``llama_cpp`` (llama-cpp-python), run in a
 subprocess so it never enters this project's environment. Prints a table of each figure
-with its anchor and the ratio; every row comes from this one run. The first compiled run of
+with its anchor and the ratio; every row comes from this one run, whose measured runs go
+round the engines (one run of each per round). The first compiled run of
 a mode compiles (minutes on 2 busy cores; torch caches it on disk for the next run).
 """
 
@@ -31,6 +32,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -60,13 +62,15 @@ LLAMA_SCRIPT = textwrap.dedent(
                 llm.eval([out[-1]])
         return out, t1 - t0, time.perf_counter() - t1
     run(args["ids"], 8)
-    pp, tg = [], []
-    for _ in range(args["reps"]):
+    print("ready", flush=True)
+    for _ in sys.stdin:  # one measured run per line
         out, tp, td = run(args["ids"], args["new"])
-        pp.append(len(args["ids"]) / tp); tg.append((args["new"] - 1) / td)
-    print(json.dumps({"prefill": pp, "decode": tg, "tokens": out}))
+        result = {"prefill": len(args["ids"]) / tp, "decode": (args["new"] - 1) / td, "tokens": out}
+        print(json.dumps(result), flush=True)
     """
 )
+
+Run = tuple[list[int], float, float]  # greedy tokens, prefill tok/s, decode tok/s
 
 
 def prompt_ids(tokenizer: Any, n: int) -> list[int]:
@@ -76,35 +80,30 @@ def prompt_ids(tokenizer: Any, n: int) -> list[int]:
     return ids
 
 
-def bench_gptkit(
-    model: torch.nn.Module, ids: list[int], new: int, reps: int, compile: bool
-) -> dict[str, Any]:
+def gptkit_runner(
+    model: torch.nn.Module, ids: list[int], new: int, compile: bool
+) -> Callable[[], Run]:
     """Prefill and decode tokens/s through gptkit's Decoder, greedy, no eos stop."""
     from gptkit.config import SampleConfig
     from gptkit.generate import generate_ids
 
     cfg = SampleConfig(temperature=0.0, max_new_tokens=new, stop_at_eos=False)
 
-    def run(n_new: int) -> tuple[list[int], float, float]:
-        decoder = generate_ids(model, [ids], cfg.replace(max_new_tokens=n_new), compile=compile)
+    def run() -> Run:
+        decoder = generate_ids(model, [ids], cfg, compile=compile)
         t0 = time.perf_counter()
         tokens = [next(decoder)[0].token]
         t1 = time.perf_counter()
         tokens += [events[0].token for events in decoder]
-        return tokens, t1 - t0, time.perf_counter() - t1
+        return tokens, len(ids) / (t1 - t0), (new - 1) / (time.perf_counter() - t1)
 
-    run(new)  # warm-up (and compilation) at the measured cache length
-    prefill, decode = [], []
-    for _ in range(reps):
-        tokens, tp, td = run(new)
-        prefill.append(len(ids) / tp)
-        decode.append((new - 1) / td)
-    return {"prefill": prefill, "decode": decode, "tokens": tokens}
+    run()  # warm-up (and compilation) at the measured cache length
+    return run
 
 
-def bench_transformers(
-    path: Path, dtype: torch.dtype, ids: list[int], new: int, reps: int
-) -> dict[str, Any]:
+def transformers_runner(
+    path: Path, dtype: torch.dtype, ids: list[int], new: int
+) -> Callable[[], Run]:
     """transformers on the same GGUF (dequantized), greedy ``generate``; decode tokens/s
     leaves the measured prefill time out, as the anchor script does."""
     from transformers import AutoModelForCausalLM
@@ -114,31 +113,51 @@ def bench_transformers(
     x = torch.tensor([ids])
     mask = torch.ones_like(x)
     kw = dict(do_sample=False, use_cache=True, attention_mask=mask, pad_token_id=2)
+
+    @torch.inference_mode()
+    def run() -> Run:
+        t0 = time.perf_counter()
+        model(input_ids=x, attention_mask=mask, logits_to_keep=1)
+        tp = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        out = model.generate(x, max_new_tokens=new, min_new_tokens=new, **kw)
+        total = time.perf_counter() - t0
+        return out[0, len(ids) :].tolist(), len(ids) / tp, new / max(total - tp, 1e-9)
+
     with torch.inference_mode():
         model.generate(x, max_new_tokens=8, min_new_tokens=8, **kw)
-        prefill, decode = [], []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            model(input_ids=x, attention_mask=mask, logits_to_keep=1)
-            tp = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            out = model.generate(x, max_new_tokens=new, min_new_tokens=new, **kw)
-            total = time.perf_counter() - t0
-            prefill.append(len(ids) / tp)
-            decode.append(new / max(total - tp, 1e-9))
-    return {"prefill": prefill, "decode": decode, "tokens": out[0, len(ids) :].tolist()}
+    return run
 
 
-def bench_llamacpp(
-    python: str, path: Path, ids: list[int], new: int, reps: int, threads: int
-) -> dict[str, Any]:
-    args = {"model": str(path), "ids": ids, "new": new, "reps": reps, "threads": threads}
-    proc = subprocess.run(
-        [python, "-c", LLAMA_SCRIPT, json.dumps(args)], capture_output=True, text=True
+def llamacpp_runner(
+    python: str, path: Path, ids: list[int], new: int, threads: int
+) -> Callable[[], Run]:
+    """llama.cpp in a subprocess that stays up and runs once per request."""
+    args = {"model": str(path), "ids": ids, "new": new, "threads": threads}
+    proc = subprocess.Popen(
+        [python, "-c", LLAMA_SCRIPT, json.dumps(args)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
-    if proc.returncode != 0:
-        raise SystemExit(f"llama.cpp run failed:\n{proc.stderr[-2000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    assert proc.stdin is not None and proc.stdout is not None
+
+    def line() -> str:
+        text = proc.stdout.readline()  # type: ignore[union-attr]
+        if not text:
+            raise SystemExit(f"llama.cpp run failed:\n{proc.stderr.read()[-2000:]}")  # type: ignore[union-attr]
+        return text
+
+    line()  # "ready": loaded and warmed up
+
+    def run() -> Run:
+        proc.stdin.write("run\n")  # type: ignore[union-attr]
+        proc.stdin.flush()  # type: ignore[union-attr]
+        r = json.loads(line())
+        return r["tokens"], r["prefill"], r["decode"]
+
+    return run
 
 
 def same_prefix(a: list[int], b: list[int]) -> str:
@@ -172,24 +191,32 @@ def main() -> None:
     ids = prompt_ids(tok, args.prompt_tokens)
     new, reps = args.new_tokens, args.reps
     modes = [m for m in args.modes.split(",") if m]
-    ours: dict[str, dict[str, Any]] = {}
+    # Every engine is loaded and warmed up first, then the measured runs go round the
+    # engines, one run each per round: drift in the machine's speed (other jobs, clocks)
+    # then falls on all of them alike.
+    runners: dict[str, Callable[[], Run]] = {}
     for mode in modes:
         model = base if mode == "fp32" else quantize(copy.deepcopy(base), mode)
-        ours[mode] = bench_gptkit(model, ids, new, reps, not args.no_compile)
-        print(f"gptkit {mode}: {summary(ours[mode])}", file=sys.stderr, flush=True)
-        del model
-    del base
-    anchors: dict[str, dict[str, Any]] = {}
+        runners[f"gptkit {mode}"] = gptkit_runner(model, ids, new, not args.no_compile)
     if not args.no_transformers:
         for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-            key = f"transformers {name}"
-            anchors[key] = bench_transformers(args.model, dtype, ids, new, reps)
-            print(f"{key}: {summary(anchors[key])}", file=sys.stderr, flush=True)
+            runners[f"transformers {name}"] = transformers_runner(args.model, dtype, ids, new)
     if args.llama_python:
-        anchors["llama.cpp Q4_1"] = bench_llamacpp(
-            args.llama_python, args.model, ids, new, reps, args.threads
+        runners["llama.cpp Q4_1"] = llamacpp_runner(
+            args.llama_python, args.model, ids, new, args.threads
         )
-        print(f"llama.cpp: {summary(anchors['llama.cpp Q4_1'])}", file=sys.stderr)
+    results = {name: {"prefill": [], "decode": [], "tokens": []} for name in runners}
+    for _ in range(reps):
+        for name, run in runners.items():
+            tokens, prefill, decode = run()
+            r = results[name]
+            r["tokens"] = tokens
+            r["prefill"].append(prefill)
+            r["decode"].append(decode)
+    for name, r in results.items():
+        print(f"{name}: {summary(r)}", file=sys.stderr, flush=True)
+    ours = {name.split()[1]: r for name, r in results.items() if name.startswith("gptkit ")}
+    anchors = {name: r for name, r in results.items() if not name.startswith("gptkit ")}
 
     # Each gptkit mode against the anchor with the same arithmetic where there is one.
     pairs = [

@@ -325,9 +325,13 @@ class Attention(nn.Module):
         if cache is not None:
             assert slots is not None
             k_cache, v_cache = cache
-            index = slots[:, None, :, None].expand(B, self.nkv, T, self.hs)
-            k_cache.scatter_(2, index, k.to(k_cache.dtype))
-            v_cache.scatter_(2, index, v.to(v_cache.dtype))
+            if B == 1:  # torch.compile writes index_copy_ in place; scatter_ copies the cache
+                k_cache.index_copy_(2, slots[0], k.to(k_cache.dtype))
+                v_cache.index_copy_(2, slots[0], v.to(v_cache.dtype))
+            else:
+                index = slots[:, None, :, None].expand(B, self.nkv, T, self.hs)
+                k_cache.scatter_(2, index, k.to(k_cache.dtype))
+                v_cache.scatter_(2, index, v.to(v_cache.dtype))
             S = mask.shape[-1] if mask is not None else T
             k, v = k_cache[:, :, :S].to(q.dtype), v_cache[:, :, :S].to(q.dtype)  # (B, nkv, S, hs)
         if self.training and self.dropout > 0.0:
