@@ -14,6 +14,7 @@ from gptkit.data.tasks import IGNORE, encode_example, load_examples
 from gptkit.errors import GptkitError
 from gptkit.tokenizer import BPETokenizer
 from gptkit.tokenizer.chat import CHATML
+from gptkit.train.loop import batch_loss
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +55,33 @@ def test_prompt_tokens_get_no_loss_and_no_gradient(tok: BPETokenizer) -> None:
     # The loss is the mean over answer positions only.
     per_token = F.cross_entropy(logits[0], targets[0].clamp(min=0), reduction="none")
     torch.testing.assert_close(loss, per_token[~masked].mean())
+
+
+def test_sft_loss_runs_the_head_on_scored_positions_only(tok: BPETokenizer) -> None:
+    """batch_loss scores only the answer positions (the head skips the prompt) and equals
+    cross-entropy with ignore_index over the full logits, in value and in gradients."""
+    rows = [
+        encode_example(tok, {"prompt": "class Point:", "completion": " pass"}, chat=True),
+        encode_example(tok, {"prompt": "def f(x):", "completion": " return x + 1"}, chat=True),
+    ]
+    T = max(len(r.ids) for r in rows) - 1
+    ids = torch.zeros(2, T, dtype=torch.long)
+    targets = torch.full((2, T), IGNORE)
+    for b, r in enumerate(rows):
+        ids[b, : len(r.ids) - 1] = torch.tensor(r.ids[:-1])
+        targets[b, : len(r.ids) - 1] = torch.tensor(r.labels[1:])
+    model = tiny_model(tok.vocab_size, block_size=64)
+    loss = batch_loss(model, (ids, targets))
+    loss.backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    logits = model(ids)
+    full = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=IGNORE)
+    full.backward()
+    torch.testing.assert_close(loss, full)
+    for g, p in zip(grads, model.parameters(), strict=True):
+        torch.testing.assert_close(g, p.grad)
+    assert model(ids, only=targets != IGNORE).shape == ((targets != IGNORE).sum(), tok.vocab_size)
 
 
 def test_chat_rows_learn_only_assistant_turns(tok: BPETokenizer) -> None:

@@ -556,10 +556,17 @@ class GPT(nn.Module):
         return self.norm_f(x) if self.norm_f is not None else x
 
     def forward(
-        self, idx: Tensor, cache: KVCache | None = None, segments: Tensor | None = None
+        self,
+        idx: Tensor,
+        cache: KVCache | None = None,
+        segments: Tensor | None = None,
+        only: Tensor | None = None,
     ) -> Tensor:
-        """Logits (B, T, V) for token ids (B, T)."""
-        return self.lm_head(self.hidden(idx, cache, segments))
+        """Logits (B, T, V) for token ids (B, T); with ``only``, a bool (B, T) mask, the
+        logits (N, V) of its N selected positions alone (fine-tuning scores the completion
+        tokens only, and the head over a large vocabulary costs as much as many layers)."""
+        h = self.hidden(idx, cache, segments)
+        return self.lm_head(h if only is None else h[only])
 
     def classify(self, idx: Tensor, last: Tensor, segments: Tensor | None = None) -> Tensor:
         """Label logits (B, K): the head applied to the hidden state at index ``last[b]`` of

@@ -172,10 +172,15 @@ def batch_loss(
       cross-entropy at each row's extract token plus ``lm_weight`` (λ) times the
       next-token loss on the same text.
     """
-    if len(batch) == 2:
-        return _cross_entropy(model(batch[0]), batch[1])
-    if len(batch) == 3:
-        return _cross_entropy(model(batch[0], segments=batch[2]), batch[1])
+    if len(batch) in (2, 3):
+        x, y = batch[:2]
+        kw = {"segments": batch[2]} if len(batch) == 3 else {}
+        scored = y != IGNORE
+        if bool(scored.all()):  # pretraining: every position has a target
+            return _cross_entropy(model(x, **kw), y)
+        # SFT masks its prompts: the head runs on the scored positions alone (the mean over
+        # them is what ignore_index gives)
+        return F.cross_entropy(model(x, only=scored, **kw).float(), y[scored])
     x, y, labels, last = batch
     h = model.hidden(x)  # (B, T, C)
     logits = model.cls_head(h[torch.arange(x.shape[0], device=x.device), last])
