@@ -404,6 +404,21 @@ def test_evaluate_model_on_text(tiny_checkpoint: Path, tmp_path: Path, capsys) -
         evaluate_model(str(tiny_checkpoint), "text")
 
 
+def test_evaluate_model_quantized(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    """--quantize evaluates the quantized model (bf16 perplexity near fp32's) and says so."""
+    text = tmp_path / "held_out.txt"
+    text.write_text(SAMPLE_TEXT, encoding="utf-8")
+    fp32 = evaluate_model(str(tiny_checkpoint), "text", data=str(text), progress=False)
+    bf16 = evaluate_model(
+        str(tiny_checkpoint), "text", data=str(text), progress=False, quantize="bf16"
+    )
+    assert bf16["settings"]["quantize"] == "bf16" and "quantize" not in fp32["settings"]
+    assert bf16["metrics"]["loss"] != fp32["metrics"]["loss"]  # the bf16 model ran
+    assert bf16["metrics"]["loss"] == pytest.approx(fp32["metrics"]["loss"], rel=0.02)
+    with pytest.raises(GptkitError, match="int3"):
+        evaluate_model(str(tiny_checkpoint), "text", data=str(text), quantize="int3")
+
+
 def test_evaluate_model_on_a_generation_task(tiny_checkpoint: Path, tmp_path: Path) -> None:
     data = shared_path("gsm8k", "test.jsonl")
     report = tmp_path / "gsm8k.json"
