@@ -377,7 +377,8 @@ def evaluate_model(
     """Evaluate a model on text (perplexity), classification or a generation task.
 
     Args:
-        model: a checkpoint or run directory, a Hugging Face directory, or a .gguf file.
+        model: a checkpoint or run directory (quantized ones too), a Hugging Face directory,
+            or a .gguf file.
         task: text (perplexity and bits per byte of --data); sst2, sms_spam or classify (a
             labelled --data file): accuracy, macro-F1 and the confusion matrix; gsm8k (exact
             match on the final number), multi30k (English to German: BLEU, chrF), tatoeba
@@ -407,7 +408,7 @@ def evaluate_model(
             batched generation of SmolLM2 in bf16 ran 1.7x faster than fp32 here. Compare
             models evaluated alike.
     """
-    from gptkit.checkpoint import load
+    from gptkit.compress import load
 
     if task not in TASK_NAMES:
         raise GptkitError(f"unknown task {task!r}; choose from {', '.join(TASK_NAMES)}")
@@ -416,11 +417,7 @@ def evaluate_model(
     if calculator and task != "gsm8k":
         raise GptkitError(f"--calculator is for --task gsm8k, not {task}")
     path = _data_path(task, data)
-    net, tok = load(model, device=device)
-    if quantize is not None:
-        from gptkit.compress import quantize as quantize_model
-
-        net = quantize_model(net, quantize)
+    net, tok = load(model, device=device, quantize=quantize)
     if tok is None:
         raise GptkitError(f"{model} has no tokenizer; evaluation needs one")
     t0 = time.perf_counter()
