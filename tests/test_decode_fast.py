@@ -1,5 +1,5 @@
 """Compiled decoding (``compile=True``): the torch.compile'd static-shape step gives the
-tokens of eager decoding, token for token — fp32 and int4, across a window slide, when a
+tokens of eager decoding, token for token — fp32, bf16 and int4, across a window slide, when a
 batch shrinks to one row, and through the text API. Each graph compiles once per process
 (a few seconds for these tiny models), so the tests share models and cache lengths."""
 
@@ -23,12 +23,21 @@ generator = importlib.import_module("gptkit.generate.generator")
 GREEDY = SampleConfig(temperature=0.0, max_new_tokens=20, stop_at_eos=False)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def room_to_compile():
+    """Graphs for four models and several cache lengths: more than torch's default limit of
+    8 per function (past it, decoding runs eagerly, which these tests would not see)."""
+    with torch._dynamo.config.patch(recompile_limit=16):
+        yield
+
+
 @pytest.fixture(scope="module")
 def models() -> dict[str, torch.nn.Module]:
     return {
         "gpt2": tiny_model(),
         "llama": tiny_model(**FAMILIES["llama"]),
         "llama-int4": quantize(tiny_model(**FAMILIES["llama"]), "int4", lm_head="int4"),
+        "llama-bf16": quantize(tiny_model(**FAMILIES["llama"]), "bf16"),
     }
 
 
@@ -38,7 +47,7 @@ def test_cache_lengths_are_few() -> None:
     assert len({compiled_cache_len(n) for n in range(1, 8193)}) == 11  # 256 ... 8192
 
 
-@pytest.mark.parametrize("name", ["llama", "llama-int4"])
+@pytest.mark.parametrize("name", ["llama", "llama-int4", "llama-bf16"])
 def test_compiled_prefill_equals_eager_at_every_length(models, name: str) -> None:
     model = models[name]
     for n in (5, 9, 17):  # one graph with the length symbolic serves them all
@@ -53,7 +62,7 @@ def test_compiled_prefill_equals_eager_at_every_length(models, name: str) -> Non
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("name", ["gpt2", "llama", "llama-int4"])
+@pytest.mark.parametrize("name", ["gpt2", "llama", "llama-int4", "llama-bf16"])
 def test_compiled_equals_eager(models, name: str) -> None:
     model = models[name]
     prompts = [[1, 2, 3, 4, 5], [9, 8, 7]]

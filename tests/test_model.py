@@ -75,3 +75,24 @@ def test_attention_with_dropout_zero_equals_sdpa() -> None:
         q, k, v, attn_mask=mask, enable_gqa=True
     )
     torch.testing.assert_close(attention_with_dropout(q, k, v, mask, 1e-9), want)
+
+
+def test_rope_table_gives_rope_tables_and_follows_the_model() -> None:
+    from conftest import FAMILIES
+
+    from gptkit.model.gpt import rope_tables
+
+    model = tiny_model(**FAMILIES["llama"])
+    c = model.config
+    pos = torch.tensor([[0, 3, 7, c.block_size - 1]])
+    cos, sin = rope_tables(pos, c.head_size, c.rope_theta)
+    torch.testing.assert_close(model.rope[0][pos][:, None], cos, rtol=0, atol=1e-6)
+    torch.testing.assert_close(model.rope[1][pos][:, None], sin, rtol=0, atol=1e-6)
+    # a dtype cast leaves the table fp32; a model built on the meta device gets a real one
+    assert model.to(torch.bfloat16).rope.dtype == torch.float32
+    with torch.device("meta"):
+        empty = GPT(c)
+    assert empty.rope.is_meta
+    empty = empty.to_empty(device="cpu")
+    assert not empty.rope.is_meta and torch.equal(empty.rope, model.rope)
+    assert GPT(ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=8)).rope is None

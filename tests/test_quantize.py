@@ -17,6 +17,8 @@ from gptkit.checkpoint import save_checkpoint
 from gptkit.cli import main
 from gptkit.compress import QuantConfig, load_quantized, quantization, quantize, save_quantized
 from gptkit.compress.quantize import (
+    _PACKS_BF16,
+    BF16Linear,
     Int4Linear,
     Int8DynamicLinear,
     dequantize_int4,
@@ -118,6 +120,25 @@ def test_quantized_model_generates() -> None:
 
     steps = list(generate_ids(model, [[1, 2, 3]], cfg))
     assert len(steps) == 8
+
+
+@pytest.mark.skipif(not _PACKS_BF16, reason="this CPU has no native bf16 for oneDNN to pack")
+def test_bf16_packed_weights_give_f_linear_exactly_and_follow_the_layer() -> None:
+    g = torch.Generator().manual_seed(0)
+    layer = BF16Linear(torch.randn(48, 40, generator=g), torch.randn(48, generator=g))
+    assert layer.packed is not None
+    for rows in (1, 7, 200):
+        x = torch.randn(rows, 40, generator=g)
+        ref = F.linear(x.bfloat16(), layer.weight).float() + layer.bias
+        assert torch.equal(layer(x), ref)
+    x = torch.randn(3, 40, generator=g)
+    copied = copy.deepcopy(layer)  # oneDNN's tensor cannot be copied: rebuilt instead
+    assert copied.packed is not None and torch.equal(copied(x), layer(x))
+    copied.load_state_dict({"weight": -layer.weight, "bias": layer.bias})  # repacks
+    assert torch.equal(copied(x), F.linear(x.bfloat16(), -layer.weight).float() + layer.bias)
+    copied.weight.mul_(2)
+    copied.prepare()
+    assert torch.equal(copied(x), F.linear(x.bfloat16(), -2 * layer.weight).float() + layer.bias)
 
 
 # -- checkpoints ------------------------------------------------------------------------------

@@ -55,7 +55,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -202,21 +202,79 @@ class QuantLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, {self.mode}"
 
 
+# oneDNN's matmul on a weight it has laid out in its own blocked format ahead of time:
+# F.linear on a plain bf16 weight has oneDNN reorder the weight on every call, which costs
+# as much as a batch-1 product itself. A custom op, since torch.compile's own lowering of
+# mkldnn._linear_pointwise takes frozen (constant) weights only.
+_lib = torch.library.Library("gptkit", "DEF")
+_lib.define("bf16_linear(Tensor x, Tensor packed, int out_features) -> Tensor")
+_lib.impl(
+    "bf16_linear",
+    lambda x, packed, n: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], ""),
+    "CompositeExplicitAutograd",
+)
+
+
+@torch.library.register_fake("gptkit::bf16_linear")
+def _bf16_linear_shape(x: Tensor, packed: Tensor, out_features: int) -> Tensor:
+    return x.new_empty((*x.shape[:-1], out_features))
+
+
+def _packs_bf16() -> bool:
+    """Whether oneDNN runs bf16 natively on this CPU (AVX512-BF16 or AMX)."""
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+_PACKS_BF16 = _packs_bf16()
+
+
 class BF16Linear(QuantLinear):
-    """bf16 weights and activations (half of fp32's bytes; native bf16 dot products)."""
+    """bf16 weights and activations (half of fp32's bytes; native bf16 dot products).
+
+    On a CPU with native bf16, :meth:`prepare` also keeps the weight in oneDNN's blocked
+    layout (``packed``, not stored in checkpoints; as many bytes again as ``weight``): on
+    SmolLM2-135M it makes a decode step's products 1.4x and a 200-token prefill's 1.07x
+    faster than F.linear. Like the int4 layer's packed form, it is derived once: after
+    changing ``weight`` in place, call :meth:`prepare` (``load_state_dict`` does).
+    """
 
     mode = "bf16"
+    packed: Tensor | None
 
     def __init__(self, weight: Tensor, bias: Tensor | None):
         super().__init__(weight.shape[1], weight.shape[0], bias)
         self.register_buffer("weight", weight.detach().to(torch.bfloat16).contiguous())
+        self.prepare()
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, config: QuantConfig) -> QuantLinear:
         return cls(linear.weight, linear.bias)
 
+    def prepare(self) -> None:
+        # A plain attribute: oneDNN's opaque tensor cannot be copied, cast or moved as
+        # buffers are, so _apply and deepcopy rebuild it instead.
+        w = self.weight
+        cpu = w.device.type == "cpu" and not w.is_meta
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(w) if cpu and _PACKS_BF16 else None
+
+    def _apply(self, fn: Any, recurse: bool = True) -> BF16Linear:
+        self.packed = None
+        super()._apply(fn, recurse)
+        self.prepare()
+        return self
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "packed": None}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.prepare()
+
     def _matmul(self, x: Tensor) -> Tensor:
-        return F.linear(x.to(torch.bfloat16), self.weight)
+        x = x.to(torch.bfloat16)
+        if self.packed is not None and x.device.type == "cpu" and not x.requires_grad:
+            return torch.ops.gptkit.bf16_linear(x, self.packed, self.out_features)
+        return F.linear(x, self.weight)
 
 
 class Int8Linear(QuantLinear):

@@ -273,6 +273,13 @@ def rope_tables(positions: Tensor, head_size: int, theta: float) -> tuple[Tensor
     return emb.cos(), emb.sin()
 
 
+def rope_table(n_pos: int, head_size: int, theta: float, device: torch.device) -> Tensor:
+    """:func:`rope_tables` of positions 0..n_pos-1 stacked, (2, n_pos, hs) fp32: row p of
+    [0] and [1] is cos and sin at position p, the same numbers :func:`rope_tables` gives."""
+    cos, sin = rope_tables(torch.arange(n_pos, device=device)[None], head_size, theta)
+    return torch.stack((cos[0, 0], sin[0, 0]))
+
+
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Rotate pairs (i, i + hs/2) of each head (the Hugging Face "rotate_half" layout)."""
     x1, x2 = x.chunk(2, dim=-1)
@@ -433,6 +440,12 @@ class GPT(nn.Module):
             Block(config, local=config.is_local_layer(i)) for i in range(config.n_layer)
         )
         self.norm_f = Norm(config) if config.norm_position == "pre" else None
+        # Rotary cos/sin of every position, looked up per forward: a plain attribute, not a
+        # buffer, so that it stays fp32 under model.to(dtype), stays out of state dicts and
+        # of DDP's buffer broadcasts, and is rebuilt (not copied) by _apply on a device move.
+        # (Computed per forward instead, torch.compile recomputes the trigonometry inside
+        # every layer's kernels: 4% of a SmolLM2 prefill.)
+        self.rope: Tensor | None = self._rope_table(self.wte.weight.device)
         self.lm_head = nn.Linear(C, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.wte.weight
@@ -450,6 +463,19 @@ class GPT(nn.Module):
             nn.init.normal_(module.weight, 0.0, self.config.init_std)
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
+
+    def _rope_table(self, device: torch.device) -> Tensor | None:
+        c = self.config
+        if c.pos_emb != "rope":
+            return None
+        return rope_table(c.block_size, c.head_size, c.rope_theta, device)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> GPT:
+        # .to(), .cuda(), to_empty(), .half() ...: the rope table follows the embedding's device
+        super()._apply(fn, recurse)
+        if self.rope is not None and self.rope.device != self.wte.weight.device:
+            self.rope = self._rope_table(self.wte.weight.device)
+        return self
 
     def num_params(self, embeddings: bool = True) -> int:
         n = sum(p.numel() for p in self.parameters())
@@ -534,11 +560,10 @@ class GPT(nn.Module):
         elif self.config.pos_emb == "sinusoidal":
             x = x + self.sinusoid[pos]
         x = self.drop(x)
-        rope = (
-            rope_tables(pos, self.config.head_size, self.config.rope_theta)
-            if self.config.pos_emb == "rope"
-            else None
-        )
+        rope = None
+        if self.rope is not None:
+            table = self.rope[:, pos]  # (2, B, T, hs)
+            rope = table[0, :, None], table[1, :, None]  # cos, sin: (B, 1, T, hs)
         mask, local_mask = self._masks(pos, cache)
         if seg_mask is not None:
             mask = seg_mask
