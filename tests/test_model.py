@@ -59,6 +59,26 @@ def test_fast_dropout_keeps_the_right_fraction_and_scale() -> None:
     assert torch.equal(drop.eval()(x), x)
 
 
+def test_cpu_dropout_masks_follow_the_seed_not_the_threads() -> None:
+    from gptkit.model.gpt import keep_mask
+
+    cpu, shape = torch.device("cpu"), (3, 700, 100)  # large: two halves, two streams
+    threads = torch.get_num_threads()
+    masks = []
+    try:
+        for n in (1, 2, 2):
+            torch.set_num_threads(n)
+            torch.manual_seed(5)
+            masks.append(keep_mask(shape, 0.1, cpu))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(masks[0], masks[1]) and torch.equal(masks[1], masks[2])
+    first, second = masks[0].view(2, -1).float()  # the halves are independent streams
+    assert abs(first.mean().item() - 0.9) < 0.003 and abs(second.mean().item() - 0.9) < 0.003
+    assert abs(torch.corrcoef(torch.stack((first, second)))[0, 1].item()) < 0.01
+    assert not torch.equal(keep_mask(shape, 0.1, cpu), masks[0])  # the generator moved on
+
+
 def test_attention_with_dropout_zero_equals_sdpa() -> None:
     from gptkit.model.gpt import attention_with_dropout
 
