@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from decode import MODEL, TEXT, bench_gptkit, prompt_ids  # bench/decode.py
+from decode import MODEL, TEXT, gptkit_runner, prompt_ids  # bench/decode.py
 
 
 def perplexity(model: torch.nn.Module, ids: list[int], window: int) -> float:
@@ -85,11 +85,12 @@ def main() -> None:
         t0 = time.perf_counter()
         ppl = perplexity(model, held_out, args.window)
         t_ppl = time.perf_counter() - t0
-        speed = bench_gptkit(model, prompt, args.new_tokens, args.reps, not args.no_compile)
+        run = gptkit_runner(model, prompt, args.new_tokens, not args.no_compile)
+        runs = [run() for _ in range(args.reps)]  # (tokens, prefill tok/s, decode tok/s)
         rows[mode] = {
             "ppl": ppl,
-            "decode": statistics.median(speed["decode"]),
-            "prefill": statistics.median(speed["prefill"]),
+            "decode": statistics.median(r[2] for r in runs),
+            "prefill": statistics.median(r[1] for r in runs),
             "size": size_mib(model, tok, mode != "fp32"),
         }
         print(f"{mode}: {rows[mode]} (perplexity in {t_ppl:.0f} s)", file=sys.stderr, flush=True)

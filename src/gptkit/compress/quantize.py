@@ -222,7 +222,12 @@ def _bf16_linear_shape(x: Tensor, packed: Tensor, out_features: int) -> Tensor:
 
 def _packs_bf16() -> bool:
     """Whether oneDNN runs bf16 natively on this CPU (AVX512-BF16 or AMX)."""
-    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    try:
+        return bool(
+            torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        )
+    except (AttributeError, RuntimeError):  # a build without these ops
+        return False
 
 
 _PACKS_BF16 = _packs_bf16()
