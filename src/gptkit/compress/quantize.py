@@ -259,8 +259,8 @@ class BF16Linear(QuantLinear):
         # A plain attribute: oneDNN's opaque tensor cannot be copied, cast or moved as
         # buffers are, so _apply and deepcopy rebuild it instead.
         w = self.weight
-        cpu = w.device.type == "cpu" and not w.is_meta
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(w) if cpu and _PACKS_BF16 else None
+        ok = w.device.type == "cpu" and w.dtype == torch.bfloat16 and _PACKS_BF16
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(w) if ok else None
 
     def _apply(self, fn: Any, recurse: bool = True) -> BF16Linear:
         self.packed = None
