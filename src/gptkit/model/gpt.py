@@ -215,8 +215,9 @@ class _DropoutAttention(torch.autograd.Function):
 
     Forward and backward walk the same tiles (see :func:`_attention_tiles`); backward
     recomputes each tile's probabilities from q and k instead of reading them back, and the
-    dropout mask from its bits. Saved: q, k, v (views of the qkv projection's output), the
-    mask's bits and the attention mask. Autograd on the materialised formula saves the
+    dropout mask from its bits. Saved: q, k, v as the tiles read them (contiguous, q and v
+    scaled: the bytes of the qkv projection's output, which saving views of it would keep),
+    the mask's bits and the attention mask. Autograd on the materialised formula saves the
     probabilities twice (before and after dropout, 16-bit under bf16 autocast) and a byte of
     mask per weight: 126 MB per layer at nanoGPT's Shakespeare size (batch 64, 6 heads,
     context 256), against 3 MB of bits here. The recomputed Q·Kᵀ costs about 2% of a layer's
@@ -229,10 +230,10 @@ class _DropoutAttention(torch.autograd.Function):
     def forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, p: float) -> Tensor:
         B, H, T, S = *q.shape[:3], k.shape[2]
         keep = keep_mask((B, H, T, S), p, q.device)
-        ctx.save_for_backward(q, k, v, pack_bits(keep), mask)
         ctx.p = p
         with _no_autocast(q.device):
             qs, kc, vs, bias = _DropoutAttention._inputs(q, k, v, mask, p)
+            ctx.save_for_backward(qs, kc, vs, pack_bits(keep), mask)
             out = torch.empty_like(qs)
             for bs, rows, kend in _attention_tiles(B, H, T, S, mask is None):
                 s = qs[bs, :, rows] @ kc[bs, :, :kend].transpose(-2, -1)
@@ -251,22 +252,25 @@ class _DropoutAttention(torch.autograd.Function):
         S = k.shape[2]
         qs = (q * (1.0 / math.sqrt(hs))).contiguous()
         vs = (v * (1.0 / (1.0 - p))).contiguous()
+        return qs, k.contiguous(), vs, _DropoutAttention._bias(mask, B, H, T, S, q)
+
+    @staticmethod
+    def _bias(mask: Tensor | None, B: int, H: int, T: int, S: int, like: Tensor) -> Tensor:
+        """The attention mask as an additive bias (0 or -inf), broadcast to (B, H, T, S)."""
         if mask is None:
-            mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
-        bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(
-            ~mask, float("-inf")
-        )
-        return qs, k.contiguous(), vs, bias.expand(B, H, T, S)
+            mask = torch.ones(T, S, dtype=torch.bool, device=like.device).tril(S - T)
+        bias = torch.zeros(mask.shape, dtype=like.dtype, device=like.device)
+        return bias.masked_fill_(~mask, float("-inf")).expand(B, H, T, S)
 
     @staticmethod
     def backward(ctx: Any, dout: Tensor) -> tuple[Tensor, Tensor, Tensor, None, None]:
-        q, k, v, bits, mask = ctx.saved_tensors
+        qs, kc, vs, bits, mask = ctx.saved_tensors
         p = ctx.p
-        B, H, T, hs = q.shape
-        S = k.shape[2]
+        B, H, T, hs = qs.shape
+        S = kc.shape[2]
         keep = unpack_bits(bits, (B, H, T, S))
-        with _no_autocast(q.device):
-            qs, kc, vs, bias = _DropoutAttention._inputs(q, k, v, mask, p)
+        with _no_autocast(qs.device):
+            bias = _DropoutAttention._bias(mask, B, H, T, S, qs)
             dout = dout.to(qs.dtype).contiguous()
             dq, dk, dv = torch.empty_like(qs), torch.zeros_like(kc), torch.zeros_like(vs)
             for bs, rows, kend in _attention_tiles(B, H, T, S, mask is None):
