@@ -100,14 +100,14 @@ def _cpu_keep_mask(n: int, threshold: int) -> Tensor:
         return mask
     half = (n // 2 + 3) // 4 * 4  # on a 64-bit word boundary
     if torch.get_num_threads() < 2:  # the same two streams, one after the other
+        _fill_keep(mask[:half], seed, threshold)
         _fill_keep(mask[half:], seed + 1, threshold)
-    else:
-        if _rng_pool is None or _rng_pool[0] != os.getpid():  # none yet, or a forked child
-            _rng_pool = os.getpid(), ThreadPoolExecutor(1, thread_name_prefix="gptkit-dropout")
-        other = _rng_pool[1].submit(_fill_keep, mask[half:], seed + 1, threshold)
+        return mask
+    if _rng_pool is None or _rng_pool[0] != os.getpid():  # none yet, or a forked child
+        _rng_pool = os.getpid(), ThreadPoolExecutor(1, thread_name_prefix="gptkit-dropout")
+    other = _rng_pool[1].submit(_fill_keep, mask[half:], seed + 1, threshold)
     _fill_keep(mask[:half], seed, threshold)
-    if torch.get_num_threads() >= 2:
-        other.result()
+    other.result()
     return mask
 
 
