@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import ctypes
 import dataclasses
 import json
 import math
 import os
 import shutil
 import signal
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -97,6 +99,26 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     if device.type == "cpu":
         return "bf16" if cpu_has_bf16() else "fp32"
     return "fp32"
+
+
+def keep_freed_memory() -> bool:
+    """Have glibc keep the memory a training step frees for the next step (Linux only).
+
+    By default glibc maps every block over 32 MB (a batch's MLP activations, say) fresh
+    from the kernel and unmaps it when freed, and trims freed memory off its heap: each
+    step then faults in hundreds of MB of new zeroed pages, 5-10% of a CPU training step
+    at nanoGPT's Shakespeare size. ``mallopt`` (M_MMAP_MAX 0, M_TRIM_THRESHOLD -1) serves
+    every block from the heap and never trims it; peak memory stays what it was, since a
+    step reuses the same sizes. Returns whether the settings were applied.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # musl or another C library: leave it alone
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4
+    return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, -1))
 
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
@@ -505,6 +527,8 @@ def train(
         set_rng_state(state["rng"])
         step = state["step"]
     step_fn = torch.compile(train_module) if train_cfg.compile else train_module
+    if device.type == "cpu":
+        keep_freed_memory()
 
     metrics_path, png_path = out / "metrics.jsonl", out / "loss.png"
     if ranks.is_main:
