@@ -96,3 +96,81 @@ def test_dropout_equals_the_formula_and_saves_bits() -> None:
     (gx,) = torch.autograd.grad(y, x, torch.ones_like(y))
     torch.testing.assert_close(gx, keep / 0.7)
     assert torch.equal(drop.eval()(x), x)
+
+
+# -- the compiled kernel (kernels/attention.cpp): bf16 on CPUs with AVX512-BF16 -----------
+
+needs_kernel = pytest.mark.skipif(
+    not torch.cpu._is_avx512_bf16_supported(),
+    reason="the compiled attention kernel needs a CPU with AVX512-BF16",
+)
+
+
+def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got.detach().double() - want.detach()).norm() / want.detach().norm())
+
+
+def heads(qkv: torch.Tensor, nh: int, nkv: int, T: int, hs: int):
+    """q (B, nh, T, hs) of the last T positions, k and v (B, nkv, S, hs): views of one
+    projection output, as the model passes them (row stride (nh + 2 nkv) hs)."""
+    B, S, _ = qkv.shape
+    q, k, v = qkv.split([nh * hs, nkv * hs, nkv * hs], -1)
+    q = q[:, S - T :].reshape(B, T, nh, hs).transpose(1, 2)
+    k, v = (t.reshape(B, S, nkv, hs).transpose(1, 2) for t in (k, v))
+    return q, k, v
+
+
+@needs_kernel
+@pytest.mark.parametrize(
+    ("B", "nh", "nkv", "T", "S", "hs"),
+    [
+        (2, 6, 6, 256, 256, 64),  # nanoGPT's Shakespeare heads, four query blocks
+        (3, 4, 2, 70, 70, 32),  # grouped-query heads, a partial block
+        (2, 2, 2, 21, 50, 16),  # queries after a prefix of keys, odd sizes
+        (1, 2, 2, 1, 1, 16),  # one position
+    ],
+)
+def test_compiled_kernel_matches_the_formula(B, nh, nkv, T, S, hs) -> None:
+    from gptkit.model.kernels import attention_kernel
+
+    assert attention_kernel() is not None, "the kernel did not compile"
+    g = torch.Generator().manual_seed(T + S)
+    qkv = torch.randn(B, S, (nh + 2 * nkv) * hs, generator=g).bfloat16().requires_grad_()
+    dout = torch.randn(B, nh, T, hs, generator=g).bfloat16()
+    torch.manual_seed(5)
+    got = attention_with_dropout(*heads(qkv, nh, nkv, T, hs), None, 0.2)
+    assert got.transpose(1, 2).is_contiguous()  # the kernel's (B, T, H, hs) layout
+    (got_grad,) = torch.autograd.grad(got, qkv, dout)
+
+    qkv64 = qkv.detach().double().requires_grad_()
+    want = reference_attention(*heads(qkv64, nh, nkv, T, hs), None, 0.2, seed=5)
+    (want_grad,) = torch.autograd.grad(want, qkv64, dout.double())
+    # bf16 inputs and probabilities, fp32 sums: about 3e-3 measured
+    assert relative_error(got, want) < 1e-2
+    assert relative_error(got_grad, want_grad) < 1e-2
+
+
+@needs_kernel
+def test_kernel_and_python_tiles_agree_and_the_switch_works(monkeypatch) -> None:
+    g = torch.Generator().manual_seed(3)
+    q, k, v = heads(torch.randn(2, 100, 3 * 4 * 32, generator=g).bfloat16(), 4, 4, 100, 32)
+    torch.manual_seed(7)
+    fast = attention_with_dropout(q, k, v, None, 0.1)
+    monkeypatch.setenv("GPTKIT_KERNELS", "0")
+    torch.manual_seed(7)
+    slow = attention_with_dropout(q, k, v, None, 0.1)
+    assert slow.is_contiguous() and not fast.is_contiguous()  # the two paths did run
+    assert relative_error(fast, slow.double()) < 2e-2  # the same mask: both bf16 roundings
+
+
+def test_kernel_build_failure_warns_and_falls_back(monkeypatch) -> None:
+    from torch.utils import cpp_extension
+
+    from gptkit.model import kernels
+
+    def fail(**_: object) -> None:
+        raise RuntimeError("c++ -O3 ... \nattention.cpp:1: error: no AVX512-BF16 here\nninja")
+
+    monkeypatch.setattr(cpp_extension, "load", fail)
+    with pytest.warns(UserWarning, match=r"error: no AVX512-BF16 here.*slower Python path"):
+        assert kernels._build.__wrapped__("attention") is None

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
+import torch.nn.functional as F
 from conftest import tiny_model
 
 from gptkit.config import PRESETS, ModelConfig
@@ -116,3 +118,28 @@ def test_rope_table_gives_rope_tables_and_follows_the_model() -> None:
     empty = empty.to_empty(device="cpu")
     assert not empty.rope.is_meta and torch.equal(empty.rope, model.rope)
     assert GPT(ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=8)).rope is None
+
+
+@pytest.mark.skipif(
+    not torch.cpu._is_avx512_bf16_supported(),
+    reason="the compiled attention kernel needs a CPU with AVX512-BF16",
+)
+def test_bf16_training_with_the_attention_kernel_matches_the_python_tiles(monkeypatch) -> None:
+    # head size 16 takes the compiled kernel under bf16 autocast; GPTKIT_KERNELS=0 the tiles
+    model = tiny_model(n_embd=64, n_head=4, dropout=0.2).train()
+    x = torch.randint(0, 64, (4, 32), generator=torch.Generator().manual_seed(0))
+
+    def loss_and_grads() -> tuple[torch.Tensor, list[torch.Tensor]]:
+        torch.manual_seed(1)
+        with torch.autocast("cpu", torch.bfloat16):
+            logits = model(x[:, :-1])
+        loss = F.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten())
+        return loss, torch.autograd.grad(loss, list(model.parameters()))
+
+    fast_loss, fast = loss_and_grads()
+    monkeypatch.setenv("GPTKIT_KERNELS", "0")
+    slow_loss, slow = loss_and_grads()
+    assert not all(torch.equal(a, b) for a, b in zip(fast, slow, strict=True))  # two paths ran
+    assert abs(fast_loss.item() - slow_loss.item()) < 1e-2 * slow_loss.item()
+    for a, b in zip(fast, slow, strict=True):
+        assert (a - b).norm() <= 3e-2 * b.norm() + 1e-6

@@ -231,6 +231,14 @@ class _DropoutAttention(torch.autograd.Function):
         B, H, T, S = *q.shape[:3], k.shape[2]
         keep = keep_mask((B, H, T, S), p, q.device)
         ctx.p = p
+        ctx.kernel = _attention_kernel(q, mask)
+        if ctx.kernel is not None:  # the compiled kernel (kernels/attention.cpp) reads q,
+            q, k, v = (_pairable(t) for t in (q, k, v))  # k, v in place and scales itself
+            bits = pack_bits(keep)
+            ctx.scales = 1.0 / math.sqrt(q.shape[-1]), 1.0 / (1.0 - p)
+            out, lse = ctx.kernel.forward(q, k, v, bits, *ctx.scales)
+            ctx.save_for_backward(q, k, v, bits, out, lse)
+            return out  # laid out as (B, T, H, hs): the output projection reads it in place
         with _no_autocast(q.device):
             qs, kc, vs, bias = _DropoutAttention._inputs(q, k, v, mask, p)
             ctx.save_for_backward(qs, kc, vs, pack_bits(keep), mask)
@@ -248,11 +256,20 @@ class _DropoutAttention(torch.autograd.Function):
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """q scaled by 1/sqrt(hs), k, v scaled by 1/(1 - p), contiguous; the mask as an
         additive bias (0 or -inf) broadcast to (B, H, T, S)."""
-        B, H, T, hs = q.shape
+        B, H, T = q.shape[:3]
         S = k.shape[2]
-        qs = (q * (1.0 / math.sqrt(hs))).contiguous()
-        vs = (v * (1.0 / (1.0 - p))).contiguous()
-        return qs, k.contiguous(), vs, _DropoutAttention._bias(mask, B, H, T, S, q)
+        qs, kc, vs = _DropoutAttention._scaled(q, k, v, p)
+        return qs, kc, vs, _DropoutAttention._bias(mask, B, H, T, S, q)
+
+    @staticmethod
+    def _scaled(q: Tensor, k: Tensor, v: Tensor, p: float) -> tuple[Tensor, Tensor, Tensor]:
+        """q / sqrt(hs), k, v / (1 - p), contiguous, each in one pass (a product of a
+        transposed view keeps its strides, so ``.contiguous()`` after it would copy again)."""
+        qs, kc, vs = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
+        torch.mul(q, 1.0 / math.sqrt(q.shape[-1]), out=qs)
+        kc.copy_(k)
+        torch.mul(v, 1.0 / (1.0 - p), out=vs)
+        return qs, kc, vs
 
     @staticmethod
     def _bias(mask: Tensor | None, B: int, H: int, T: int, S: int, like: Tensor) -> Tensor:
@@ -264,8 +281,13 @@ class _DropoutAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, dout: Tensor) -> tuple[Tensor, Tensor, Tensor, None, None]:
-        qs, kc, vs, bits, mask = ctx.saved_tensors
         p = ctx.p
+        if ctx.kernel is not None:
+            q, k, v, bits, out, lse = ctx.saved_tensors
+            dout = _pairable(dout.to(q.dtype))
+            dq, dk, dv = ctx.kernel.backward(q, k, v, out, dout, lse, bits, *ctx.scales)
+            return dq, dk, dv, None, None
+        qs, kc, vs, bits, mask = ctx.saved_tensors
         B, H, T, hs = qs.shape
         S = kc.shape[2]
         keep = unpack_bits(bits, (B, H, T, S))
@@ -288,6 +310,26 @@ class _DropoutAttention(torch.autograd.Function):
             dq.mul_(1.0 / math.sqrt(hs))
             dv.mul_(1.0 / (1.0 - p))
         return dq, dk, dv, None, None
+
+
+def _pairable(t: Tensor) -> Tensor:
+    """``t`` as the attention kernel reads it: the last dimension contiguous and every other
+    stride (and the offset) even, so that two neighbouring bf16 make one 32-bit load."""
+    if t.stride(-1) == 1 and all(s % 2 == 0 for s in (*t.stride()[:-1], t.storage_offset())):
+        return t
+    return t.contiguous()
+
+
+def _attention_kernel(q: Tensor, mask: Tensor | None) -> Any:
+    """The compiled attention kernel where it applies (causal, bf16 on a CPU with
+    AVX512-BF16, head size a multiple of 16), else None."""
+    if mask is not None or q.dtype != torch.bfloat16 or q.device.type != "cpu":
+        return None
+    if q.shape[-1] % 16:
+        return None
+    from gptkit.model.kernels import attention_kernel
+
+    return attention_kernel()
 
 
 def attention_with_dropout(

@@ -1,0 +1,76 @@
+"""Optional C++ kernels, compiled for this machine on first use.
+
+``attention.cpp``: causal attention with dropout (forward and backward) for bf16 on a CPU
+with AVX512-BF16, the fast path of training attention (see ``gpt._DropoutAttention``,
+whose Python tiles define the same computation and serve every other case). torch's
+``cpp_extension`` compiles it once (about 30 s) into ``~/.cache/gptkit/kernels`` (or
+``$GPTKIT_KERNEL_CACHE``); without a C++ compiler, or with ``GPTKIT_KERNELS=0``, gptkit
+warns once and uses the Python tiles.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import sys
+import warnings
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+# -fopenmp: at::parallel_for is an OpenMP loop compiled into the caller; its libgomp.so.1 is
+# the one torch has already loaded (same soname), so the kernel shares torch's threads.
+FLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma"]
+
+
+def kernels_enabled() -> bool:
+    return os.environ.get("GPTKIT_KERNELS", "1") != "0"
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("GPTKIT_KERNEL_CACHE")
+    return Path(root) if root else Path.home() / ".cache" / "gptkit" / "kernels"
+
+
+@functools.cache
+def _build(name: str) -> ModuleType | None:
+    from torch.utils import cpp_extension
+
+    source = HERE / f"{name}.cpp"
+    tag = hashlib.sha256(source.read_bytes() + " ".join(FLAGS).encode()).hexdigest()[:12]
+    version = torch.__version__.replace("+", "_").replace(".", "_")
+    build = cache_dir() / f"{name}-torch{version}-{tag}"
+    build.mkdir(parents=True, exist_ok=True)
+    if not any(build.glob("*.so")):
+        print(f"gptkit: compiling the {name} kernel for this CPU (once, ~30 s)", file=sys.stderr)
+    try:
+        return cpp_extension.load(
+            name=f"gptkit_{name}_{tag}",
+            sources=[str(source)],
+            extra_cflags=FLAGS,
+            extra_ldflags=["-fopenmp"],
+            build_directory=str(build),
+            verbose=False,
+        )
+    except Exception as e:  # no compiler, no ninja, an old one without these flags
+        lines = str(e).strip().splitlines() or [type(e).__name__]
+        why = next((line for line in lines if "error" in line), lines[-1])
+        warnings.warn(
+            f"gptkit could not compile its {name} kernel ({why.strip()}); using the slower "
+            "Python path. Install a C++ compiler (g++) and ninja, or set GPTKIT_KERNELS=0 "
+            "to silence this.",
+            stacklevel=3,
+        )
+        return None
+
+
+def attention_kernel() -> ModuleType | None:
+    """The compiled attention kernel, or None where it does not apply (no AVX512-BF16,
+    ``GPTKIT_KERNELS=0``, or no compiler)."""
+    avx512_bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
+    if not kernels_enabled() or not avx512_bf16:
+        return None
+    return _build("attention")
