@@ -127,6 +127,8 @@ def heads(qkv: torch.Tensor, nh: int, nkv: int, T: int, hs: int):
         (2, 6, 6, 256, 256, 64),  # nanoGPT's Shakespeare heads, four query blocks
         (3, 4, 2, 70, 70, 32),  # grouped-query heads, a partial block
         (2, 2, 2, 21, 50, 16),  # queries after a prefix of keys, odd sizes
+        (1, 3, 3, 150, 150, 32),  # few heads: a task per query block
+        (1, 2, 2, 100, 160, 16),  # the same after a prefix
         (1, 2, 2, 1, 1, 16),  # one position
     ],
 )
@@ -174,3 +176,19 @@ def test_kernel_build_failure_warns_and_falls_back(monkeypatch) -> None:
     monkeypatch.setattr(cpp_extension, "load", fail)
     with pytest.warns(UserWarning, match=r"error: no AVX512-BF16 here.*slower Python path"):
         assert kernels._build.__wrapped__("attention") is None
+
+
+@needs_kernel
+@pytest.mark.parametrize(("T", "S"), [(200, 200), (37, 90)])
+def test_inference_op_equals_sdpa(T: int, S: int) -> None:
+    from gptkit.model.gpt import causal_attention
+
+    g = torch.Generator().manual_seed(S)
+    q = torch.randn(1, 9, T, 64, generator=g).bfloat16()
+    k, v = (torch.randn(1, 9, S, 64, generator=g).bfloat16() for _ in range(2))
+    mask = torch.ones(T, S, dtype=torch.bool).tril(S - T)
+    want = torch.nn.functional.scaled_dot_product_attention(
+        q.double(), k.double(), v.double(), attn_mask=mask
+    )
+    got = causal_attention(q, k, v)
+    assert got.shape == want.shape and relative_error(got, want) < 1e-2

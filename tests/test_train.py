@@ -227,28 +227,31 @@ def test_weight_decay_only_on_matrices() -> None:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc settings")
 def test_freed_memory_is_reused_without_new_page_faults() -> None:
-    # A 64 MB block freed and allocated again: by default glibc unmaps it and the second
-    # block faults in fresh pages; after keep_freed_memory() the heap keeps and reuses it.
+    # A 64 MB block allocated, touched and freed over and over: by default glibc maps each
+    # one fresh (16384 page faults every time); after keep_freed_memory() the heap keeps
+    # freed blocks, and once it has grown to fit (a few rounds: torch's 64-byte-aligned
+    # blocks need a little more than a freed one), blocks come back without faults.
     code = """
 import resource, torch
 from gptkit.train.loop import keep_freed_memory
 
-def second_block_faults():
-    for i in range(2):
-        if i == 1:
-            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+def faults(rounds):
+    out = []
+    for _ in range(rounds):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         block = torch.empty(2**26, dtype=torch.uint8)
         block.fill_(1)
         del block
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+        out.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    return out
 
-default = second_block_faults()
+default = faults(3)
 applied = keep_freed_memory()
-second_block_faults()
-print(default, applied, second_block_faults())
+kept = faults(16)
+print(applied, default[-1], sum(kept[-4:]))
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    default, applied, kept = out.stdout.split()
+    applied, default, kept = out.stdout.split()
     assert applied == "True"
     assert int(default) > 2**26 // 4096 // 2  # fresh pages: half of the block's 16384 at least
-    assert int(kept) < 200
+    assert int(kept) < 400

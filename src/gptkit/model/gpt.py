@@ -229,16 +229,18 @@ class _DropoutAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, p: float) -> Tensor:
         B, H, T, S = *q.shape[:3], k.shape[2]
-        keep = keep_mask((B, H, T, S), p, q.device)
+        keep = keep_mask((B, H, T, S), p, q.device) if p > 0.0 else None
         ctx.p = p
         ctx.kernel = _attention_kernel(q, mask)
         if ctx.kernel is not None:  # the compiled kernel (kernels/attention.cpp) reads q,
             q, k, v = (_pairable(t) for t in (q, k, v))  # k, v in place and scales itself
-            bits = pack_bits(keep)
+            bits = _NO_BITS if keep is None else pack_bits(keep)
             ctx.scales = 1.0 / math.sqrt(q.shape[-1]), 1.0 / (1.0 - p)
             out, lse = ctx.kernel.forward(q, k, v, bits, *ctx.scales)
             ctx.save_for_backward(q, k, v, bits, out, lse)
             return out  # laid out as (B, T, H, hs): the output projection reads it in place
+        if keep is None:
+            keep = torch.ones((B, H, T, S), dtype=torch.bool, device=q.device)
         with _no_autocast(q.device):
             qs, kc, vs, bias = _DropoutAttention._inputs(q, k, v, mask, p)
             ctx.save_for_backward(qs, kc, vs, pack_bits(keep), mask)
@@ -318,6 +320,27 @@ def _pairable(t: Tensor) -> Tensor:
     if t.stride(-1) == 1 and all(s % 2 == 0 for s in (*t.stride()[:-1], t.storage_offset())):
         return t
     return t.contiguous()
+
+
+_NO_BITS = torch.empty(0, dtype=torch.uint8)  # the kernel's "no dropout"
+
+
+@torch.library.custom_op("gptkit::causal_attention", mutates_args=())
+def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """Causal attention of q (B, H, T, hs) over k, v (B, H, S, hs) (the last T of S
+    positions) by the compiled kernel, without dropout; the result is laid out as
+    (B, T, H, hs). An op so that torch.compile'd prefill calls it as it is."""
+    kernel = _attention_kernel(q, None)
+    assert kernel is not None, "causal_attention needs the compiled kernel"
+    q, k, v = (_pairable(t) for t in (q, k, v))
+    out, _ = kernel.forward(q, k, v, _NO_BITS, 1.0 / math.sqrt(q.shape[-1]), 1.0)
+    return out
+
+
+@causal_attention.register_fake
+def _causal_attention_shape(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    B, H, T, hs = q.shape
+    return q.new_empty((B, T, H, hs)).transpose(1, 2)
 
 
 def _attention_kernel(q: Tensor, mask: Tensor | None) -> Any:
@@ -437,10 +460,17 @@ class Attention(nn.Module):
                 v_cache.scatter_(2, index, v.to(v_cache.dtype))
             S = mask.shape[-1] if mask is not None else T
             k, v = k_cache[:, :, :S].to(q.dtype), v_cache[:, :, :S].to(q.dtype)  # (B, nkv, S, hs)
-        if self.training and self.dropout > 0.0:
-            y = attention_with_dropout(q, k, v, mask, self.dropout)
+        p = self.dropout if self.training else 0.0
+        kernel = mask is None and _attention_kernel(q, mask) is not None
+        if p > 0.0 or (kernel and q.requires_grad):
+            y = attention_with_dropout(q, k, v, mask, p)
             y = y.transpose(1, 2).reshape(B, T, self.nh * self.hs)  # (B, T, C)
             return self.proj(y)
+        if kernel:  # inference: the compiled kernel without dropout, as an op torch.compile sees
+            if self.nkv != self.nh:
+                k, v = (t.repeat_interleave(self.nh // self.nkv, dim=1) for t in (k, v))
+            y = torch.ops.gptkit.causal_attention(q, k.to(q.dtype), v.to(q.dtype))
+            return self.proj(y.transpose(1, 2).reshape(B, T, self.nh * self.hs))
         dtype, fp32 = q.dtype, _slow_bf16_sdpa_backward(q)
         if fp32:
             q, k, v = q.float(), k.float(), v.float()

@@ -164,8 +164,10 @@ inline __m512 from_bf16(const bf16* x) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
 }
 
-// 16 keep bits starting at bit `bit` of `bits` (nbytes long; bits past the end read 0).
+// 16 keep bits starting at bit `bit` of `bits` (nbytes long; bits past the end read 0);
+// all kept without bits (no dropout).
 inline __mmask16 keep16(const uint8_t* bits, int64_t nbytes, int64_t bit) {
+  if (bits == nullptr) return (__mmask16)0xFFFF;
   int64_t byte = bit >> 3;
   uint32_t w = 0;
   if (byte + 4 <= nbytes)
@@ -193,12 +195,15 @@ struct Forward {  // one thread's buffers
         p((size_t)MB * Sp), s((size_t)MB * Sp), o((size_t)MB * d) {}
 
   // softmax(scale · q kᵀ, causal) with dropout, times v · vscale, into out; lse per row
+  // (query blocks [b0, b1) of the head; all by default)
   void head(Rows q, Rows k, Rows v, const uint8_t* bits, int64_t nbytes, int64_t bit0, int T,
-            int S, int d, float scale, float vscale, bf16* out, int64_t ldo, float* lse) {
-    pack_transposed(k.p, S, k.ld, Sp, d, kt.data());
-    pack_rows(v.p, S, d, v.ld, S2 / 2, d, vv.data());
+            int S, int d, float scale, float vscale, bf16* out, int64_t ldo, float* lse,
+            int b0 = 0, int b1 = 1 << 30) {
+    int kmax = std::min(S, std::min(T, b1 * MB) + S - T);  // the keys these blocks see
+    pack_transposed(k.p, kmax, k.ld, Sp, d, kt.data());
+    pack_rows(v.p, kmax, d, v.ld, round_up(kmax, 2) / 2, d, vv.data());
     const __m512 sc = _mm512_set1_ps(scale), vsc = _mm512_set1_ps(vscale);
-    for (int i0 = 0; i0 < T; i0 += MB) {
+    for (int i0 = b0 * MB; i0 < std::min(T, b1 * MB); i0 += MB) {
       int m = std::min(MB, T - i0);
       int kend = std::min(S, i0 + m + S - T), np = round_up(kend, 16);
       gemm<false>(m, np, d / 2, q.row(i0), q.ld / 2, kt.data(), Sp, s.data(), Sp, false);
@@ -331,8 +336,9 @@ void check(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const 
               "attention kernel: q (B, H, T, hs), k and v (B, H, S, hs) with T <= S");
   TORCH_CHECK(q.size(3) % 16 == 0, "attention kernel: head size must be a multiple of 16");
   TORCH_CHECK(bits.scalar_type() == at::kByte && bits.is_contiguous() &&
-                  bits.numel() * 8 >= q.size(0) * q.size(1) * q.size(2) * k.size(2),
-              "attention kernel: bits must hold B*H*T*S mask bits");
+                  (bits.numel() == 0 ||
+                   bits.numel() * 8 >= q.size(0) * q.size(1) * q.size(2) * k.size(2)),
+              "attention kernel: bits must hold B*H*T*S mask bits (or none: no dropout)");
 }
 
 Rows rows(const at::Tensor& t, int64_t bh) {
@@ -351,7 +357,8 @@ at::Tensor heads_like(const at::Tensor& t, int64_t n) {
 }  // namespace
 
 // q (B, H, T, hs), k and v (B, H, S, hs), the last T queries of S positions, causal;
-// dropout keeps weight (b, h, t, s) where bit ((b H + h) T + t) S + s of bits is set.
+// dropout keeps weight (b, h, t, s) where bit ((b H + h) T + t) S + s of bits is set (an
+// empty bits: no dropout).
 // Returns out = softmax(scale q kᵀ) ∘ keep · v · vscale (laid out as (B, T, H, hs)) and
 // each row's log-sum-exp of scale q kᵀ.
 std::vector<at::Tensor> attention_forward(at::Tensor q, at::Tensor k, at::Tensor v,
@@ -361,13 +368,21 @@ std::vector<at::Tensor> attention_forward(at::Tensor q, at::Tensor k, at::Tensor
   auto out = heads_like(q, T);
   auto lse = at::empty({B, H, T}, q.options().dtype(at::kFloat));
   auto lp = lse.data_ptr<float>();
-  auto bp = bits.data_ptr<uint8_t>();
+  auto bp = bits.numel() ? bits.data_ptr<uint8_t>() : nullptr;
   int64_t nbytes = bits.numel();
-  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+  // Few heads (a single prompt's prefill): each query block is a task of its own, so that
+  // every thread has work; otherwise a head is one task and packs its keys once.
+  int64_t blocks = (T + MB - 1) / MB;
+  int64_t split = B * H < 4 * at::get_num_threads() ? blocks : 1;
+  at::parallel_for(0, B * H * split, 1, [&](int64_t begin, int64_t end) {
     Forward f((int)S, (int)d);
-    for (int64_t bh = begin; bh < end; ++bh)
+    for (int64_t task = begin; task < end; ++task) {
+      int64_t bh = task / split;
+      int b0 = split == 1 ? 0 : (int)(task % split), b1 = split == 1 ? (int)blocks : b0 + 1;
       f.head(rows(q, bh), rows(k, bh), rows(v, bh), bp, nbytes, bh * T * S, (int)T, (int)S,
-             (int)d, (float)scale, (float)vscale, rows_out(out, bh), out.stride(2), lp + bh * T);
+             (int)d, (float)scale, (float)vscale, rows_out(out, bh), out.stride(2), lp + bh * T,
+             b0, b1);
+    }
   });
   return {out, lse};
 }
@@ -384,7 +399,7 @@ std::vector<at::Tensor> attention_backward(at::Tensor q, at::Tensor k, at::Tenso
   int64_t B = q.size(0), H = q.size(1), T = q.size(2), S = k.size(2), d = q.size(3);
   auto dq = heads_like(q, T), dk = heads_like(k, S), dv = heads_like(v, S);
   auto lp = lse.data_ptr<float>();
-  auto bp = bits.data_ptr<uint8_t>();
+  auto bp = bits.numel() ? bits.data_ptr<uint8_t>() : nullptr;
   int64_t nbytes = bits.numel();
   at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
     Backward b((int)S, (int)d);
