@@ -224,6 +224,11 @@ class _DropoutAttention(torch.autograd.Function):
     training FLOPs there, less than the causal tiles skip. The random numbers are those
     ``keep_mask(att.shape)`` draws, so the result equals the materialised formula's (same
     seed, same mask) to rounding.
+
+    Causal bf16 attention on a CPU with AVX512-BF16 runs in the compiled kernel instead
+    (``kernels/attention.cpp``: the same computation, the same mask, fp32 sums; it saves the
+    q, k, v views, the output, each row's log-sum-exp and the bits). These tiles define what
+    it computes and serve every other case. ``p`` 0 (no mask drawn) is for the kernel.
     """
 
     @staticmethod

@@ -43,10 +43,10 @@ def _build(name: str) -> ModuleType | None:
     tag = hashlib.sha256(source.read_bytes() + " ".join(FLAGS).encode()).hexdigest()[:12]
     version = torch.__version__.replace("+", "_").replace(".", "_")
     build = cache_dir() / f"{name}-torch{version}-{tag}"
-    build.mkdir(parents=True, exist_ok=True)
-    if not any(build.glob("*.so")):
-        print(f"gptkit: compiling the {name} kernel for this CPU (once, ~30 s)", file=sys.stderr)
     try:
+        build.mkdir(parents=True, exist_ok=True)
+        if not any(build.glob("*.so")):
+            print(f"gptkit: compiling the {name} kernel (once, ~30 s)", file=sys.stderr)
         return cpp_extension.load(
             name=f"gptkit_{name}_{tag}",
             sources=[str(source)],
@@ -55,13 +55,14 @@ def _build(name: str) -> ModuleType | None:
             build_directory=str(build),
             verbose=False,
         )
-    except Exception as e:  # no compiler, no ninja, an old one without these flags
+    except Exception as e:  # no compiler or ninja, an old one without these flags, no cache dir
         lines = str(e).strip().splitlines() or [type(e).__name__]
         why = next((line for line in lines if "error" in line), lines[-1])
         warnings.warn(
             f"gptkit could not compile its {name} kernel ({why.strip()}); using the slower "
-            "Python path. Install a C++ compiler (g++) and ninja, or set GPTKIT_KERNELS=0 "
-            "to silence this.",
+            "Python path. Install a C++ compiler (g++) and ninja (or point "
+            "GPTKIT_KERNEL_CACHE at a writable directory), or set GPTKIT_KERNELS=0 to "
+            "silence this.",
             stacklevel=3,
         )
         return None
