@@ -466,7 +466,7 @@ class Attention(nn.Module):
             S = mask.shape[-1] if mask is not None else T
             k, v = k_cache[:, :, :S].to(q.dtype), v_cache[:, :, :S].to(q.dtype)  # (B, nkv, S, hs)
         p = self.dropout if self.training else 0.0
-        kernel = mask is None and _attention_kernel(q, mask) is not None
+        kernel = _attention_kernel(q, mask) is not None
         if p > 0.0 or (kernel and q.requires_grad):
             y = attention_with_dropout(q, k, v, mask, p)
             y = y.transpose(1, 2).reshape(B, T, self.nh * self.hs)  # (B, T, C)

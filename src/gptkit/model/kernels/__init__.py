@@ -1,11 +1,12 @@
 """Optional C++ kernels, compiled for this machine on first use.
 
-``attention.cpp``: causal attention with dropout (forward and backward) for bf16 on a CPU
-with AVX512-BF16, the fast path of training attention (see ``gpt._DropoutAttention``,
-whose Python tiles define the same computation and serve every other case). torch's
+``attention.cpp``: causal attention, with dropout or without, forward and backward, for
+bf16 on a CPU with AVX512-BF16: the fast path of training attention (see
+``gpt._DropoutAttention``, whose Python tiles define the same computation and serve every
+other case) and of bf16 inference (``gpt.causal_attention``, else SDPA). torch's
 ``cpp_extension`` compiles it once (about 30 s) into ``~/.cache/gptkit/kernels`` (or
-``$GPTKIT_KERNEL_CACHE``); without a C++ compiler, or with ``GPTKIT_KERNELS=0``, gptkit
-warns once and uses the Python tiles.
+``$GPTKIT_KERNEL_CACHE``); without a C++ compiler gptkit warns once and uses the Python
+paths, as it does with ``GPTKIT_KERNELS=0`` (silently).
 """
 
 from __future__ import annotations

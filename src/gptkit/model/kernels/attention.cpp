@@ -107,8 +107,8 @@ void pack_transposed(const bf16* X, int n, int64_t ld, int Np, int k, bf16* out)
   const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   for (int p = 0; p < k / 2; ++p)
     for (int j = 0; j < Np; j += 16) {
-      __m512i idx = _mm512_add_epi32(_mm512_mullo_epi32(_mm512_add_epi32(lane, _mm512_set1_epi32(j)),
-                                                        _mm512_set1_epi32((int)(ld / 2))),
+      __m512i row = _mm512_add_epi32(lane, _mm512_set1_epi32(j));
+      __m512i idx = _mm512_add_epi32(_mm512_mullo_epi32(row, _mm512_set1_epi32((int)(ld / 2))),
                                      _mm512_set1_epi32(p));
       __m512i w = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), first_n(n - j), idx, x, 4);
       _mm512_storeu_si512(o + p * Np + j, w);
