@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 
+from gptkit.model import gpt
 from gptkit.model.gpt import Dropout, attention_with_dropout, keep_mask, pack_bits, unpack_bits
 
 
@@ -133,9 +134,9 @@ def heads(qkv: torch.Tensor, nh: int, nkv: int, T: int, hs: int):
     ],
 )
 def test_compiled_kernel_matches_the_formula(B, nh, nkv, T, S, hs) -> None:
-    from gptkit.model.kernels import attention_kernel
+    from gptkit.model.kernels import cpu_kernels
 
-    assert attention_kernel() is not None, "the kernel did not compile"
+    assert cpu_kernels() is not None, "the kernels did not compile"
     g = torch.Generator().manual_seed(T + S)
     qkv = torch.randn(B, S, (nh + 2 * nkv) * hs, generator=g).bfloat16().requires_grad_()
     dout = torch.randn(B, nh, T, hs, generator=g).bfloat16()
@@ -158,11 +159,14 @@ def test_kernel_and_python_tiles_agree_and_the_switch_works(monkeypatch) -> None
     q, k, v = heads(torch.randn(2, 100, 3 * 4 * 32, generator=g).bfloat16(), 4, 4, 100, 32)
     torch.manual_seed(7)
     fast = attention_with_dropout(q, k, v, None, 0.1)
-    monkeypatch.setenv("GPTKIT_KERNELS", "0")
-    torch.manual_seed(7)
-    slow = attention_with_dropout(q, k, v, None, 0.1)
+    with monkeypatch.context() as m:  # the Python tiles, keep_mask still the kernels' hash
+        m.setattr(gpt, "_attention_kernel", lambda q, mask: None)
+        torch.manual_seed(7)
+        slow = attention_with_dropout(q, k, v, None, 0.1)
     assert slow.is_contiguous() and not fast.is_contiguous()  # the two paths did run
     assert relative_error(fast, slow.double()) < 2e-2  # the same mask: both bf16 roundings
+    monkeypatch.setenv("GPTKIT_KERNELS", "0")
+    assert attention_with_dropout(q, k, v, None, 0.1).is_contiguous()  # switched off
 
 
 def test_kernel_build_failure_warns_and_falls_back(monkeypatch) -> None:
@@ -175,7 +179,7 @@ def test_kernel_build_failure_warns_and_falls_back(monkeypatch) -> None:
 
     monkeypatch.setattr(cpp_extension, "load", fail)
     with pytest.warns(UserWarning, match=r"error: no AVX512-BF16 here.*slower Python path"):
-        assert kernels._build.__wrapped__("attention") is None
+        assert kernels._build.__wrapped__("cpu") is None
 
 
 @needs_kernel

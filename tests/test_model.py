@@ -61,9 +61,11 @@ def test_fast_dropout_keeps_the_right_fraction_and_scale() -> None:
     assert torch.equal(drop.eval()(x), x)
 
 
-def test_cpu_dropout_masks_follow_the_seed_not_the_threads() -> None:
+@pytest.mark.parametrize("kernels", ["1", "0"])  # keep.h's hash, or numpy's two streams
+def test_cpu_dropout_masks_follow_the_seed_not_the_threads(monkeypatch, kernels) -> None:
     from gptkit.model.gpt import keep_mask
 
+    monkeypatch.setenv("GPTKIT_KERNELS", kernels)
     cpu, shape = torch.device("cpu"), (3, 700, 100)  # large: two halves, two streams
     threads = torch.get_num_threads()
     masks = []
@@ -126,8 +128,8 @@ def test_rope_table_gives_rope_tables_and_follows_the_model() -> None:
 )
 @pytest.mark.parametrize("dropout", [0.2, 0.0])
 def test_bf16_training_with_the_attention_kernel_matches_torch(monkeypatch, dropout) -> None:
-    # head size 16 takes the compiled kernel under bf16 autocast; GPTKIT_KERNELS=0 the Python
-    # tiles (with dropout) or SDPA (without)
+    # head size 16 takes the compiled kernel under bf16 autocast; without it the Python tiles
+    # (with dropout) or SDPA (without)
     model = tiny_model(n_embd=64, n_head=4, dropout=dropout).train()
     x = torch.randint(0, 64, (4, 32), generator=torch.Generator().manual_seed(0))
 
@@ -139,7 +141,9 @@ def test_bf16_training_with_the_attention_kernel_matches_torch(monkeypatch, drop
         return loss, torch.autograd.grad(loss, list(model.parameters()))
 
     fast_loss, fast = loss_and_grads()
-    monkeypatch.setenv("GPTKIT_KERNELS", "0")
+    from gptkit.model import gpt  # attention without the kernel; the same dropout masks
+
+    monkeypatch.setattr(gpt, "_attention_kernel", lambda q, mask: None)
     slow_loss, slow = loss_and_grads()
     assert not all(torch.equal(a, b) for a, b in zip(fast, slow, strict=True))  # two paths ran
     assert abs(fast_loss.item() - slow_loss.item()) < 1e-2 * slow_loss.item()

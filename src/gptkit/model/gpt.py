@@ -93,7 +93,7 @@ def _cpu_keep_mask(n: int, threshold: int) -> Tensor:
     each half from its own stream. Seeded from torch's global generator: a seed (and a
     checkpoint's saved RNG state) gives the same masks, whatever the thread timing."""
     global _rng_pool
-    seed = int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64))
+    seed = _seed()
     mask = torch.empty(n, dtype=torch.bool)
     if n < 2**16:
         _fill_keep(mask, seed, threshold)
@@ -111,10 +111,35 @@ def _cpu_keep_mask(n: int, threshold: int) -> Tensor:
     return mask
 
 
+def _cpu_kernels() -> Any:
+    from gptkit.model.kernels import cpu_kernels
+
+    return cpu_kernels()
+
+
+def _seed() -> int:
+    """A mask's seed, from torch's global generator (so a seed or a checkpoint's saved RNG
+    state gives the same masks)."""
+    return int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64))
+
+
+def _threshold32(p: float) -> int:
+    """The 32-bit hash value below which ``kernels/keep.h`` drops an element."""
+    return min(round(p * 2**32), 2**32 - 1)
+
+
 def keep_mask(shape: tuple[int, ...], p: float, device: torch.device) -> Tensor:
-    """A random bool mask, True with probability ``1 - p`` (to 1/65536): uniform 16-bit
-    values compared with a threshold; on a CPU from numpy's SFC64 (see
-    :func:`_cpu_keep_mask`), elsewhere from :func:`random_quarters`."""
+    """A random bool mask, True with probability ``1 - p``. On a CPU with the compiled
+    kernels: ``kernels/keep.h``'s hash of (seed, row, column) over the last dimension (to
+    2**-32; the very mask the attention and dropout kernels make in place); on other CPUs
+    uniform 16-bit values from numpy's SFC64 (see :func:`_cpu_keep_mask`; to 1/65536), and
+    elsewhere from :func:`random_quarters`."""
+    if device.type == "cpu":
+        kernels = _cpu_kernels()
+        if kernels is not None:
+            cols = shape[-1] if shape else 1
+            rows = math.prod(shape) // cols if cols else 0
+            return kernels.keep_mask(_seed(), _threshold32(p), rows, cols).view(shape)
     threshold = round(p * 65536) - 32768  # the values are uniform in [-32768, 32767]
     if device.type == "cpu":
         return _cpu_keep_mask(math.prod(shape), threshold).view(shape)
@@ -154,22 +179,33 @@ def unpack_bits(bits: Tensor, shape: tuple[int, ...]) -> Tensor:
 
 
 class _DropoutFunction(torch.autograd.Function):
-    """``x * keep / (1 - p)``, saving only the bits of ``keep`` for backward (autograd would
-    keep a byte per element, and ``torch.where`` is 5x slower than this multiply on a CPU)."""
+    """``x * keep / (1 - p)`` with ``keep = keep_mask(x.shape)``. On a CPU with the compiled
+    kernels one pass that makes the mask as it goes (``kernels/dropout.cpp``), and backward
+    makes it again from the seed, so nothing is saved; elsewhere only the bits of ``keep``
+    are saved (autograd would keep a byte per element, and ``torch.where`` is 5x slower
+    than this multiply on a CPU)."""
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, p: float) -> Tensor:
+        ctx.scale = 1.0 / (1.0 - p)
+        ctx.kernels = _cpu_kernels() if x.device.type == "cpu" else None
+        if ctx.kernels is not None and x.dtype in (torch.bfloat16, torch.float32):
+            ctx.mask = _seed(), _threshold32(p)
+            return ctx.kernels.dropout(x.contiguous(), *ctx.mask, ctx.scale)
+        ctx.kernels = None
         keep = keep_mask(tuple(x.shape), p, x.device)
         ctx.save_for_backward(pack_bits(keep))
-        ctx.p, ctx.shape = p, tuple(x.shape)
+        ctx.shape = tuple(x.shape)
         # x * 1 * scale rounds as x * scale does: the result equals nn.Dropout's formula.
-        return (x * keep.view(torch.uint8)).mul_(1.0 / (1.0 - p))
+        return (x * keep.view(torch.uint8)).mul_(ctx.scale)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        if ctx.kernels is not None:
+            return ctx.kernels.dropout(grad.contiguous(), *ctx.mask, ctx.scale), None
         (bits,) = ctx.saved_tensors
         keep = unpack_bits(bits, ctx.shape)
-        return (grad * keep.view(torch.uint8)).mul_(1.0 / (1.0 - ctx.p)), None
+        return (grad * keep.view(torch.uint8)).mul_(ctx.scale), None
 
 
 class Dropout(nn.Module):
@@ -227,24 +263,26 @@ class _DropoutAttention(torch.autograd.Function):
 
     Causal bf16 attention on a CPU with AVX512-BF16 runs in the compiled kernel instead
     (``kernels/attention.cpp``: the same computation, the same mask, fp32 sums; it saves the
-    q, k, v views, the output, each row's log-sum-exp and the bits). These tiles define what
-    it computes and serve every other case. ``p`` 0 (no mask drawn) is for the kernel.
+    q, k, v views, the output and each row's log-sum-exp, and makes the mask from its seed
+    where it needs it, in forward and again in backward). These tiles define what it
+    computes and serve every other case.
     """
 
     @staticmethod
     def forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, p: float) -> Tensor:
         B, H, T, S = *q.shape[:3], k.shape[2]
-        keep = keep_mask((B, H, T, S), p, q.device) if p > 0.0 else None
         ctx.p = p
         ctx.kernel = _attention_kernel(q, mask)
         if ctx.kernel is not None:  # the compiled kernel (kernels/attention.cpp) reads q,
-            q, k, v = (_pairable(t) for t in (q, k, v))  # k, v in place and scales itself
-            bits = _NO_BITS if keep is None else pack_bits(keep)
+            q, k, v = (_pairable(t) for t in (q, k, v))  # k, v in place, scales itself and
+            ctx.mask = (_seed(), _threshold32(p)) if p > 0.0 else (0, 0)  # makes the mask
             ctx.scales = 1.0 / math.sqrt(q.shape[-1]), 1.0 / (1.0 - p)
-            out, lse = ctx.kernel.forward(q, k, v, bits, *ctx.scales)
-            ctx.save_for_backward(q, k, v, bits, out, lse)
+            out, lse = ctx.kernel.attention_forward(q, k, v, *ctx.mask, *ctx.scales)
+            ctx.save_for_backward(q, k, v, out, lse)
             return out  # laid out as (B, T, H, hs): the output projection reads it in place
-        if keep is None:
+        if p > 0.0:
+            keep = keep_mask((B, H, T, S), p, q.device)
+        else:
             keep = torch.ones((B, H, T, S), dtype=torch.bool, device=q.device)
         with _no_autocast(q.device):
             qs, kc, vs, bias = _DropoutAttention._inputs(q, k, v, mask, p)
@@ -290,9 +328,10 @@ class _DropoutAttention(torch.autograd.Function):
     def backward(ctx: Any, dout: Tensor) -> tuple[Tensor, Tensor, Tensor, None, None]:
         p = ctx.p
         if ctx.kernel is not None:
-            q, k, v, bits, out, lse = ctx.saved_tensors
+            q, k, v, out, lse = ctx.saved_tensors
             dout = _pairable(dout.to(q.dtype))
-            dq, dk, dv = ctx.kernel.backward(q, k, v, out, dout, lse, bits, *ctx.scales)
+            args = (q, k, v, out, dout, lse, *ctx.mask, *ctx.scales)
+            dq, dk, dv = ctx.kernel.attention_backward(*args)
             return dq, dk, dv, None, None
         qs, kc, vs, bits, mask = ctx.saved_tensors
         B, H, T, hs = qs.shape
@@ -327,9 +366,6 @@ def _pairable(t: Tensor) -> Tensor:
     return t.contiguous()
 
 
-_NO_BITS = torch.empty(0, dtype=torch.uint8)  # the kernel's "no dropout"
-
-
 @torch.library.custom_op("gptkit::causal_attention", mutates_args=())
 def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """Causal attention of q (B, H, T, hs) over k, v (B, H, S, hs) (the last T of S
@@ -338,7 +374,7 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     kernel = _attention_kernel(q, None)
     assert kernel is not None, "causal_attention needs the compiled kernel"
     q, k, v = (_pairable(t) for t in (q, k, v))
-    out, _ = kernel.forward(q, k, v, _NO_BITS, 1.0 / math.sqrt(q.shape[-1]), 1.0)
+    out, _ = kernel.attention_forward(q, k, v, 0, 0, 1.0 / math.sqrt(q.shape[-1]), 1.0)
     return out
 
 
@@ -355,9 +391,7 @@ def _attention_kernel(q: Tensor, mask: Tensor | None) -> Any:
         return None
     if q.shape[-1] % 16:
         return None
-    from gptkit.model.kernels import attention_kernel
-
-    return attention_kernel()
+    return _cpu_kernels()
 
 
 def attention_with_dropout(

@@ -1,12 +1,16 @@
-"""Optional C++ kernels, compiled for this machine on first use.
+"""Optional C++ kernels for CPUs with AVX512-BF16, compiled for this machine on first use.
 
-``attention.cpp``: causal attention, with dropout or without, forward and backward, for
-bf16 on a CPU with AVX512-BF16: the fast path of training attention (see
-``gpt._DropoutAttention``, whose Python tiles define the same computation and serve every
-other case) and of bf16 inference (``gpt.causal_attention``, else SDPA). torch's
-``cpp_extension`` compiles it once (about 30 s) into ``~/.cache/gptkit/kernels`` (or
-``$GPTKIT_KERNEL_CACHE``); without a C++ compiler gptkit warns once and uses the Python
-paths, as it does with ``GPTKIT_KERNELS=0`` (silently).
+- ``attention.cpp``: causal attention, with dropout or without, forward and backward, in
+  bf16: the fast path of training attention (see ``gpt._DropoutAttention``, whose Python
+  tiles define the same computation and serve every other case) and of bf16 inference
+  (``gpt.causal_attention``, else SDPA).
+- ``keep.h``: dropout's keep mask as a counter-based hash of (seed, position), which the
+  attention kernel and ``dropout.cpp`` (dropout in one pass, bf16 or fp32) make where they
+  need it, in forward and again in backward; ``gpt.keep_mask`` returns the same mask.
+
+torch's ``cpp_extension`` compiles them once (about a minute) into
+``~/.cache/gptkit/kernels`` (or ``$GPTKIT_KERNEL_CACHE``); without a C++ compiler gptkit
+warns once and uses the Python paths, as it does with ``GPTKIT_KERNELS=0`` (silently).
 """
 
 from __future__ import annotations
@@ -36,21 +40,26 @@ def cache_dir() -> Path:
     return Path(root) if root else Path.home() / ".cache" / "gptkit" / "kernels"
 
 
+SOURCES = ("attention.cpp", "dropout.cpp")
+HEADERS = ("keep.h",)
+
+
 @functools.cache
-def _build(name: str) -> ModuleType | None:
+def _build(name: str, sources: tuple[str, ...] = SOURCES) -> ModuleType | None:
     from torch.utils import cpp_extension
 
-    source = HERE / f"{name}.cpp"
-    tag = hashlib.sha256(source.read_bytes() + " ".join(FLAGS).encode()).hexdigest()[:12]
+    files = [HERE / f for f in (*sources, *HEADERS)]
+    text = b"".join(f.read_bytes() for f in files) + " ".join(FLAGS).encode()
+    tag = hashlib.sha256(text).hexdigest()[:12]
     version = torch.__version__.replace("+", "_").replace(".", "_")
     build = cache_dir() / f"{name}-torch{version}-{tag}"
     try:
         build.mkdir(parents=True, exist_ok=True)
         if not any(build.glob("*.so")):
-            print(f"gptkit: compiling the {name} kernel (once, ~30 s)", file=sys.stderr)
+            print(f"gptkit: compiling its {name} kernels (once, ~1 min)", file=sys.stderr)
         return cpp_extension.load(
             name=f"gptkit_{name}_{tag}",
-            sources=[str(source)],
+            sources=[str(HERE / f) for f in sources],
             extra_cflags=FLAGS,
             extra_ldflags=["-fopenmp"],
             build_directory=str(build),
@@ -60,7 +69,7 @@ def _build(name: str) -> ModuleType | None:
         lines = str(e).strip().splitlines() or [type(e).__name__]
         why = next((line for line in lines if "error" in line), lines[-1])
         warnings.warn(
-            f"gptkit could not compile its {name} kernel ({why.strip()}); using the slower "
+            f"gptkit could not compile its {name} kernels ({why.strip()}); using the slower "
             "Python path. Install a C++ compiler (g++) and ninja (or point "
             "GPTKIT_KERNEL_CACHE at a writable directory), or set GPTKIT_KERNELS=0 to "
             "silence this.",
@@ -69,10 +78,11 @@ def _build(name: str) -> ModuleType | None:
         return None
 
 
-def attention_kernel() -> ModuleType | None:
-    """The compiled attention kernel, or None where it does not apply (no AVX512-BF16,
-    ``GPTKIT_KERNELS=0``, or no compiler)."""
+def cpu_kernels() -> ModuleType | None:
+    """The compiled kernels (``attention_forward``, ``attention_backward``, ``dropout``,
+    ``keep_mask``), or None where they do not apply (no AVX512-BF16, ``GPTKIT_KERNELS=0``,
+    or no compiler)."""
     avx512_bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
     if not kernels_enabled() or not avx512_bf16:
         return None
-    return _build("attention")
+    return _build("cpu")

@@ -4,13 +4,13 @@
 //
 // Per (batch row, head), in blocks of MB query rows: S = Q Kᵀ in fp32, an exact softmax
 // over the block's causal prefix of keys (a row's keys fit in cache, so no online
-// rescaling is needed), dropout from the caller's mask bits, O = P V. Backward recomputes
-// P from the saved row log-sum-exp and accumulates dK and dV in fp32. Nothing of size
-// (T, S) per head outlives a block. q, k and v are read in place (any row stride: views of
-// the qkv projection's output), the output and the gradients are written as (B, T, H, hs),
-// and the scales (1/sqrt(hs) on the scores, 1/(1 - p) on the kept weights) are applied on
-// the way, so no pass over memory happens outside the kernel. The bits are numpy's
-// little-endian packbits of the (B, H, T, S) keep mask.
+// rescaling is needed), dropout, O = P V. Backward recomputes P from the saved row
+// log-sum-exp and accumulates dK and dV in fp32. Nothing of size (T, S) per head outlives
+// a block, and no mask is stored: the dropout bits are keep.h's hash of (seed, position),
+// made again in backward. q, k and v are read in place (any row stride: views of the qkv
+// projection's output), the output and the gradients are written as (B, T, H, hs), and
+// the scales (1/sqrt(hs) on the scores, 1/(1 - p) on the kept weights) are applied on the
+// way, so no pass over memory happens outside the kernel.
 //
 // Every product is C (+)= A · B, bf16 in, fp32 out, with B in the pair ("VNNI") layout
 // that vdpbf16ps reads: B[p][n][t] = B(2p + t, n), two bf16 of consecutive k in one
@@ -23,10 +23,16 @@
 
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <vector>
 
+#include "keep.h"
+
+at::Tensor keep_mask(int64_t seed, int64_t threshold, int64_t rows, int64_t cols);
+at::Tensor dropout(at::Tensor x, int64_t seed, int64_t threshold, double scale);
+
 namespace {
+
+using gptkit::Keep;
 
 using bf16 = uint16_t;
 constexpr int MB = 64;  // query rows per block
@@ -164,19 +170,6 @@ inline __m512 from_bf16(const bf16* x) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
 }
 
-// 16 keep bits starting at bit `bit` of `bits` (nbytes long; bits past the end read 0);
-// all kept without bits (no dropout).
-inline __mmask16 keep16(const uint8_t* bits, int64_t nbytes, int64_t bit) {
-  if (bits == nullptr) return (__mmask16)0xFFFF;
-  int64_t byte = bit >> 3;
-  uint32_t w = 0;
-  if (byte + 4 <= nbytes)
-    std::memcpy(&w, bits + byte, 4);
-  else
-    std::memcpy(&w, bits + byte, (size_t)(nbytes - byte));
-  return (__mmask16)(w >> (bit & 7));
-}
-
 // ---- forward ---------------------------------------------------------------------------
 
 // One head's rows: element (t, c) at p[t * ld + c].
@@ -195,8 +188,8 @@ struct Forward {  // one thread's buffers
         p((size_t)MB * Sp), s((size_t)MB * Sp), o((size_t)MB * d) {}
 
   // softmax(scale · q kᵀ, causal) with dropout, times v · vscale, into out; lse per row
-  // (query blocks [b0, b1) of the head; all by default)
-  void head(Rows q, Rows k, Rows v, const uint8_t* bits, int64_t nbytes, int64_t bit0, int T,
+  // (query blocks [b0, b1) of the head; all by default). Mask row row0 + t: query t.
+  void head(Rows q, Rows k, Rows v, const Keep& keep, int64_t row0, int T,
             int S, int d, float scale, float vscale, bf16* out, int64_t ldo, float* lse,
             int b0 = 0, int b1 = 1 << 30) {
     int kmax = std::min(S, std::min(T, b1 * MB) + S - T);  // the keys these blocks see
@@ -224,11 +217,11 @@ struct Forward {  // one thread's buffers
         float rsum = _mm512_reduce_add_ps(sum);
         lse[i0 + r] = smax + std::log(rsum);
         __m512 inv = _mm512_set1_ps(1.0f / rsum);
-        int64_t bit = bit0 + (int64_t)(i0 + r) * S;
+        uint32_t key = keep.key(row0 + i0 + r);
         bf16* pr = p.data() + (int64_t)r * Sp;
         for (int j = 0; j < np; j += 16) {
-          __mmask16 keep = j < lim ? first_n(lim - j) & keep16(bits, nbytes, bit + j) : 0;
-          __m512 x = _mm512_maskz_mul_ps(keep, _mm512_loadu_ps(sr + j), inv);
+          __mmask16 kept = j < lim ? first_n(lim - j) & keep.bits16(key, j) : 0;
+          __m512 x = _mm512_maskz_mul_ps(kept, _mm512_loadu_ps(sr + j), inv);
           _mm256_storeu_si256((__m256i*)(pr + j), to_bf16(x));
         }
       }
@@ -256,8 +249,8 @@ struct Backward {  // one thread's buffers
         D(MB) {}
 
   // The gradients of Forward::head's output (o) for dout, into dq, dk, dv.
-  void head(Rows q, Rows k, Rows v, Rows o, Rows dout, const float* lse, const uint8_t* bits,
-            int64_t nbytes, int64_t bit0, int T, int S, int d, float scale, float vscale,
+  void head(Rows q, Rows k, Rows v, Rows o, Rows dout, const float* lse, const Keep& keep,
+            int64_t row0, int T, int S, int d, float scale, float vscale,
             bf16* dq, int64_t ldq, bf16* dk, int64_t ldk, bf16* dv, int64_t ldv) {
     pack_transposed(k.p, S, k.ld, Sp, d, kt.data());
     pack_transposed(v.p, S, v.ld, Sp, d, vt.data());
@@ -283,16 +276,16 @@ struct Backward {  // one thread's buffers
         const float* sr = s.data() + (int64_t)r * Sp;
         const float* dpr = dp.data() + (int64_t)r * Sp;
         __m512 l = _mm512_set1_ps(lse[i0 + r]), Dr = _mm512_set1_ps(D[r]);
-        int64_t bit = bit0 + (int64_t)(i0 + r) * S;
+        uint32_t key = keep.key(row0 + i0 + r);
         for (int j = 0; j < np; j += 16) {
           __mmask16 seen = j < lim ? first_n(lim - j) : 0;
-          __mmask16 keep = seen & keep16(bits, nbytes, bit + j);
+          __mmask16 kept = seen ? seen & keep.bits16(key, j) : 0;
           __m512 P = exp512(_mm512_fmsub_ps(_mm512_loadu_ps(sr + j), sc, l));
           P = _mm512_maskz_mov_ps(seen, P);
-          __m512 dP = _mm512_maskz_mul_ps(keep, _mm512_loadu_ps(dpr + j), vsc);
+          __m512 dP = _mm512_maskz_mul_ps(kept, _mm512_loadu_ps(dpr + j), vsc);
           __m512 dS = _mm512_mul_ps(P, _mm512_sub_ps(dP, Dr));
           _mm256_storeu_si256((__m256i*)(pk.data() + (int64_t)r * Sp + j),
-                              to_bf16(_mm512_maskz_mov_ps(keep, P)));
+                              to_bf16(_mm512_maskz_mov_ps(kept, P)));
           _mm256_storeu_si256((__m256i*)(ds.data() + (int64_t)r * Sp + j), to_bf16(dS));
         }
       }
@@ -327,7 +320,7 @@ void check_heads(const at::Tensor& t, const char* name) {
               "attention kernel: ", name, " needs unit stride in hs and even other strides");
 }
 
-void check(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& bits) {
+void check(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t threshold) {
   check_heads(q, "q");
   check_heads(k, "k");
   check_heads(v, "v");
@@ -335,10 +328,8 @@ void check(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const 
                   q.size(3) == k.size(3) && q.size(2) <= k.size(2),
               "attention kernel: q (B, H, T, hs), k and v (B, H, S, hs) with T <= S");
   TORCH_CHECK(q.size(3) % 16 == 0, "attention kernel: head size must be a multiple of 16");
-  TORCH_CHECK(bits.scalar_type() == at::kByte && bits.is_contiguous() &&
-                  (bits.numel() == 0 ||
-                   bits.numel() * 8 >= q.size(0) * q.size(1) * q.size(2) * k.size(2)),
-              "attention kernel: bits must hold B*H*T*S mask bits (or none: no dropout)");
+  TORCH_CHECK(threshold >= 0 && threshold < (int64_t{1} << 32),
+              "attention kernel: the dropout threshold must be in [0, 2^32)");
 }
 
 Rows rows(const at::Tensor& t, int64_t bh) {
@@ -357,19 +348,19 @@ at::Tensor heads_like(const at::Tensor& t, int64_t n) {
 }  // namespace
 
 // q (B, H, T, hs), k and v (B, H, S, hs), the last T queries of S positions, causal;
-// dropout keeps weight (b, h, t, s) where bit ((b H + h) T + t) S + s of bits is set (an
-// empty bits: no dropout).
+// dropout keeps weight (b, h, t, s) where keep.h's mask of `seed` and `threshold` keeps
+// element ((b H + h) T + t, s) (threshold 0: no dropout).
 // Returns out = softmax(scale q kᵀ) ∘ keep · v · vscale (laid out as (B, T, H, hs)) and
 // each row's log-sum-exp of scale q kᵀ.
 std::vector<at::Tensor> attention_forward(at::Tensor q, at::Tensor k, at::Tensor v,
-                                          at::Tensor bits, double scale, double vscale) {
-  check(q, k, v, bits);
+                                          int64_t seed, int64_t threshold, double scale,
+                                          double vscale) {
+  check(q, k, v, threshold);
   int64_t B = q.size(0), H = q.size(1), T = q.size(2), S = k.size(2), d = q.size(3);
   auto out = heads_like(q, T);
   auto lse = at::empty({B, H, T}, q.options().dtype(at::kFloat));
   auto lp = lse.data_ptr<float>();
-  auto bp = bits.numel() ? bits.data_ptr<uint8_t>() : nullptr;
-  int64_t nbytes = bits.numel();
+  Keep keep(seed, threshold);
   // Few heads (a single prompt's prefill): each query block is a task of its own, so that
   // every thread has work; otherwise a head is one task and packs its keys once.
   int64_t blocks = (T + MB - 1) / MB;
@@ -379,7 +370,7 @@ std::vector<at::Tensor> attention_forward(at::Tensor q, at::Tensor k, at::Tensor
     for (int64_t task = begin; task < end; ++task) {
       int64_t bh = task / split;
       int b0 = split == 1 ? 0 : (int)(task % split), b1 = split == 1 ? (int)blocks : b0 + 1;
-      f.head(rows(q, bh), rows(k, bh), rows(v, bh), bp, nbytes, bh * T * S, (int)T, (int)S,
+      f.head(rows(q, bh), rows(k, bh), rows(v, bh), keep, bh * T, (int)T, (int)S,
              (int)d, (float)scale, (float)vscale, rows_out(out, bh), out.stride(2), lp + bh * T,
              b0, b1);
     }
@@ -390,8 +381,9 @@ std::vector<at::Tensor> attention_forward(at::Tensor q, at::Tensor k, at::Tensor
 // The gradients of attention_forward's out for dout: (dq, dk, dv), laid out as (B, T, H, hs).
 std::vector<at::Tensor> attention_backward(at::Tensor q, at::Tensor k, at::Tensor v,
                                            at::Tensor out, at::Tensor dout, at::Tensor lse,
-                                           at::Tensor bits, double scale, double vscale) {
-  check(q, k, v, bits);
+                                           int64_t seed, int64_t threshold, double scale,
+                                           double vscale) {
+  check(q, k, v, threshold);
   check_heads(out, "out");
   check_heads(dout, "dout");
   TORCH_CHECK(out.sizes() == q.sizes() && dout.sizes() == q.sizes() && lse.is_contiguous(),
@@ -399,13 +391,12 @@ std::vector<at::Tensor> attention_backward(at::Tensor q, at::Tensor k, at::Tenso
   int64_t B = q.size(0), H = q.size(1), T = q.size(2), S = k.size(2), d = q.size(3);
   auto dq = heads_like(q, T), dk = heads_like(k, S), dv = heads_like(v, S);
   auto lp = lse.data_ptr<float>();
-  auto bp = bits.numel() ? bits.data_ptr<uint8_t>() : nullptr;
-  int64_t nbytes = bits.numel();
+  Keep keep(seed, threshold);
   at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
     Backward b((int)S, (int)d);
     for (int64_t bh = begin; bh < end; ++bh)
       b.head(rows(q, bh), rows(k, bh), rows(v, bh), rows(out, bh), rows(dout, bh), lp + bh * T,
-             bp, nbytes, bh * T * S, (int)T, (int)S, (int)d, (float)scale, (float)vscale,
+             keep, bh * T, (int)T, (int)S, (int)d, (float)scale, (float)vscale,
              rows_out(dq, bh), dq.stride(2), rows_out(dk, bh), dk.stride(2), rows_out(dv, bh),
              dv.stride(2));
   });
@@ -413,6 +404,8 @@ std::vector<at::Tensor> attention_backward(at::Tensor q, at::Tensor k, at::Tenso
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("forward", &attention_forward, "causal attention with dropout, bf16: (out, lse)");
-  m.def("backward", &attention_backward, "its gradients: (dq, dk, dv)");
+  m.def("attention_forward", &attention_forward, "causal attention with dropout, bf16: (out, lse)");
+  m.def("attention_backward", &attention_backward, "its gradients: (dq, dk, dv)");
+  m.def("dropout", &dropout, "x * keep * scale, keep.h's mask (bf16 or fp32)");
+  m.def("keep_mask", &keep_mask, "keep.h's mask of (seed, threshold), rows x cols, bool");
 }

@@ -1,0 +1,115 @@
+"""Dropout's counter-based keep mask (kernels/keep.h) and the one-pass dropout kernel
+(kernels/dropout.cpp): the mask is the hash the header writes down (checked against the
+same formula in torch ops), keeps 1 - p of the elements with no visible pattern, and
+dropout equals x * keep / (1 - p) with nothing saved for backward."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gptkit.model.gpt import Dropout, keep_mask
+
+pytestmark = pytest.mark.skipif(
+    not torch.cpu._is_avx512_bf16_supported(),
+    reason="the compiled kernels need a CPU with AVX512-BF16",
+)
+
+M32 = 0xFFFFFFFF
+
+
+def mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """(x * c) mod 2**32 for x < 2**32 in int64, without overflowing int64."""
+    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & M32
+
+
+def mix(x: torch.Tensor) -> torch.Tensor:
+    x = x ^ (x >> 16)
+    x = mul32(x, 0x21F0AAAD)
+    x = x ^ (x >> 15)
+    x = mul32(x, 0x735A2D97)
+    return x ^ (x >> 15)
+
+
+def reference_keep(seed: int, threshold: int, rows: int, cols: int) -> torch.Tensor:
+    """keep.h's formula, written out in int64 torch ops."""
+    s0, s1 = seed & M32, seed >> 32
+    r = torch.arange(rows, dtype=torch.int64)
+    key = mix((mix((r & M32) ^ s0) + (r >> 32)) & M32)
+    a = mix(torch.arange(cols, dtype=torch.int64) ^ s1)
+    return mix(mix(a[None, :] ^ key[:, None])) >= threshold
+
+
+def kernels():
+    from gptkit.model.kernels import cpu_kernels
+
+    k = cpu_kernels()
+    assert k is not None, "the kernels did not compile"
+    return k
+
+
+@pytest.mark.parametrize(
+    ("seed", "p", "rows", "cols"),
+    [(0, 0.2, 5, 16), (12345, 0.1, 7, 33), (2**63 - 2, 0.5, 3, 1), ((7 << 32) | 9, 0.9, 40, 100)],
+)
+def test_the_kernel_mask_is_the_written_formula(seed, p, rows, cols) -> None:
+    threshold = min(round(p * 2**32), 2**32 - 1)
+    got = kernels().keep_mask(seed, threshold, rows, cols)
+    assert torch.equal(got, reference_keep(seed, threshold, rows, cols))
+
+
+def test_keep_mask_draws_its_seed_from_torch() -> None:
+    torch.manual_seed(3)
+    seed = int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64))
+    torch.manual_seed(3)
+    got = keep_mask((2, 3, 50), 0.25, torch.device("cpu"))
+    want = reference_keep(seed, round(0.25 * 2**32), 6, 50).view(2, 3, 50)
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_the_mask_keeps_one_minus_p_without_pattern(p: float) -> None:
+    torch.manual_seed(0)
+    keep = keep_mask((2000, 512), p, torch.device("cpu")).float()
+    n = keep.numel()
+    assert abs(keep.mean().item() - (1 - p)) < 4 * (p * (1 - p) / n) ** 0.5
+    # neighbouring rows, neighbouring columns, the same position under two seeds
+    pairs = [
+        (keep[:-1].flatten(), keep[1:].flatten()),
+        (keep[:, :-1].flatten(), keep[:, 1:].flatten()),
+        (keep.flatten(), keep_mask((2000, 512), p, torch.device("cpu")).float().flatten()),
+    ]
+    for a, b in pairs:
+        assert abs(torch.corrcoef(torch.stack((a, b)))[0, 1].item()) < 4 / n**0.5
+    assert keep.sum(1).std() < 2 * (512 * p * (1 - p)) ** 0.5  # rows vary as binomials
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_dropout_kernel_equals_the_formula_and_saves_nothing(dtype) -> None:
+    x = torch.randn(4, 7, 33, dtype=dtype, requires_grad=True)
+    drop = Dropout(0.3).train()
+    saved: list[torch.Tensor] = []
+    torch.manual_seed(1)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = drop(x)
+    assert saved == []  # backward makes the mask again from the seed
+    torch.manual_seed(1)
+    keep = keep_mask(tuple(x.shape), 0.3, x.device)
+    assert torch.equal(y, x * keep * (1 / 0.7))
+    g = torch.randn_like(y)
+    (gx,) = torch.autograd.grad(y, x, g)
+    assert torch.equal(gx, g * keep * (1 / 0.7))
+
+
+def test_dropout_kernel_and_python_path_agree(monkeypatch) -> None:
+    x = torch.randn(64, 100)
+    torch.manual_seed(2)
+    fast = Dropout(0.2).train()(x)
+    monkeypatch.setenv("GPTKIT_KERNELS", "0")  # numpy's masks: another stream, same law
+    torch.manual_seed(2)
+    slow = Dropout(0.2).train()(x)
+    assert not torch.equal(fast, slow)
+    for y in (fast, slow):
+        kept = y != 0
+        assert torch.allclose(y[kept], x[kept] / 0.8)
+        assert abs(kept.float().mean().item() - 0.8) < 0.02
