@@ -36,8 +36,8 @@ def reference_keep(seed: int, threshold: int, rows: int, cols: int) -> torch.Ten
     s0, s1 = seed & M32, seed >> 32
     r = torch.arange(rows, dtype=torch.int64)
     key = mix((mix((r & M32) ^ s0) + (r >> 32)) & M32)
-    a = mix(torch.arange(cols, dtype=torch.int64) ^ s1)
-    return mix(mix(a[None, :] ^ key[:, None])) >= threshold
+    col = mix(mix(torch.arange(cols, dtype=torch.int64) ^ s1))
+    return mix(key[:, None] ^ col[None, :]) >= threshold
 
 
 def kernels():

@@ -189,7 +189,7 @@ struct Forward {  // one thread's buffers
 
   // softmax(scale · q kᵀ, causal) with dropout, times v · vscale, into out; lse per row
   // (query blocks [b0, b1) of the head; all by default). Mask row row0 + t: query t.
-  void head(Rows q, Rows k, Rows v, const Keep& keep, int64_t row0, int T,
+  void head(Rows q, Rows k, Rows v, const Keep& keep, const uint32_t* cols, int64_t row0, int T,
             int S, int d, float scale, float vscale, bf16* out, int64_t ldo, float* lse,
             int b0 = 0, int b1 = 1 << 30) {
     int kmax = std::min(S, std::min(T, b1 * MB) + S - T);  // the keys these blocks see
@@ -220,7 +220,7 @@ struct Forward {  // one thread's buffers
         uint32_t key = keep.key(row0 + i0 + r);
         bf16* pr = p.data() + (int64_t)r * Sp;
         for (int j = 0; j < np; j += 16) {
-          __mmask16 kept = j < lim ? first_n(lim - j) & keep.bits16(key, j) : 0;
+          __mmask16 kept = j < lim ? first_n(lim - j) & keep.bits16(key, cols + j) : 0;
           __m512 x = _mm512_maskz_mul_ps(kept, _mm512_loadu_ps(sr + j), inv);
           _mm256_storeu_si256((__m256i*)(pr + j), to_bf16(x));
         }
@@ -250,7 +250,7 @@ struct Backward {  // one thread's buffers
 
   // The gradients of Forward::head's output (o) for dout, into dq, dk, dv.
   void head(Rows q, Rows k, Rows v, Rows o, Rows dout, const float* lse, const Keep& keep,
-            int64_t row0, int T, int S, int d, float scale, float vscale,
+            const uint32_t* cols, int64_t row0, int T, int S, int d, float scale, float vscale,
             bf16* dq, int64_t ldq, bf16* dk, int64_t ldk, bf16* dv, int64_t ldv) {
     pack_transposed(k.p, S, k.ld, Sp, d, kt.data());
     pack_transposed(v.p, S, v.ld, Sp, d, vt.data());
@@ -279,7 +279,7 @@ struct Backward {  // one thread's buffers
         uint32_t key = keep.key(row0 + i0 + r);
         for (int j = 0; j < np; j += 16) {
           __mmask16 seen = j < lim ? first_n(lim - j) : 0;
-          __mmask16 kept = seen ? seen & keep.bits16(key, j) : 0;
+          __mmask16 kept = seen ? seen & keep.bits16(key, cols + j) : 0;
           __m512 P = exp512(_mm512_fmsub_ps(_mm512_loadu_ps(sr + j), sc, l));
           P = _mm512_maskz_mov_ps(seen, P);
           __m512 dP = _mm512_maskz_mul_ps(kept, _mm512_loadu_ps(dpr + j), vsc);
@@ -361,6 +361,7 @@ std::vector<at::Tensor> attention_forward(at::Tensor q, at::Tensor k, at::Tensor
   auto lse = at::empty({B, H, T}, q.options().dtype(at::kFloat));
   auto lp = lse.data_ptr<float>();
   Keep keep(seed, threshold);
+  auto cols = keep.columns(S);
   // Few heads (a single prompt's prefill): each query block is a task of its own, so that
   // every thread has work; otherwise a head is one task and packs its keys once.
   int64_t blocks = (T + MB - 1) / MB;
@@ -370,7 +371,7 @@ std::vector<at::Tensor> attention_forward(at::Tensor q, at::Tensor k, at::Tensor
     for (int64_t task = begin; task < end; ++task) {
       int64_t bh = task / split;
       int b0 = split == 1 ? 0 : (int)(task % split), b1 = split == 1 ? (int)blocks : b0 + 1;
-      f.head(rows(q, bh), rows(k, bh), rows(v, bh), keep, bh * T, (int)T, (int)S,
+      f.head(rows(q, bh), rows(k, bh), rows(v, bh), keep, cols.data(), bh * T, (int)T, (int)S,
              (int)d, (float)scale, (float)vscale, rows_out(out, bh), out.stride(2), lp + bh * T,
              b0, b1);
     }
@@ -392,11 +393,12 @@ std::vector<at::Tensor> attention_backward(at::Tensor q, at::Tensor k, at::Tenso
   auto dq = heads_like(q, T), dk = heads_like(k, S), dv = heads_like(v, S);
   auto lp = lse.data_ptr<float>();
   Keep keep(seed, threshold);
+  auto cols = keep.columns(S);
   at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
     Backward b((int)S, (int)d);
     for (int64_t bh = begin; bh < end; ++bh)
       b.head(rows(q, bh), rows(k, bh), rows(v, bh), rows(out, bh), rows(dout, bh), lp + bh * T,
-             keep, bh * T, (int)T, (int)S, (int)d, (float)scale, (float)vscale,
+             keep, cols.data(), bh * T, (int)T, (int)S, (int)d, (float)scale, (float)vscale,
              rows_out(dq, bh), dq.stride(2), rows_out(dk, bh), dk.stride(2), rows_out(dv, bh),
              dv.stride(2));
   });

@@ -34,11 +34,12 @@ at::Tensor keep_mask(int64_t seed, int64_t threshold, int64_t rows, int64_t cols
   auto out = at::empty({rows, cols}, at::TensorOptions().dtype(at::kBool));
   auto o = reinterpret_cast<uint8_t*>(out.data_ptr<bool>());
   Keep keep(seed, threshold);
+  auto colh = keep.columns(cols);
   at::parallel_for(0, rows, grain(cols), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       uint32_t k = keep.key(r);
       for (int64_t c = 0; c < cols; c += 16) {
-        __mmask16 m = keep.bits16(k, c);
+        __mmask16 m = keep.bits16(k, colh.data() + c);
         _mm_mask_storeu_epi8(o + r * cols + c, first_n(cols - c),
                              _mm_maskz_mov_epi8(m, _mm_set1_epi8(1)));
       }
@@ -56,6 +57,7 @@ at::Tensor dropout(at::Tensor x, int64_t seed, int64_t threshold, double scale) 
   shape2d(x, rows, cols);
   auto out = at::empty_like(x);
   Keep keep(seed, threshold);
+  auto colh = keep.columns(cols);
   const __m512 s = _mm512_set1_ps((float)scale);
   bool bf = x.scalar_type() == at::kBFloat16;
   auto xp = reinterpret_cast<const char*>(x.data_ptr());
@@ -64,7 +66,7 @@ at::Tensor dropout(at::Tensor x, int64_t seed, int64_t threshold, double scale) 
     for (int64_t r = begin; r < end; ++r) {
       uint32_t k = keep.key(r);
       for (int64_t c = 0; c < cols; c += 16) {
-        __mmask16 n = first_n(cols - c), m = keep.bits16(k, c) & n;
+        __mmask16 n = first_n(cols - c), m = keep.bits16(k, colh.data() + c) & n;
         int64_t i = r * cols + c;
         if (bf) {
           auto src = reinterpret_cast<const uint16_t*>(xp) + i;

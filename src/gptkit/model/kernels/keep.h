@@ -1,22 +1,26 @@
 // Dropout's keep mask as a counter-based hash: whether element (row, col) of a (rows, cols)
 // tensor is kept is a function of the seed and the position alone, so each thread makes
 // the bits it needs where it needs them, and backward makes them again instead of saving
-// them. `keep_mask` in gpt.py is the reference (and `random_keep_reference` in the tests
-// is this formula in torch ops):
+// them. `keep_mask` in gpt.py returns this mask (and `reference_keep` in the tests is the
+// formula in torch ops):
 //
 //   mix(x)       = x ^= x >> 16; x *= 0x21f0aaad; x ^= x >> 15; x *= 0x735a2d97; x ^= x >> 15
 //                  (uint32; Wellons' "lowbias32" finaliser, a bijection)
 //   key(row)     = mix(mix(low32(row) ^ s0) + high32(row))     s0, s1: the seed's two halves
-//   hash(row, c) = mix(mix(mix(c ^ s1) ^ key(row)))
+//   col(c)       = mix(mix(c ^ s1))
+//   hash(row, c) = mix(key(row) ^ col(c))
 //   kept         = hash >= threshold,  threshold = round(p * 2^32)
 //
-// so an element is dropped with probability p (to 2^-32).
+// so an element is dropped with probability p (to 2^-32). Rows and columns each take two
+// rounds once; an element takes one (two multiplies per 16 elements, whose throughput is
+// what the hash costs on AVX-512).
 
 #pragma once
 
 #include <immintrin.h>
 
 #include <cstdint>
+#include <vector>
 
 namespace gptkit {
 
@@ -49,14 +53,19 @@ struct Keep {  // the mask of one seed and dropout probability
     return mix(mix((uint32_t)row ^ s0) + (uint32_t)((uint64_t)row >> 32));
   }
 
-  // Bits of columns c .. c + 15 of the row with key `k` (bit i: column c + i kept).
-  __mmask16 bits16(uint32_t k, int64_t c) const {
+  // col(c) for c < n, padded with zeros to a multiple of 16.
+  std::vector<uint32_t> columns(int64_t n) const {
+    std::vector<uint32_t> out((size_t)((n + 15) / 16 * 16), 0u);
+    for (int64_t c = 0; c < n; ++c) out[(size_t)c] = mix(mix((uint32_t)c ^ s1));
+    return out;
+  }
+
+  // Bits of the 16 columns whose col() values start at `cols` (bit i: column i kept), in
+  // the row with key `k`.
+  __mmask16 bits16(uint32_t k, const uint32_t* cols) const {
     if (all) return (__mmask16)0xFFFF;
-    const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-    __m512i col = _mm512_add_epi32(_mm512_set1_epi32((int)(uint32_t)c), lane);
-    __m512i h = mix16(_mm512_xor_si512(col, _mm512_set1_epi32((int)s1)));
-    h = mix16(mix16(_mm512_xor_si512(h, _mm512_set1_epi32((int)k))));
-    return _mm512_cmpge_epu32_mask(h, _mm512_set1_epi32((int)threshold));
+    __m512i h = _mm512_xor_si512(_mm512_loadu_si512(cols), _mm512_set1_epi32((int)k));
+    return _mm512_cmpge_epu32_mask(mix16(h), _mm512_set1_epi32((int)threshold));
   }
 };
 
