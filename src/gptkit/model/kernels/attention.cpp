@@ -80,27 +80,51 @@ void tile_row(int nv, int Kp, const uint32_t* A, int lda2, const uint32_t* B, in
   }
 }
 
-// C (M × N fp32, ldc) (+)= A (M × 2 Kp) · B (Kp rows of ldb pairs, the first N used);
-// N % 16 == 0; lda2 and ldb count 32-bit pairs.
-template <bool AT>
-void gemm(int M, int N, int Kp, const bf16* A, int lda2, const bf16* B, int ldb, float* C,
-          int ldc, bool acc) {
+// What a tile of rows m0 .. m0 + 3 of C needs: columns [0, n) and pairs of k [p0, p1).
+struct Span {
+  int n, p0, p1;
+};
+
+// Causal blocks: products whose operands are zero past the diagonal skip those parts. Row
+// r of a score block sees keys [0, vis + r); rows are queries, columns keys.
+struct SeenKeys {  // Q Kᵀ, dO Vᵀ: only the columns of keys a row of the tile sees
+  int N, Kp, vis;
+  Span operator()(int m0) const { return {std::min(N, round_up(vis + m0 + 3, 16)), 0, Kp}; }
+};
+struct SeenPairs {  // P V, dS K: only the pairs of keys a row of the tile sees
+  int N, Kp, vis;
+  Span operator()(int m0) const { return {N, 0, std::min(Kp, (vis + m0 + 4) / 2)}; }
+};
+struct SeeingQueries {  // Pᵀ dO, dSᵀ Q (rows are keys): only the pairs of queries that see them
+  int N, Kp, vis;
+  Span operator()(int m0) const { return {N, std::max(0, m0 - vis + 1) / 2, Kp}; }
+};
+
+// C (M × N fp32, ldc) (+)= A (M × 2 Kp) · B (Kp rows of ldb pairs, the first N used), the
+// parts of each 4-row tile that `span` names; N % 16 == 0; lda2 and ldb count 32-bit pairs.
+template <bool AT, class Spans>
+void gemm(int M, const bf16* A, int lda2, const bf16* B, int ldb, float* C, int ldc, bool acc,
+          Spans span) {
   auto A32 = reinterpret_cast<const uint32_t*>(A);
   auto B32 = reinterpret_cast<const uint32_t*>(B);
-  auto rows = [&](int m0) { return AT ? A32 + m0 : A32 + m0 * lda2; };
-  for (int n0 = 0; n0 < N; n0 += 64) {
-    int nv = std::min(4, (N - n0) / 16);
-    int m0 = 0;
-    for (; m0 + 4 <= M; m0 += 4)
-      tile_row<4, AT>(nv, Kp, rows(m0), lda2, B32 + n0, ldb, C + m0 * ldc + n0, ldc, acc);
-    float* c = C + m0 * ldc + n0;
-    switch (M - m0) {
-      case 3: tile_row<3, AT>(nv, Kp, rows(m0), lda2, B32 + n0, ldb, c, ldc, acc); break;
-      case 2: tile_row<2, AT>(nv, Kp, rows(m0), lda2, B32 + n0, ldb, c, ldc, acc); break;
-      case 1: tile_row<1, AT>(nv, Kp, rows(m0), lda2, B32 + n0, ldb, c, ldc, acc); break;
-      default: break;
+  auto run = [&](int m0, int mr) {
+    Span sp = span(m0);
+    const uint32_t* a = (AT ? A32 + m0 + (int64_t)sp.p0 * lda2 : A32 + m0 * lda2 + sp.p0);
+    const uint32_t* b = B32 + (int64_t)sp.p0 * ldb;
+    int kp = std::max(0, sp.p1 - sp.p0);
+    if (kp == 0 && acc) return;
+    for (int n0 = 0; n0 < sp.n; n0 += 64) {
+      int nv = std::min(4, (sp.n - n0) / 16);
+      float* c = C + m0 * ldc + n0;
+      switch (mr) {
+        case 4: tile_row<4, AT>(nv, kp, a, lda2, b + n0, ldb, c, ldc, acc); break;
+        case 3: tile_row<3, AT>(nv, kp, a, lda2, b + n0, ldb, c, ldc, acc); break;
+        case 2: tile_row<2, AT>(nv, kp, a, lda2, b + n0, ldb, c, ldc, acc); break;
+        default: tile_row<1, AT>(nv, kp, a, lda2, b + n0, ldb, c, ldc, acc); break;
+      }
     }
-  }
+  };
+  for (int m0 = 0; m0 < M; m0 += 4) run(m0, std::min(4, M - m0));
 }
 
 // ---- packing ---------------------------------------------------------------------------
@@ -199,7 +223,9 @@ struct Forward {  // one thread's buffers
     for (int i0 = b0 * MB; i0 < std::min(T, b1 * MB); i0 += MB) {
       int m = std::min(MB, T - i0);
       int kend = std::min(S, i0 + m + S - T), np = round_up(kend, 16);
-      gemm<false>(m, np, d / 2, q.row(i0), q.ld / 2, kt.data(), Sp, s.data(), Sp, false);
+      int vis = i0 + S - T + 1;  // keys the block's first query sees
+      gemm<false>(m, q.row(i0), q.ld / 2, kt.data(), Sp, s.data(), Sp, false,
+                  SeenKeys{np, d / 2, vis});
       for (int r = 0; r < m; ++r) {
         int lim = i0 + r + S - T + 1;  // keys this query sees
         float* sr = s.data() + (int64_t)r * Sp;
@@ -225,8 +251,8 @@ struct Forward {  // one thread's buffers
           _mm256_storeu_si256((__m256i*)(pr + j), to_bf16(x));
         }
       }
-      gemm<false>(m, d, round_up(kend, 2) / 2, p.data(), Sp / 2, vv.data(), d, o.data(), d,
-                  false);
+      gemm<false>(m, p.data(), Sp / 2, vv.data(), d, o.data(), d, false,
+                  SeenPairs{d, round_up(kend, 2) / 2, vis});
       for (int r = 0; r < m; ++r)
         for (int c = 0; c < d; c += 16)
           _mm256_storeu_si256((__m256i*)(out + (i0 + r) * ldo + c),
@@ -263,8 +289,10 @@ struct Backward {  // one thread's buffers
       int kend = std::min(S, i0 + m + S - T), np = round_up(kend, 16), k2 = round_up(kend, 2);
       const bf16* qi = q.row(i0);
       const bf16* di = dout.row(i0);
-      gemm<false>(m, np, d / 2, qi, q.ld / 2, kt.data(), Sp, s.data(), Sp, false);  // Q Kᵀ
-      gemm<false>(m, np, d / 2, di, dout.ld / 2, vt.data(), Sp, dp.data(), Sp, false);  // dO Vᵀ
+      int vis = i0 + S - T + 1;  // keys the block's first query sees
+      SeenKeys seen{np, d / 2, vis};
+      gemm<false>(m, qi, q.ld / 2, kt.data(), Sp, s.data(), Sp, false, seen);  // Q Kᵀ
+      gemm<false>(m, di, dout.ld / 2, vt.data(), Sp, dp.data(), Sp, false, seen);  // dO Vᵀ
       for (int r = 0; r < m; ++r) {  // D = rowsum(dO ∘ O)
         __m512 acc = _mm512_setzero_ps();
         for (int c = 0; c < d; c += 16)
@@ -293,9 +321,11 @@ struct Backward {  // one thread's buffers
       pack_rows(ds.data(), m, np, Sp, m2 / 2, Sp, dsv.data());
       pack_rows(di, m, d, dout.ld, m2 / 2, d, dov.data());
       pack_rows(qi, m, d, q.ld, m2 / 2, d, qv.data());
-      gemm<true>(np, d, m2 / 2, pv.data(), Sp, dov.data(), d, dv32.data(), d, true);  // Pdᵀ dO
-      gemm<true>(np, d, m2 / 2, dsv.data(), Sp, qv.data(), d, dk32.data(), d, true);  // dSᵀ Q
-      gemm<false>(m, d, k2 / 2, ds.data(), Sp / 2, kv.data(), d, dq32.data(), d, false);  // dS K
+      SeeingQueries seeing{d, m2 / 2, vis};
+      gemm<true>(np, pv.data(), Sp, dov.data(), d, dv32.data(), d, true, seeing);  // Pdᵀ dO
+      gemm<true>(np, dsv.data(), Sp, qv.data(), d, dk32.data(), d, true, seeing);  // dSᵀ Q
+      gemm<false>(m, ds.data(), Sp / 2, kv.data(), d, dq32.data(), d, false,
+                  SeenPairs{d, k2 / 2, vis});  // dS K
       for (int r = 0; r < m; ++r)
         for (int c = 0; c < d; c += 16)
           _mm256_storeu_si256((__m256i*)(dq + (i0 + r) * ldq + c),
