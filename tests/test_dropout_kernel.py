@@ -113,3 +113,25 @@ def test_dropout_kernel_and_python_path_agree(monkeypatch) -> None:
         kept = y != 0
         assert torch.allclose(y[kept], x[kept] / 0.8)
         assert abs(kept.float().mean().item() - 0.8) < 0.02
+
+
+@pytest.mark.parametrize(
+    ("xdtype", "ydtype"),
+    [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.bfloat16), (torch.float32,) * 2],
+)
+def test_fused_residual_dropout_equals_the_two_ops(xdtype, ydtype) -> None:
+    """x + dropout(y) in one pass (the residual after a bf16 layer onto an fp32 stream):
+    the same values and gradients, bit for bit, as the two ops with the same mask."""
+    drop = Dropout(0.3).train()
+    x = torch.randn(4, 5, 37, dtype=xdtype, requires_grad=True)
+    y = torch.randn(4, 5, 37, dtype=ydtype, requires_grad=True)
+    torch.manual_seed(1)
+    fused = drop.residual(x, y)
+    assert type(fused.grad_fn).__name__ == "_DropoutAddFunctionBackward"
+    torch.manual_seed(1)
+    plain = x + drop(y)
+    assert fused.dtype == plain.dtype and torch.equal(fused, plain)
+    g = torch.randn_like(plain)
+    got, want = torch.autograd.grad(fused, (x, y), g), torch.autograd.grad(plain, (x, y), g)
+    for a, b in zip(got, want, strict=True):
+        assert a.dtype == b.dtype and torch.equal(a, b)

@@ -178,6 +178,9 @@ def unpack_bits(bits: Tensor, shape: tuple[int, ...]) -> Tensor:
     return words.view(torch.uint8)[: math.prod(shape)].view(torch.bool).view(shape)
 
 
+_KERNEL_DTYPES = (torch.bfloat16, torch.float32)  # what kernels/dropout.cpp reads and writes
+
+
 class _DropoutFunction(torch.autograd.Function):
     """``x * keep / (1 - p)`` with ``keep = keep_mask(x.shape)``. On a CPU with the compiled
     kernels one pass that makes the mask as it goes (``kernels/dropout.cpp``), and backward
@@ -189,9 +192,9 @@ class _DropoutFunction(torch.autograd.Function):
     def forward(ctx: Any, x: Tensor, p: float) -> Tensor:
         ctx.scale = 1.0 / (1.0 - p)
         ctx.kernels = _cpu_kernels() if x.device.type == "cpu" else None
-        if ctx.kernels is not None and x.dtype in (torch.bfloat16, torch.float32):
-            ctx.mask = _seed(), _threshold32(p)
-            return ctx.kernels.dropout(x.contiguous(), *ctx.mask, ctx.scale)
+        if ctx.kernels is not None and x.dtype in _KERNEL_DTYPES:
+            ctx.mask, ctx.dtype = (_seed(), _threshold32(p)), x.dtype
+            return ctx.kernels.dropout(x.contiguous(), *ctx.mask, ctx.scale, x.dtype)
         ctx.kernels = None
         keep = keep_mask(tuple(x.shape), p, x.device)
         ctx.save_for_backward(pack_bits(keep))
@@ -202,10 +205,27 @@ class _DropoutFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
         if ctx.kernels is not None:
-            return ctx.kernels.dropout(grad.contiguous(), *ctx.mask, ctx.scale), None
+            return ctx.kernels.dropout(grad.contiguous(), *ctx.mask, ctx.scale, ctx.dtype), None
         (bits,) = ctx.saved_tensors
         keep = unpack_bits(bits, ctx.shape)
         return (grad * keep.view(torch.uint8)).mul_(ctx.scale), None
+
+
+class _DropoutAddFunction(torch.autograd.Function):
+    """``x + dropout(y)`` in one pass by the compiled kernel (the residual connection after
+    a layer), rounding as the two ops do; backward hands ``grad`` to ``x`` and the dropped
+    ``grad`` in ``y``'s dtype to ``y`` (the cast and the mask in one pass)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, y: Tensor, p: float, kernels: Any) -> Tensor:
+        ctx.kernels, ctx.mask = kernels, (_seed(), _threshold32(p))
+        ctx.scale, ctx.dtype = 1.0 / (1.0 - p), y.dtype
+        return kernels.dropout_add(x.contiguous(), y.contiguous(), *ctx.mask, ctx.scale)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor, None, None]:
+        grad = grad.contiguous()
+        return grad, ctx.kernels.dropout(grad, *ctx.mask, ctx.scale, ctx.dtype), None, None
 
 
 class Dropout(nn.Module):
@@ -219,6 +239,14 @@ class Dropout(nn.Module):
         if not self.training or self.p == 0.0:
             return x
         return _DropoutFunction.apply(x, self.p)
+
+    def residual(self, x: Tensor, y: Tensor) -> Tensor:
+        """``x + self(y)``: one pass on a CPU with the compiled kernels."""
+        if self.training and self.p > 0.0 and x.device.type == "cpu" and x.shape == y.shape:
+            kernels = _cpu_kernels()
+            if kernels is not None and x.dtype in _KERNEL_DTYPES and y.dtype in _KERNEL_DTYPES:
+                return _DropoutAddFunction.apply(x, y, self.p, kernels)
+        return x + self(y)
 
 
 def _no_autocast(device: torch.device) -> contextlib.AbstractContextManager:
@@ -581,10 +609,10 @@ class Block(nn.Module):
         mask: Tensor | None,
     ) -> Tensor:
         if self.pre:
-            x = x + self.drop(self.attn(self.norm_1(x), rope, cache, slots, mask))
-            return x + self.drop(self.mlp(self.norm_2(x)))
-        x = self.norm_1(x + self.drop(self.attn(x, rope, cache, slots, mask)))
-        return self.norm_2(x + self.drop(self.mlp(x)))
+            x = self.drop.residual(x, self.attn(self.norm_1(x), rope, cache, slots, mask))
+            return self.drop.residual(x, self.mlp(self.norm_2(x)))
+        x = self.norm_1(self.drop.residual(x, self.attn(x, rope, cache, slots, mask)))
+        return self.norm_2(self.drop.residual(x, self.mlp(x)))
 
 
 class GPT(nn.Module):

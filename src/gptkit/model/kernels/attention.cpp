@@ -28,7 +28,10 @@
 #include "keep.h"
 
 at::Tensor keep_mask(int64_t seed, int64_t threshold, int64_t rows, int64_t cols);
-at::Tensor dropout(at::Tensor x, int64_t seed, int64_t threshold, double scale);
+at::Tensor dropout(at::Tensor x, int64_t seed, int64_t threshold, double scale,
+                   at::ScalarType dtype);
+at::Tensor dropout_add(at::Tensor x, at::Tensor y, int64_t seed, int64_t threshold,
+                       double scale);
 
 namespace {
 
@@ -438,6 +441,7 @@ std::vector<at::Tensor> attention_backward(at::Tensor q, at::Tensor k, at::Tenso
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attention_forward", &attention_forward, "causal attention with dropout, bf16: (out, lse)");
   m.def("attention_backward", &attention_backward, "its gradients: (dq, dk, dv)");
-  m.def("dropout", &dropout, "x * keep * scale, keep.h's mask (bf16 or fp32)");
+  m.def("dropout", &dropout, "x.to(dtype) * keep * scale, keep.h's mask (bf16 or fp32)");
+  m.def("dropout_add", &dropout_add, "x + dropout(y), keep.h's mask (bf16 or fp32)");
   m.def("keep_mask", &keep_mask, "keep.h's mask of (seed, threshold), rows x cols, bool");
 }
