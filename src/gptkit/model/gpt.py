@@ -178,12 +178,12 @@ def unpack_bits(bits: Tensor, shape: tuple[int, ...]) -> Tensor:
     return words.view(torch.uint8)[: math.prod(shape)].view(torch.bool).view(shape)
 
 
-_KERNEL_DTYPES = (torch.bfloat16, torch.float32)  # what kernels/dropout.cpp reads and writes
+_KERNEL_DTYPES = (torch.bfloat16, torch.float32)  # what kernels/elementwise.cpp reads
 
 
 class _DropoutFunction(torch.autograd.Function):
     """``x * keep / (1 - p)`` with ``keep = keep_mask(x.shape)``. On a CPU with the compiled
-    kernels one pass that makes the mask as it goes (``kernels/dropout.cpp``), and backward
+    kernels one pass that makes the mask as it goes (``kernels/elementwise.cpp``), and backward
     makes it again from the seed, so nothing is saved; elsewhere only the bits of ``keep``
     are saved (autograd would keep a byte per element, and ``torch.where`` is 5x slower
     than this multiply on a CPU)."""
@@ -582,9 +582,36 @@ class MLP(nn.Module):
         if self.kind == "swiglu":
             gate, up = h.chunk(2, dim=-1)
             h = F.silu(gate) * up
+        elif self.kind == "gelu" and h.requires_grad and h.dtype == torch.bfloat16:
+            h = gelu(h)
         else:
             h = F.gelu(h, approximate="tanh" if self.kind == "gelu_tanh" else "none")
         return self.proj(h)
+
+
+class _GELU(torch.autograd.Function):
+    """``F.gelu`` (the erf form) whose backward is the compiled kernel's one pass."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, kernels: Any) -> Tensor:
+        ctx.save_for_backward(x)
+        ctx.kernels = kernels
+        return F.gelu(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        (x,) = ctx.saved_tensors
+        return ctx.kernels.gelu_backward(grad.contiguous(), x), None
+
+
+def gelu(x: Tensor) -> Tensor:
+    """``F.gelu(x)``; for a contiguous bf16 CPU tensor with the compiled kernels, a backward
+    in one pass (``kernels/elementwise.cpp``: 1.5-2x faster than torch's there)."""
+    if x.device.type == "cpu" and x.dtype == torch.bfloat16 and x.is_contiguous():
+        kernels = _cpu_kernels()
+        if kernels is not None:
+            return _GELU.apply(x, kernels)
+    return F.gelu(x)
 
 
 class Block(nn.Module):

@@ -5,8 +5,10 @@
   tiles define the same computation and serve every other case) and of bf16 inference
   (``gpt.causal_attention``, else SDPA).
 - ``keep.h``: dropout's keep mask as a counter-based hash of (seed, position), which the
-  attention kernel and ``dropout.cpp`` (dropout in one pass, bf16 or fp32) make where they
-  need it, in forward and again in backward; ``gpt.keep_mask`` returns the same mask.
+  attention kernel and ``elementwise.cpp`` (dropout, and dropout fused with the residual
+  add, in one pass, bf16 or fp32) make where they need it, in forward and again in
+  backward; ``gpt.keep_mask`` returns the same mask. ``elementwise.cpp`` also has GELU's
+  backward in one pass (``gpt.gelu``).
 
 torch's ``cpp_extension`` compiles them once (about a minute) into
 ``~/.cache/gptkit/kernels`` (or ``$GPTKIT_KERNEL_CACHE``); without a C++ compiler gptkit
@@ -40,8 +42,8 @@ def cache_dir() -> Path:
     return Path(root) if root else Path.home() / ".cache" / "gptkit" / "kernels"
 
 
-SOURCES = ("attention.cpp", "dropout.cpp")
-HEADERS = ("keep.h",)
+SOURCES = ("attention.cpp", "elementwise.cpp")
+HEADERS = ("keep.h", "simd.h")
 
 
 @functools.cache

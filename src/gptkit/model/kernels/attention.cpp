@@ -26,26 +26,25 @@
 #include <vector>
 
 #include "keep.h"
+#include "simd.h"
 
 at::Tensor keep_mask(int64_t seed, int64_t threshold, int64_t rows, int64_t cols);
 at::Tensor dropout(at::Tensor x, int64_t seed, int64_t threshold, double scale,
                    at::ScalarType dtype);
 at::Tensor dropout_add(at::Tensor x, at::Tensor y, int64_t seed, int64_t threshold,
                        double scale);
+at::Tensor gelu_backward(at::Tensor grad, at::Tensor x);
 
 namespace {
 
+using gptkit::exp512;
+using gptkit::first_n;
 using gptkit::Keep;
 
 using bf16 = uint16_t;
 constexpr int MB = 64;  // query rows per block
 
 inline int round_up(int x, int m) { return (x + m - 1) / m * m; }
-
-// The first n of 16 lanes (none for n <= 0).
-inline __mmask16 first_n(int n) {
-  return n >= 16 ? (__mmask16)0xFFFF : n <= 0 ? (__mmask16)0 : (__mmask16)((1u << n) - 1);
-}
 
 // ---- the micro-kernel ------------------------------------------------------------------
 
@@ -173,22 +172,6 @@ void pack_rows(const bf16* X, int k, int n, int64_t ld, int kp, int ldo, bf16* o
 }
 
 // ---- element-wise ----------------------------------------------------------------------
-
-inline __m512 exp512(__m512 x) {  // e^x, relative error ~1e-7, 0 below -87
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
-  __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
-                                  _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 y = _mm512_set1_ps(1.0f / 720);
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.0f / 120));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.0f / 24));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.0f / 6));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(0.5f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.0f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.0f));
-  return _mm512_scalef_ps(y, n);
-}
 
 inline __m256i to_bf16(__m512 x) { return (__m256i)_mm512_cvtneps_pbh(x); }
 
@@ -443,5 +426,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attention_backward", &attention_backward, "its gradients: (dq, dk, dv)");
   m.def("dropout", &dropout, "x.to(dtype) * keep * scale, keep.h's mask (bf16 or fp32)");
   m.def("dropout_add", &dropout_add, "x + dropout(y), keep.h's mask (bf16 or fp32)");
+  m.def("gelu_backward", &gelu_backward, "grad * GELU'(x), the erf form, bf16");
   m.def("keep_mask", &keep_mask, "keep.h's mask of (seed, threshold), rows x cols, bool");
 }

@@ -1,14 +1,15 @@
-"""Dropout's counter-based keep mask (kernels/keep.h) and the one-pass dropout kernel
-(kernels/dropout.cpp): the mask is the hash the header writes down (checked against the
-same formula in torch ops), keeps 1 - p of the elements with no visible pattern, and
-dropout equals x * keep / (1 - p) with nothing saved for backward."""
+"""The element-wise kernels (kernels/elementwise.cpp) and dropout's counter-based keep mask
+(kernels/keep.h): the mask is the hash the header writes down (checked against the same
+formula in torch ops) and keeps 1 - p of the elements with no visible pattern; dropout
+equals x * keep / (1 - p) with nothing saved for backward, fused with the residual add bit
+for bit; GELU's backward is as close to the exact formula as torch's."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from gptkit.model.gpt import Dropout, keep_mask
+from gptkit.model.gpt import Dropout, gelu, keep_mask
 
 pytestmark = pytest.mark.skipif(
     not torch.cpu._is_avx512_bf16_supported(),
@@ -135,3 +136,23 @@ def test_fused_residual_dropout_equals_the_two_ops(xdtype, ydtype) -> None:
     got, want = torch.autograd.grad(fused, (x, y), g), torch.autograd.grad(plain, (x, y), g)
     for a, b in zip(got, want, strict=True):
         assert a.dtype == b.dtype and torch.equal(a, b)
+
+
+def test_gelu_backward_kernel_is_as_close_to_the_formula_as_torch() -> None:
+    g = torch.Generator().manual_seed(0)
+    x = (3 * torch.randn(300, 257, generator=g)).bfloat16().requires_grad_()  # odd length
+    dy = torch.randn(300, 257, generator=g).bfloat16()
+    y = gelu(x)
+    assert type(y.grad_fn).__name__ == "_GELUBackward"
+    assert torch.equal(y, torch.nn.functional.gelu(x))
+    (got,) = torch.autograd.grad(y, x, dy)
+    x64 = x.detach().double().requires_grad_()
+    (exact,) = torch.autograd.grad(torch.nn.functional.gelu(x64), x64, dy.double())
+    torch_bf16 = torch.ops.aten.gelu_backward(dy, x.detach())
+
+    def err(t: torch.Tensor) -> float:
+        return float((t.double() - exact).norm() / exact.norm())
+
+    assert got.dtype == torch.bfloat16 and err(got) <= 1.05 * err(torch_bf16) + 1e-6
+    ulp = 2**-7 * torch_bf16.float().abs() + 1e-6  # a bf16 rounding at most
+    assert ((got.float() - torch_bf16.float()).abs() <= ulp).all()

@@ -1,6 +1,7 @@
-// Dropout on the CPU from keep.h's counter-based mask: one pass over the tensor, no mask
-// in memory, and backward is the same call on the gradient (the same seed makes the same
-// mask), so nothing is saved for it.
+// Element-wise kernels, one pass over memory each: dropout from keep.h's counter-based mask
+// (no mask in memory; backward is the same call on the gradient, as the same seed makes the
+// same mask, so nothing is saved for it), dropout fused with the residual add, and GELU's
+// backward.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -9,14 +10,13 @@
 #include <cstdint>
 
 #include "keep.h"
+#include "simd.h"
 
 namespace {
 
+using gptkit::exp512;
+using gptkit::first_n;
 using gptkit::Keep;
-
-inline __mmask16 first_n(int64_t n) {
-  return n >= 16 ? (__mmask16)0xFFFF : n <= 0 ? (__mmask16)0 : (__mmask16)((1u << n) - 1);
-}
 
 // The (rows, cols) view of a tensor whose last dimension is its rows' length.
 void shape2d(const at::Tensor& t, int64_t& rows, int64_t& cols) {
@@ -132,6 +132,44 @@ at::Tensor dropout_add(at::Tensor x, at::Tensor y, int64_t seed, int64_t thresho
         if (ybf) d = round_bf16(d);
         store16(op, obf, i, n, _mm512_add_ps(load16(xp, xbf, i, n), d));
       }
+    }
+  });
+  return out;
+}
+
+// grad · GELU'(x) for GELU's exact (erf) form: Φ(x) + x φ(x), with erf by Abramowitz and
+// Stegun 7.1.26 (absolute error below 1.5e-7, far below bf16's rounding); x and grad
+// contiguous bf16 of one shape. One pass, where torch's bf16 gelu_backward takes twice the
+// memory traffic's time on a CPU.
+at::Tensor gelu_backward(at::Tensor grad, at::Tensor x) {
+  TORCH_CHECK(x.is_contiguous() && grad.is_contiguous() && x.sizes() == grad.sizes() &&
+                  x.scalar_type() == at::kBFloat16 && grad.scalar_type() == at::kBFloat16,
+              "gelu kernel: x and grad must be contiguous bf16 tensors of one shape");
+  auto out = at::empty_like(x);
+  int64_t n = x.numel();
+  const void *xp = x.data_ptr(), *gp = grad.data_ptr();
+  void* op = out.data_ptr();
+  at::parallel_for(0, (n + 15) / 16, 4096, [&](int64_t begin, int64_t end) {
+    const __m512 one = _mm512_set1_ps(1.0f), half = _mm512_set1_ps(0.5f);
+    for (int64_t v = begin; v < end; ++v) {
+      int64_t i = v * 16;
+      __mmask16 m = first_n(n - i);
+      __m512 xv = load16(xp, true, i, m);
+      __m512 e = exp512(_mm512_mul_ps(_mm512_mul_ps(xv, xv), _mm512_set1_ps(-0.5f)));  // e^(-x²/2)
+      __m512 z = _mm512_mul_ps(_mm512_abs_ps(xv), _mm512_set1_ps(0.70710678f));  // |x| / √2
+      __m512 den = _mm512_fmadd_ps(z, _mm512_set1_ps(0.3275911f), one);
+      __m512 t = _mm512_rcp14_ps(den);
+      t = _mm512_mul_ps(t, _mm512_fnmadd_ps(den, t, _mm512_set1_ps(2.0f)));  // Newton step
+      __m512 poly = _mm512_set1_ps(1.061405429f);
+      poly = _mm512_fmadd_ps(poly, t, _mm512_set1_ps(-1.453152027f));
+      poly = _mm512_fmadd_ps(poly, t, _mm512_set1_ps(1.421413741f));
+      poly = _mm512_fmadd_ps(poly, t, _mm512_set1_ps(-0.284496736f));
+      poly = _mm512_fmadd_ps(poly, t, _mm512_set1_ps(0.254829592f));
+      __m512 h = _mm512_mul_ps(_mm512_mul_ps(poly, t), _mm512_mul_ps(e, half));  // 1 - Φ(|x|)
+      __mmask16 neg = _mm512_cmp_ps_mask(xv, _mm512_setzero_ps(), _CMP_LT_OQ);
+      __m512 cdf = _mm512_mask_blend_ps(neg, _mm512_sub_ps(one, h), h);  // Φ(x)
+      __m512 d = _mm512_fmadd_ps(_mm512_mul_ps(xv, e), _mm512_set1_ps(0.39894228f), cdf);
+      store16(op, true, i, m, _mm512_mul_ps(load16(gp, true, i, m), d));
     }
   });
   return out;
