@@ -156,3 +156,34 @@ def test_gelu_backward_kernel_is_as_close_to_the_formula_as_torch() -> None:
     assert got.dtype == torch.bfloat16 and err(got) <= 1.05 * err(torch_bf16) + 1e-6
     ulp = 2**-7 * torch_bf16.float().abs() + 1e-6  # a bf16 rounding at most
     assert ((got.float() - torch_bf16.float()).abs() <= ulp).all()
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_layer_norm_to_bf16_is_as_close_to_the_formula_as_torch(bias: bool) -> None:
+    """Layer norm of the fp32 residual stream written in bf16 for the next matmul (training
+    under bf16 autocast): output and gradients as close to fp64 as torch's norm-then-cast."""
+    from gptkit.config import ModelConfig
+    from gptkit.model.gpt import Norm
+
+    norm = Norm(ModelConfig(vocab_size=8, n_layer=1, n_head=2, n_embd=72, bias=bias))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in norm.parameters():
+            p.copy_(torch.randn(p.shape, generator=g))
+    x = (2 * torch.randn(3, 50, 72, generator=g) + 0.5).requires_grad_()
+    dy = torch.randn(3, 50, 72, generator=g).bfloat16()
+    params = [x, *norm.parameters()]
+
+    def run(fused: bool) -> list[torch.Tensor]:
+        with torch.autocast("cpu", torch.bfloat16):
+            y = norm.for_matmul(x) if fused else norm(x).to(torch.bfloat16)
+        assert y.dtype == torch.bfloat16
+        assert (type(y.grad_fn).__name__ == "_LayerNormToBF16Backward") == fused
+        return [y, *torch.autograd.grad(y, params, dy)]
+
+    wide = [p.detach().double().requires_grad_() for p in params]
+    y64 = torch.nn.functional.layer_norm(wide[0], (72,), *wide[1:], eps=norm.eps)
+    exact = [y64.detach(), *torch.autograd.grad(y64, wide, dy.double())]
+    for got, torch_way, want in zip(run(True), run(False), exact, strict=True):
+        err = [float((t.detach().double() - want).norm() / want.norm()) for t in (got, torch_way)]
+        assert got.dtype == torch_way.dtype and err[0] <= 1.1 * err[1] + 1e-7

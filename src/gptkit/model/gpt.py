@@ -448,6 +448,48 @@ class Norm(nn.Module):
             return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         return F.layer_norm(x, (x.shape[-1],), self.weight, self.bias, self.eps)
 
+    def for_matmul(self, x: Tensor) -> Tensor:
+        """``self(x)`` for a matmul to read: in CPU training under bf16 autocast, layer norm
+        and autocast's cast to bf16 in one pass by the compiled kernel (the fp32 residual
+        stream stays fp32; torch would write the norm in fp32 and cast it)."""
+        fused = (
+            self.kind == "layernorm"
+            and x.device.type == "cpu"
+            and x.dtype == torch.float32
+            and self.weight.dtype == torch.float32
+            and x.is_contiguous()
+            and torch.is_grad_enabled()
+            and torch.is_autocast_enabled("cpu")
+            and torch.get_autocast_dtype("cpu") == torch.bfloat16
+        )
+        kernels = _cpu_kernels() if fused else None
+        if kernels is None:
+            return self(x)
+        return _LayerNormToBF16.apply(x, self.weight, self.bias, self.eps, kernels)
+
+
+class _LayerNormToBF16(torch.autograd.Function):
+    """Layer norm of fp32 ``x`` written in bf16 (``kernels/elementwise.cpp``), saving x and
+    each row's mean and 1/std; backward takes the bf16 gradient and returns fp32 ones."""
+
+    @staticmethod
+    def forward(
+        ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, eps: float, kernels: Any
+    ) -> Tensor:
+        b = bias.detach() if bias is not None else weight.new_empty(0)
+        y, mean, rstd = kernels.layer_norm_forward(x, weight.detach(), b, eps)
+        ctx.save_for_backward(x, weight, mean, rstd)
+        ctx.kernels, ctx.has_bias = kernels, bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor, Tensor | None, None, None]:
+        x, weight, mean, rstd = ctx.saved_tensors
+        grad = grad.to(torch.bfloat16).contiguous()
+        args = (grad, x, mean, rstd, weight.detach(), ctx.has_bias)
+        dx, dw, db = ctx.kernels.layer_norm_backward(*args)
+        return dx, dw, db if ctx.has_bias else None, None, None
+
 
 def rope_tables(positions: Tensor, head_size: int, theta: float) -> tuple[Tensor, Tensor]:
     """cos and sin for rotary embeddings, (B, 1, T, hs), computed in fp32."""
@@ -636,8 +678,9 @@ class Block(nn.Module):
         mask: Tensor | None,
     ) -> Tensor:
         if self.pre:
-            x = self.drop.residual(x, self.attn(self.norm_1(x), rope, cache, slots, mask))
-            return self.drop.residual(x, self.mlp(self.norm_2(x)))
+            y = self.attn(self.norm_1.for_matmul(x), rope, cache, slots, mask)
+            x = self.drop.residual(x, y)
+            return self.drop.residual(x, self.mlp(self.norm_2.for_matmul(x)))
         x = self.norm_1(self.drop.residual(x, self.attn(x, rope, cache, slots, mask)))
         return self.norm_2(self.drop.residual(x, self.mlp(x)))
 

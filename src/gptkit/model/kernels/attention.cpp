@@ -34,6 +34,10 @@ at::Tensor dropout(at::Tensor x, int64_t seed, int64_t threshold, double scale,
 at::Tensor dropout_add(at::Tensor x, at::Tensor y, int64_t seed, int64_t threshold,
                        double scale);
 at::Tensor gelu_backward(at::Tensor grad, at::Tensor x);
+std::vector<at::Tensor> layer_norm_forward(at::Tensor x, at::Tensor weight, at::Tensor bias,
+                                           double eps);
+std::vector<at::Tensor> layer_norm_backward(at::Tensor grad, at::Tensor x, at::Tensor mean,
+                                            at::Tensor rstd, at::Tensor weight, bool has_bias);
 
 namespace {
 
@@ -427,5 +431,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dropout", &dropout, "x.to(dtype) * keep * scale, keep.h's mask (bf16 or fp32)");
   m.def("dropout_add", &dropout_add, "x + dropout(y), keep.h's mask (bf16 or fp32)");
   m.def("gelu_backward", &gelu_backward, "grad * GELU'(x), the erf form, bf16");
+  m.def("layer_norm_forward", &layer_norm_forward, "layer norm, fp32 in, bf16 out");
+  m.def("layer_norm_backward", &layer_norm_backward, "its gradients: (dx, dweight, dbias)");
   m.def("keep_mask", &keep_mask, "keep.h's mask of (seed, threshold), rows x cols, bool");
 }

@@ -7,7 +7,9 @@
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
+#include <cmath>
 #include <cstdint>
+#include <vector>
 
 #include "keep.h"
 #include "simd.h"
@@ -173,4 +175,100 @@ at::Tensor gelu_backward(at::Tensor grad, at::Tensor x) {
     }
   });
   return out;
+}
+
+// Layer norm of fp32 rows into bf16, the dtype the next matmul takes under autocast (one
+// pass instead of torch's fp32 norm and a cast): x (rows, C) fp32 contiguous, weight and
+// bias (an empty bias: none) fp32 of C. Returns (y, mean, rstd), the last two per row.
+std::vector<at::Tensor> layer_norm_forward(at::Tensor x, at::Tensor weight, at::Tensor bias,
+                                           double eps) {
+  int64_t rows, C;
+  shape2d(x, rows, C);
+  TORCH_CHECK(x.is_contiguous() && x.scalar_type() == at::kFloat && weight.numel() == C &&
+                  weight.scalar_type() == at::kFloat && weight.is_contiguous() &&
+                  (bias.numel() == 0 || (bias.numel() == C && bias.scalar_type() == at::kFloat &&
+                                         bias.is_contiguous())),
+              "layer norm kernel: x fp32 (..., C), weight and bias fp32 of C");
+  auto y = at::empty(x.sizes(), x.options().dtype(at::kBFloat16));
+  auto mean = at::empty({rows}, x.options()), rstd = at::empty({rows}, x.options());
+  const float *xp = x.data_ptr<float>(), *wp = weight.data_ptr<float>();
+  const float* bp = bias.numel() ? bias.data_ptr<float>() : nullptr;
+  float *mp = mean.data_ptr<float>(), *rp = rstd.data_ptr<float>();
+  void* yp = y.data_ptr();
+  at::parallel_for(0, rows, grain(C), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const float* xr = xp + r * C;
+      __m512 s = _mm512_setzero_ps();
+      for (int64_t c = 0; c < C; c += 16) s = _mm512_add_ps(s, load16(xr, false, c, first_n(C - c)));
+      float mu = _mm512_reduce_add_ps(s) / (float)C;
+      __m512 vm = _mm512_set1_ps(mu), q = _mm512_setzero_ps();
+      for (int64_t c = 0; c < C; c += 16) {
+        __mmask16 n = first_n(C - c);
+        __m512 d = _mm512_maskz_sub_ps(n, load16(xr, false, c, n), vm);
+        q = _mm512_fmadd_ps(d, d, q);
+      }
+      float rs = 1.0f / std::sqrt(_mm512_reduce_add_ps(q) / (float)C + (float)eps);
+      mp[r] = mu;
+      rp[r] = rs;
+      __m512 vr = _mm512_set1_ps(rs);
+      for (int64_t c = 0; c < C; c += 16) {
+        __mmask16 n = first_n(C - c);
+        __m512 h = _mm512_mul_ps(_mm512_sub_ps(load16(xr, false, c, n), vm), vr);
+        h = _mm512_mul_ps(h, load16(wp, false, c, n));
+        if (bp) h = _mm512_add_ps(h, load16(bp, false, c, n));
+        store16(yp, true, r * C + c, n, h);
+      }
+    }
+  });
+  return {y, mean, rstd};
+}
+
+// Its gradients for grad (bf16, y's shape): (dx fp32, dweight, dbias (empty without bias)).
+std::vector<at::Tensor> layer_norm_backward(at::Tensor grad, at::Tensor x, at::Tensor mean,
+                                            at::Tensor rstd, at::Tensor weight, bool has_bias) {
+  int64_t rows, C;
+  shape2d(x, rows, C);
+  TORCH_CHECK(grad.is_contiguous() && grad.scalar_type() == at::kBFloat16 &&
+                  grad.sizes() == x.sizes(),
+              "layer norm kernel: grad must be contiguous bf16 of x's shape");
+  auto dx = at::empty_like(x);
+  int nt = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), rows));
+  auto partial = at::zeros({nt, 2, C}, x.options());  // each thread's sums for dw and db
+  const float *xp = x.data_ptr<float>(), *wp = weight.data_ptr<float>();
+  const float *mp = mean.data_ptr<float>(), *rp = rstd.data_ptr<float>();
+  const void* gp = grad.data_ptr();
+  float *dxp = dx.data_ptr<float>(), *pp = partial.data_ptr<float>();
+  const float inv = 1.0f / (float)C;
+  at::parallel_for(0, nt, 1, [&](int64_t tb, int64_t te) {
+    for (int64_t t = tb; t < te; ++t) {
+      float *dw = pp + t * 2 * C, *db = dw + C;
+      for (int64_t r = rows * t / nt; r < rows * (t + 1) / nt; ++r) {
+        const float* xr = xp + r * C;
+        __m512 vm = _mm512_set1_ps(mp[r]), vr = _mm512_set1_ps(rp[r]);
+        __m512 sa = _mm512_setzero_ps(), sb = _mm512_setzero_ps();
+        for (int64_t c = 0; c < C; c += 16) {  // sums of g w and g w xhat; dw, db
+          __mmask16 n = first_n(C - c);
+          __m512 g = load16(gp, true, r * C + c, n);
+          __m512 xh = _mm512_mul_ps(_mm512_maskz_sub_ps(n, load16(xr, false, c, n), vm), vr);
+          __m512 gw = _mm512_mul_ps(g, load16(wp, false, c, n));
+          sa = _mm512_add_ps(sa, gw);
+          sb = _mm512_fmadd_ps(gw, xh, sb);
+          _mm512_mask_storeu_ps(dw + c, n, _mm512_fmadd_ps(g, xh, _mm512_maskz_loadu_ps(n, dw + c)));
+          _mm512_mask_storeu_ps(db + c, n, _mm512_add_ps(g, _mm512_maskz_loadu_ps(n, db + c)));
+        }
+        __m512 a = _mm512_set1_ps(_mm512_reduce_add_ps(sa) * inv);
+        __m512 b = _mm512_set1_ps(_mm512_reduce_add_ps(sb) * inv);
+        for (int64_t c = 0; c < C; c += 16) {  // dx = rstd (g w - mean(g w) - xhat mean(g w xhat))
+          __mmask16 n = first_n(C - c);
+          __m512 g = load16(gp, true, r * C + c, n);
+          __m512 xh = _mm512_mul_ps(_mm512_sub_ps(load16(xr, false, c, n), vm), vr);
+          __m512 gw = _mm512_mul_ps(g, load16(wp, false, c, n));
+          __m512 d = _mm512_fnmadd_ps(xh, b, _mm512_sub_ps(gw, a));
+          _mm512_mask_storeu_ps(dxp + r * C + c, n, _mm512_mul_ps(d, vr));
+        }
+      }
+    }
+  });
+  auto sums = partial.sum(0);  // (2, C)
+  return {dx, sums[0].contiguous(), has_bias ? sums[1].contiguous() : at::Tensor()};
 }
