@@ -196,3 +196,21 @@ def test_inference_op_equals_sdpa(T: int, S: int) -> None:
     )
     got = causal_attention(q, k, v)
     assert got.shape == want.shape and relative_error(got, want) < 1e-2
+
+
+@needs_kernel
+def test_qkv_attention_equals_the_kernel_on_split_heads() -> None:
+    """Training attention straight from the qkv projection's output (one (B, T, 3C)
+    gradient, no concatenation) computes what the kernel does on q, k, v split off it."""
+    from gptkit.model.kernels import cpu_kernels
+
+    g = torch.Generator().manual_seed(4)
+    qkv = torch.randn(2, 100, 3 * 4 * 32, generator=g).bfloat16().requires_grad_()
+    dout = torch.randn(2, 4, 100, 32, generator=g).bfloat16()
+    torch.manual_seed(9)
+    fused = gpt._QKVAttention.apply(qkv, 4, 0.1, cpu_kernels())
+    (fused_grad,) = torch.autograd.grad(fused, qkv, dout)
+    torch.manual_seed(9)
+    split = attention_with_dropout(*heads(qkv, 4, 4, 100, 32), None, 0.1)
+    (split_grad,) = torch.autograd.grad(split, qkv, dout)
+    assert torch.equal(fused, split) and torch.equal(fused_grad, split_grad)

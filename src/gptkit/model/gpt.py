@@ -358,7 +358,7 @@ class _DropoutAttention(torch.autograd.Function):
         if ctx.kernel is not None:
             q, k, v, out, lse = ctx.saved_tensors
             dout = _pairable(dout.to(q.dtype))
-            args = (q, k, v, out, dout, lse, *ctx.mask, *ctx.scales)
+            args = (q, k, v, out, dout, lse, *ctx.mask, *ctx.scales, _NO_GRAD)
             dq, dk, dv = ctx.kernel.attention_backward(*args)
             return dq, dk, dv, None, None
         qs, kc, vs, bits, mask = ctx.saved_tensors
@@ -384,6 +384,43 @@ class _DropoutAttention(torch.autograd.Function):
             dq.mul_(1.0 / math.sqrt(hs))
             dv.mul_(1.0 / (1.0 - p))
         return dq, dk, dv, None, None
+
+
+class _QKVAttention(torch.autograd.Function):
+    """Causal self-attention by the compiled kernel straight from the qkv projection's
+    output (B, T, 3 H hs), with dropout ``p``: backward writes dq, dk and dv into one
+    gradient of that shape, which the projection's backward reads as it is (splitting q, k
+    and v off the projection makes autograd concatenate their three gradients). For equal
+    query and key heads without rotary embeddings or a cache; the same computation and mask
+    as :class:`_DropoutAttention`'s kernel path."""
+
+    @staticmethod
+    def forward(ctx: Any, qkv: Tensor, nh: int, p: float, kernel: Any) -> Tensor:
+        ctx.nh, ctx.kernel = nh, kernel
+        q, k, v = _QKVAttention._heads(qkv, nh)
+        ctx.mask = (_seed(), _threshold32(p)) if p > 0.0 else (0, 0)
+        ctx.scales = 1.0 / math.sqrt(q.shape[-1]), 1.0 / (1.0 - p)
+        out, lse = kernel.attention_forward(q, k, v, *ctx.mask, *ctx.scales)
+        ctx.save_for_backward(qkv, out, lse)
+        return out  # (B, H, T, hs) laid out as (B, T, H, hs)
+
+    @staticmethod
+    def _heads(qkv: Tensor, nh: int) -> tuple[Tensor, Tensor, Tensor]:
+        B, T, W = qkv.shape
+        parts = qkv.view(B, T, 3, nh, W // (3 * nh))
+        return tuple(parts[:, :, i].transpose(1, 2) for i in range(3))  # type: ignore[return-value]
+
+    @staticmethod
+    def backward(ctx: Any, dout: Tensor) -> tuple[Tensor, None, None, None]:
+        qkv, out, lse = ctx.saved_tensors
+        q, k, v = _QKVAttention._heads(qkv, ctx.nh)
+        dqkv = torch.empty_like(qkv)
+        dout = _pairable(dout.to(qkv.dtype))
+        ctx.kernel.attention_backward(q, k, v, out, dout, lse, *ctx.mask, *ctx.scales, dqkv)
+        return dqkv, None, None, None
+
+
+_NO_GRAD = torch.empty(0, dtype=torch.bfloat16)  # attention_backward: allocate dq, dk, dv
 
 
 def _pairable(t: Tensor) -> Tensor:
@@ -551,7 +588,14 @@ class Attention(nn.Module):
         mask: Tensor | None,
     ) -> Tensor:
         B, T, _ = x.shape
-        q, k, v = self.qkv(x).split([self.nh * self.hs, self.nkv * self.hs, self.nkv * self.hs], -1)
+        qkv = self.qkv(x)
+        p = self.dropout if self.training else 0.0
+        if rope is None and cache is None and mask is None and self.nkv == self.nh:
+            kernel = _attention_kernel(qkv, None) if self.hs % 16 == 0 else None
+            if kernel is not None and qkv.requires_grad and qkv.is_contiguous():
+                y = _QKVAttention.apply(qkv, self.nh, p, kernel)  # training: dq, dk, dv in one
+                return self.proj(y.transpose(1, 2).reshape(B, T, self.nh * self.hs))
+        q, k, v = qkv.split([self.nh * self.hs, self.nkv * self.hs, self.nkv * self.hs], -1)
         q = q.view(B, T, self.nh, self.hs).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.nkv, self.hs).transpose(1, 2)  # (B, nkv, T, hs)
         v = v.view(B, T, self.nkv, self.hs).transpose(1, 2)  # (B, nkv, T, hs)
@@ -569,7 +613,6 @@ class Attention(nn.Module):
                 v_cache.scatter_(2, index, v.to(v_cache.dtype))
             S = mask.shape[-1] if mask is not None else T
             k, v = k_cache[:, :, :S].to(q.dtype), v_cache[:, :, :S].to(q.dtype)  # (B, nkv, S, hs)
-        p = self.dropout if self.training else 0.0
         kernel = _attention_kernel(q, mask) is not None
         if p > 0.0 or (kernel and q.requires_grad):
             y = attention_with_dropout(q, k, v, mask, p)

@@ -399,18 +399,30 @@ std::vector<at::Tensor> attention_forward(at::Tensor q, at::Tensor k, at::Tensor
   return {out, lse};
 }
 
-// The gradients of attention_forward's out for dout: (dq, dk, dv), laid out as (B, T, H, hs).
+// The gradients of attention_forward's out for dout: (dq, dk, dv), laid out as (B, T, H, hs),
+// or written into dqkv (B, T, 3, H, hs) where it is not empty.
 std::vector<at::Tensor> attention_backward(at::Tensor q, at::Tensor k, at::Tensor v,
                                            at::Tensor out, at::Tensor dout, at::Tensor lse,
                                            int64_t seed, int64_t threshold, double scale,
-                                           double vscale) {
+                                           double vscale, at::Tensor dqkv) {
   check(q, k, v, threshold);
   check_heads(out, "out");
   check_heads(dout, "dout");
   TORCH_CHECK(out.sizes() == q.sizes() && dout.sizes() == q.sizes() && lse.is_contiguous(),
               "attention kernel: out and dout must have q's shape");
   int64_t B = q.size(0), H = q.size(1), T = q.size(2), S = k.size(2), d = q.size(3);
-  auto dq = heads_like(q, T), dk = heads_like(k, S), dv = heads_like(v, S);
+  at::Tensor dq, dk, dv;
+  if (dqkv.numel()) {  // one (B, T, 3 H hs) gradient for the qkv projection's output
+    TORCH_CHECK(T == S && dqkv.is_contiguous() && dqkv.scalar_type() == at::kBFloat16 &&
+                    dqkv.numel() == 3 * B * T * H * d,
+                "attention kernel: dqkv must be a contiguous (B, T, 3 H hs) bf16 tensor");
+    auto parts = dqkv.view({B, T, 3, H, d});
+    dq = parts.select(2, 0).transpose(1, 2);
+    dk = parts.select(2, 1).transpose(1, 2);
+    dv = parts.select(2, 2).transpose(1, 2);
+  } else {
+    dq = heads_like(q, T), dk = heads_like(k, S), dv = heads_like(v, S);
+  }
   auto lp = lse.data_ptr<float>();
   Keep keep(seed, threshold);
   auto cols = keep.columns(S);
