@@ -8,7 +8,8 @@ nanoGPT's own FLOP count, 6N + 12·L·T·C per token, against ``--peak`` GFLOP/s
 780, and against the bf16 matmul peak the script measures in the same run, as
 ``../shared/anchors/peak.py`` does) and peak resident memory (the process's max RSS).
 nanoGPT runs as it does on a CPU: fp32 (its autocast is for CUDA only). gptkit runs with
-its defaults (bf16 autocast where the CPU has native bf16, fused AdamW, SDPA attention).
+its defaults (bf16 autocast where the CPU has native bf16, fused AdamW, and its compiled
+attention and element-wise kernels where the CPU has AVX512-BF16).
 
     python bench/train_speed.py                          # gptkit only
     python bench/train_speed.py --nanogpt PATH           # both, in one run

@@ -28,6 +28,22 @@ void shape2d(const at::Tensor& t, int64_t& rows, int64_t& cols) {
 
 int64_t grain(int64_t cols) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(cols, 1)); }
 
+// Calls f(i, n, m) for each 16 elements of a (rows, cols) tensor, in parallel over rows: i
+// the flat index of the first, n the lanes inside the row, m those of them `keep` keeps.
+template <class F>
+void masked_rows(const Keep& keep, int64_t rows, int64_t cols, F f) {
+  auto colh = keep.columns(cols);
+  at::parallel_for(0, rows, grain(cols), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      uint32_t k = keep.key(r);
+      for (int64_t c = 0; c < cols; c += 16) {
+        __mmask16 n = first_n(cols - c);
+        f(r * cols + c, n, (__mmask16)(keep.bits16(k, colh.data() + c) & n));
+      }
+    }
+  });
+}
+
 }  // namespace
 
 // The keep mask (bool, rows × cols) of `seed` and `threshold` (keep.h).
@@ -35,17 +51,8 @@ at::Tensor keep_mask(int64_t seed, int64_t threshold, int64_t rows, int64_t cols
   TORCH_CHECK(rows >= 0 && cols >= 0 && cols < (int64_t{1} << 32), "keep_mask: bad shape");
   auto out = at::empty({rows, cols}, at::TensorOptions().dtype(at::kBool));
   auto o = reinterpret_cast<uint8_t*>(out.data_ptr<bool>());
-  Keep keep(seed, threshold);
-  auto colh = keep.columns(cols);
-  at::parallel_for(0, rows, grain(cols), [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      uint32_t k = keep.key(r);
-      for (int64_t c = 0; c < cols; c += 16) {
-        __mmask16 m = keep.bits16(k, colh.data() + c);
-        _mm_mask_storeu_epi8(o + r * cols + c, first_n(cols - c),
-                             _mm_maskz_mov_epi8(m, _mm_set1_epi8(1)));
-      }
-    }
+  masked_rows(Keep(seed, threshold), rows, cols, [&](int64_t i, __mmask16 n, __mmask16 m) {
+    _mm_mask_storeu_epi8(o + i, n, _mm_maskz_mov_epi8(m, _mm_set1_epi8(1)));
   });
   return out;
 }
@@ -86,23 +93,14 @@ at::Tensor dropout(at::Tensor x, int64_t seed, int64_t threshold, double scale,
   int64_t rows, cols;
   shape2d(x, rows, cols);
   auto out = at::empty(x.sizes(), x.options().dtype(dtype));
-  Keep keep(seed, threshold);
-  auto colh = keep.columns(cols);
   const __m512 s = _mm512_set1_ps((float)scale);
   bool xbf = x.scalar_type() == at::kBFloat16, obf = dtype == at::kBFloat16;
   const void* xp = x.data_ptr();
   void* op = out.data_ptr();
-  at::parallel_for(0, rows, grain(cols), [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      uint32_t k = keep.key(r);
-      for (int64_t c = 0; c < cols; c += 16) {
-        __mmask16 n = first_n(cols - c), m = keep.bits16(k, colh.data() + c) & n;
-        int64_t i = r * cols + c;
-        __m512 v = load16(xp, xbf, i, n);
-        if (obf && !xbf) v = round_bf16(v);
-        store16(op, obf, i, n, _mm512_maskz_mul_ps(m, v, s));
-      }
-    }
+  masked_rows(Keep(seed, threshold), rows, cols, [&](int64_t i, __mmask16 n, __mmask16 m) {
+    __m512 v = load16(xp, xbf, i, n);
+    if (obf && !xbf) v = round_bf16(v);
+    store16(op, obf, i, n, _mm512_maskz_mul_ps(m, v, s));
   });
   return out;
 }
@@ -117,24 +115,15 @@ at::Tensor dropout_add(at::Tensor x, at::Tensor y, int64_t seed, int64_t thresho
   shape2d(y, rows, cols);
   auto out = at::empty(x.sizes(), x.options().dtype(at::promote_types(x.scalar_type(),
                                                                        y.scalar_type())));
-  Keep keep(seed, threshold);
-  auto colh = keep.columns(cols);
   const __m512 s = _mm512_set1_ps((float)scale);
   bool xbf = x.scalar_type() == at::kBFloat16, ybf = y.scalar_type() == at::kBFloat16;
   bool obf = out.scalar_type() == at::kBFloat16;
   const void *xp = x.data_ptr(), *yp = y.data_ptr();
   void* op = out.data_ptr();
-  at::parallel_for(0, rows, grain(cols), [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      uint32_t k = keep.key(r);
-      for (int64_t c = 0; c < cols; c += 16) {
-        __mmask16 n = first_n(cols - c), m = keep.bits16(k, colh.data() + c) & n;
-        int64_t i = r * cols + c;
-        __m512 d = _mm512_maskz_mul_ps(m, load16(yp, ybf, i, n), s);
-        if (ybf) d = round_bf16(d);
-        store16(op, obf, i, n, _mm512_add_ps(load16(xp, xbf, i, n), d));
-      }
-    }
+  masked_rows(Keep(seed, threshold), rows, cols, [&](int64_t i, __mmask16 n, __mmask16 m) {
+    __m512 d = _mm512_maskz_mul_ps(m, load16(yp, ybf, i, n), s);
+    if (ybf) d = round_bf16(d);
+    store16(op, obf, i, n, _mm512_add_ps(load16(xp, xbf, i, n), d));
   });
   return out;
 }
