@@ -214,3 +214,25 @@ def test_qkv_attention_equals_the_kernel_on_split_heads() -> None:
     split = attention_with_dropout(*heads(qkv, 4, 4, 100, 32), None, 0.1)
     (split_grad,) = torch.autograd.grad(split, qkv, dout)
     assert torch.equal(fused, split) and torch.equal(fused_grad, split_grad)
+
+
+@needs_kernel
+def test_bf16_quantized_model_attends_in_the_kernel() -> None:
+    """A bf16-quantized model hands fp32 between its layers; its inference attention runs in
+    the bf16 kernel (as the op compiled prefill calls), close to fp32 SDPA's logits."""
+    from conftest import tiny_model
+    from torch.profiler import profile
+
+    from gptkit.compress import quantize
+
+    model = tiny_model(
+        n_embd=64, n_head=4, n_kv_head=2, pos_emb="rope", norm="rmsnorm", mlp="swiglu"
+    )
+    x = torch.randint(0, 64, (2, 30), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = model(x)
+        q = quantize(model, "bf16")
+        with profile() as prof:
+            got = q(x)
+    assert any(e.name == "gptkit::causal_attention" for e in prof.events())
+    assert relative_error(got, want.double()) < 2e-2

@@ -244,6 +244,7 @@ class BF16Linear(QuantLinear):
     """
 
     mode = "bf16"
+    bf16_attention = True  # gpt.Attention: a model of these layers attends in bf16 too
     packed: Tensor | None
 
     def __init__(self, weight: Tensor, bias: Tensor | None):

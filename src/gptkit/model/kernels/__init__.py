@@ -80,6 +80,7 @@ def _build(name: str, sources: tuple[str, ...] = SOURCES) -> ModuleType | None:
         return None
 
 
+@torch.compiler.assume_constant_result  # compiled graphs (fullgraph prefill) take it as given
 def cpu_kernels() -> ModuleType | None:
     """The compiled kernels (``attention_forward``, ``attention_backward``, ``dropout``,
     ``keep_mask``), or None where they do not apply (no AVX512-BF16, ``GPTKIT_KERNELS=0``,
