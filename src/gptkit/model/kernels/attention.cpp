@@ -1,6 +1,7 @@
 // Causal attention with dropout on the weights, forward and backward, for bf16 on CPUs
 // with AVX512-BF16: the fast path of gptkit.model.gpt._DropoutAttention (whose Python
-// tiles define the semantics and serve every other case).
+// tiles define the semantics and serve every other case) and _QKVAttention. This file also
+// binds the module, elementwise.cpp's kernels included.
 //
 // Per (batch row, head), in blocks of MB query rows: S = Q Kᵀ in fp32, an exact softmax
 // over the block's causal prefix of keys (a row's keys fit in cache, so no online
@@ -437,6 +438,7 @@ std::vector<at::Tensor> attention_backward(at::Tensor q, at::Tensor k, at::Tenso
   return {dq, dk, dv};
 }
 
+// The extension's functions: this file's and elementwise.cpp's.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attention_forward", &attention_forward, "causal attention with dropout, bf16: (out, lse)");
   m.def("attention_backward", &attention_backward, "its gradients: (dq, dk, dv)");
