@@ -128,6 +128,12 @@ def _threshold32(p: float) -> int:
     return min(round(p * 2**32), 2**32 - 1)
 
 
+def _kernel_mask(p: float) -> tuple[int, int]:
+    """(seed, threshold) of a fresh ``keep.h`` mask for the kernels; (0, 0), drawing
+    nothing, without dropout."""
+    return (_seed(), _threshold32(p)) if p > 0.0 else (0, 0)
+
+
 def keep_mask(shape: tuple[int, ...], p: float, device: torch.device) -> Tensor:
     """A random bool mask, True with probability ``1 - p``. On a CPU with the compiled
     kernels: ``kernels/keep.h``'s hash of (seed, row, column) over the last dimension (to
@@ -191,11 +197,11 @@ class _DropoutFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, p: float) -> Tensor:
         ctx.scale = 1.0 / (1.0 - p)
-        ctx.kernels = _cpu_kernels() if x.device.type == "cpu" else None
-        if ctx.kernels is not None and x.dtype in _KERNEL_DTYPES:
-            ctx.mask, ctx.dtype = (_seed(), _threshold32(p)), x.dtype
+        on_cpu = x.device.type == "cpu" and x.dtype in _KERNEL_DTYPES
+        ctx.kernels = _cpu_kernels() if on_cpu else None
+        if ctx.kernels is not None:
+            ctx.mask, ctx.dtype = _kernel_mask(p), x.dtype
             return ctx.kernels.dropout(x.contiguous(), *ctx.mask, ctx.scale, x.dtype)
-        ctx.kernels = None
         keep = keep_mask(tuple(x.shape), p, x.device)
         ctx.save_for_backward(pack_bits(keep))
         ctx.shape = tuple(x.shape)
@@ -218,7 +224,7 @@ class _DropoutAddFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, y: Tensor, p: float, kernels: Any) -> Tensor:
-        ctx.kernels, ctx.mask = kernels, (_seed(), _threshold32(p))
+        ctx.kernels, ctx.mask = kernels, _kernel_mask(p)
         ctx.scale, ctx.dtype = 1.0 / (1.0 - p), y.dtype
         return kernels.dropout_add(x.contiguous(), y.contiguous(), *ctx.mask, ctx.scale)
 
@@ -303,7 +309,7 @@ class _DropoutAttention(torch.autograd.Function):
         ctx.kernel = _attention_kernel(q, mask)
         if ctx.kernel is not None:  # the compiled kernel (kernels/attention.cpp) reads q,
             q, k, v = (_pairable(t) for t in (q, k, v))  # k, v in place, scales itself and
-            ctx.mask = (_seed(), _threshold32(p)) if p > 0.0 else (0, 0)  # makes the mask
+            ctx.mask = _kernel_mask(p)  # makes the mask
             ctx.scales = 1.0 / math.sqrt(q.shape[-1]), 1.0 / (1.0 - p)
             out, lse = ctx.kernel.attention_forward(q, k, v, *ctx.mask, *ctx.scales)
             ctx.save_for_backward(q, k, v, out, lse)
@@ -398,7 +404,7 @@ class _QKVAttention(torch.autograd.Function):
     def forward(ctx: Any, qkv: Tensor, nh: int, p: float, kernel: Any) -> Tensor:
         ctx.nh, ctx.kernel = nh, kernel
         q, k, v = _QKVAttention._heads(qkv, nh)
-        ctx.mask = (_seed(), _threshold32(p)) if p > 0.0 else (0, 0)
+        ctx.mask = _kernel_mask(p)
         ctx.scales = 1.0 / math.sqrt(q.shape[-1]), 1.0 / (1.0 - p)
         out, lse = kernel.attention_forward(q, k, v, *ctx.mask, *ctx.scales)
         ctx.save_for_backward(qkv, out, lse)
