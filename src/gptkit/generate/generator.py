@@ -63,7 +63,7 @@ from torch import Tensor
 from gptkit.config import SampleConfig
 from gptkit.errors import GptkitError
 from gptkit.generate.sampling import sample_next, seen_mask
-from gptkit.model.gpt import GPT, KVCache
+from gptkit.model import GPT, KVCache
 from gptkit.tokenizer.base import Tokenizer
 
 FinishReason = Literal["eos", "length", "stop"]

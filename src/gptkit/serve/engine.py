@@ -43,7 +43,7 @@ from gptkit.config import SampleConfig
 from gptkit.errors import GptkitError
 from gptkit.generate.generator import Detokenizer
 from gptkit.generate.sampling import apply_presence_frequency_penalty, sample_next
-from gptkit.model.gpt import GPT, KVCache
+from gptkit.model import GPT, KVCache
 from gptkit.tokenizer.base import Tokenizer
 
 
