@@ -16,7 +16,8 @@ import gptkit
 from gptkit.checkpoint import save_checkpoint
 from gptkit.cli import main
 from gptkit.compress import QuantConfig, load_quantized, quantization, quantize, save_quantized
-from gptkit.compress.quantize import (
+from gptkit.errors import GptkitError
+from gptkit.model.quant import (
     _PACKS_BF16,
     BF16Linear,
     Int4Linear,
@@ -25,7 +26,6 @@ from gptkit.compress.quantize import (
     quantize_int4,
     quantize_int8,
 )
-from gptkit.errors import GptkitError
 
 SMOLLM2 = REPO / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 #: the largest relative error ‖q - ref‖ / ‖ref‖ of a tiny model's logits, per mode (measured

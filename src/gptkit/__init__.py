@@ -13,7 +13,7 @@ __version__ = "0.1.0"
 
 # The functions share their names with the subpackages that hold them (gptkit.generate,
 # gptkit.train): importing them here binds the names to the functions.
-from gptkit.compress.checkpoint import load  # gptkit.checkpoint.load, plus quantization
+from gptkit.checkpoint import load
 from gptkit.config import ModelConfig, SampleConfig, TrainConfig
 from gptkit.data.prepare import prepare
 from gptkit.errors import GptkitError

@@ -1,13 +1,22 @@
-"""Checkpoints in and out: ``load(source)`` resolves any source gptkit can run."""
+"""Checkpoints in and out: THE loader, ``load(source)``, for any source gptkit can run.
+
+Sources (see :mod:`gptkit.checkpoint.sources` for how a name becomes a path)::
+
+    a gptkit checkpoint, or a training run (its newest checkpoint)   native.py
+    a quantized checkpoint (``gptkit quantize``)                      quantized.py
+    a Hugging Face directory (GPT-2, OpenAI GPT, Llama)               hf.py
+    a .gguf file                                                      gguf.py
+    a hub id (org/name) or a known name (gpt2, smollm2-135m, ...)     sources.py, then hf.py
+"""
 
 from __future__ import annotations
 
-import re
 import warnings
 from pathlib import Path
 
 import torch
 
+from gptkit.checkpoint.hf import is_hf_dir, load_hf_dir
 from gptkit.checkpoint.native import (
     is_native,
     load_checkpoint,
@@ -15,19 +24,31 @@ from gptkit.checkpoint.native import (
     read_train_state,
     save_checkpoint,
 )
+from gptkit.checkpoint.quantized import is_quantized, load_quantized, save_quantized
+from gptkit.checkpoint.sources import KNOWN_MODELS, is_gguf, resolve
 from gptkit.errors import GptkitError
 from gptkit.files import latest_checkpoint
 from gptkit.model import GPT
+from gptkit.model.quant import QuantConfig, quantization
+from gptkit.model.quant import quantize as quantize_model
 from gptkit.tokenizer import Tokenizer
 
 __all__ = [
+    "DTYPES",
+    "KNOWN_MODELS",
+    "is_quantized",
     "load",
     "load_checkpoint",
+    "load_quantized",
     "read_model_config",
     "read_train_state",
     "resolve_checkpoint",
     "save_checkpoint",
+    "save_quantized",
 ]
+
+#: the dtypes ``load(dtype=)`` takes by name
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def resolve_checkpoint(source: str | Path) -> Path:
@@ -48,53 +69,82 @@ def resolve_checkpoint(source: str | Path) -> Path:
     )
 
 
-def _is_gguf(path: Path) -> bool:
-    try:
-        with open(path, "rb") as f:
-            return f.read(4) == b"GGUF"
-    except OSError:
-        return False
-
-
-def _looks_like_hub_id(source: str) -> bool:
-    return re.fullmatch(r"[\w.-]+/[\w.-]+", source) is not None
-
-
-def load(source: str | Path, device: str | torch.device = "cpu") -> tuple[GPT, Tokenizer | None]:
-    """``model, tokenizer = load(source)`` for any model gptkit runs.
-
-    ``source`` is one of: a gptkit checkpoint directory or training run directory; a Hugging
-    Face model directory (GPT-2, OpenAI GPT, Llama: safetensors, sharded safetensors or
-    ``pytorch_model.bin``); a ``.gguf`` file; or a Hugging Face hub id such as
-    ``HuggingFaceTB/SmolLM2-135M-Instruct`` (downloaded and cached when the machine is
-    online). The model comes back in eval mode on ``device``; the tokenizer is None (with a
-    warning) when the source has none.
-    """
-    path = Path(source)
+def _read(path: Path, device: str | torch.device) -> tuple[GPT, Tokenizer | None]:
+    """Model and tokenizer of a local source, as stored."""
     if path.is_file():
-        if not _is_gguf(path):
+        if not is_gguf(path):
             raise GptkitError(
                 f"{path} is a file but not a GGUF model; pass a .gguf file or a model directory"
             )
-        from gptkit.checkpoint.gguf import load_gguf
+        from gptkit.checkpoint.gguf import load_gguf  # gguf-py, only when a file needs it
 
         return load_gguf(path, device)
-    if path.is_dir():
-        if not is_native(path):
-            from gptkit.checkpoint.hf import is_hf_dir, load_hf_dir
+    if is_quantized(path):
+        return load_quantized(path, device)
+    if not is_native(path) and is_hf_dir(path):
+        return load_hf_dir(path, device)
+    directory = resolve_checkpoint(path)
+    model, tokenizer = load_checkpoint(directory, device)
+    if tokenizer is None:
+        warnings.warn(f"{directory} has no tokenizer files; tokenizer is None", stacklevel=3)
+    return model, tokenizer
 
-            if is_hf_dir(path):
-                return load_hf_dir(path, device)
-        directory = resolve_checkpoint(path)
-        model, tokenizer = load_checkpoint(directory, device)
-        if tokenizer is None:
-            warnings.warn(f"{directory} has no tokenizer files; tokenizer is None", stacklevel=2)
+
+def _torch_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    if dtype is None or dtype in DTYPES.values():
+        return dtype  # type: ignore[return-value]
+    if dtype not in DTYPES:
+        raise GptkitError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]  # type: ignore[index]
+
+
+def load(
+    source: str | Path,
+    device: str | torch.device | None = None,
+    *,
+    quantize: str | None = None,
+    dtype: str | torch.dtype | None = None,
+) -> tuple[GPT, Tokenizer | None]:
+    """``model, tokenizer = load(source)`` for any model gptkit runs: ``gptkit.load``.
+
+    Args:
+        source: a gptkit checkpoint or training run directory, a quantized checkpoint
+            (written by ``gptkit quantize``), a Hugging Face model directory (GPT-2, OpenAI
+            GPT, Llama: safetensors, sharded safetensors or ``pytorch_model.bin``), a
+            ``.gguf`` file, a hub id such as ``HuggingFaceTB/SmolLM2-135M-Instruct``
+            (downloaded and cached when the machine is online), or a known name
+            (:data:`KNOWN_MODELS`: gpt2, smollm2-135m, ...; a local copy first).
+        device: where the model goes (default the CPU; int4 runs on the CPU only).
+        quantize: quantize the weights on load: "bf16", "int8" or "int4" (see
+            :mod:`gptkit.model.quant`); None keeps them as stored. A quantized checkpoint
+            loads as it was saved, and refuses another mode.
+        dtype: cast the floating weights ("float32", "bfloat16", "float16" or a torch
+            dtype) before any quantization; None keeps them as stored (GGUF and HF weights
+            load as fp32).
+
+    Returns:
+        The model in eval mode and the tokenizer; the tokenizer is None (with a warning)
+        when the source has none.
+    """
+    cast = _torch_dtype(dtype)
+    if quantize is not None:
+        QuantConfig(quantize)  # a bad mode name fails before the (slow) load
+    model, tokenizer = _read(resolve(source), device or "cpu")
+    stored = quantization(model)
+    if stored is not None:
+        if quantize is not None and quantize != stored.mode:
+            raise GptkitError(
+                f"{source} is already quantized ({stored.mode}); load it without "
+                f"quantize=, or quantize the original model to {quantize}"
+            )
+        if cast not in (None, torch.float32):
+            raise GptkitError(
+                f"{source} is quantized ({stored.mode}): its layers keep their own dtypes; "
+                "load it without dtype="
+            )
         return model, tokenizer
-    if not path.exists() and _looks_like_hub_id(str(source)):
-        from gptkit.checkpoint.hf import hub_snapshot, load_hf_dir
-
-        return load_hf_dir(hub_snapshot(str(source)), device)
-    raise GptkitError(
-        f"model source {source} does not exist; pass a checkpoint directory, a Hugging Face "
-        "model directory, a .gguf file or a hub id (org/name)"
-    )
+    if cast is not None:
+        model = model.to(cast)
+    if quantize is not None:
+        model = quantize_model(model, quantize)
+    return model, tokenizer

@@ -540,6 +540,8 @@ def to_hf(model: GPT, fam: Family | None = None) -> dict[str, Tensor]:
 CONFIG = "config.json"
 SAFETENSORS, SAFETENSORS_INDEX = "model.safetensors", "model.safetensors.index.json"
 PICKLE, PICKLE_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
+#: how to get a model when a source cannot be found (said by every such error)
+GET_A_MODEL = "get one with `make models` (SmolLM2-135M-Instruct into models/) or pass a path"
 #: what ``hub_snapshot`` downloads: config, safetensors weights, tokenizer files
 HUB_FILES = [
     CONFIG,
@@ -759,26 +761,40 @@ def save_hf(model: GPT, tokenizer: Tokenizer | None, out_dir: str | Path) -> Pat
     return out
 
 
-def hub_snapshot(repo_id: str, revision: str | None = None) -> Path:
+def hub_snapshot(repo_id: str, revision: str | None = None, local_only: bool = False) -> Path:
     """Download a model from the Hugging Face hub (config, safetensors and tokenizer files
     only) and return its local directory; files already in the cache are not fetched again.
 
     Args:
         repo_id: e.g. ``"openai-community/gpt2"``.
         revision: a branch, tag or commit; None is the default branch.
+        local_only: look in the hub cache only, never the network.
+
+    Raises:
+        GptkitError: in one line, when huggingface_hub is missing, the machine is offline
+            (and the cache lacks the model), or the download fails.
     """
     try:
         from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import LocalEntryNotFoundError
     except ImportError:
         raise GptkitError(
-            "downloading from the Hugging Face hub needs huggingface_hub: "
-            "pip install 'gptkit[hub]' (or pass a local model directory)"
+            f"{repo_id!r} is not a local path, and downloading it from the Hugging Face hub "
+            "needs huggingface_hub: pip install huggingface_hub (or pip install 'gptkit[hub]'); "
+            f"or {GET_A_MODEL}"
         ) from None
     try:
-        path = snapshot_download(repo_id, revision=revision, allow_patterns=HUB_FILES)
-    except Exception as e:  # offline, unknown repo, gated repo: all end here, said plainly
+        path = snapshot_download(
+            repo_id, revision=revision, allow_patterns=HUB_FILES, local_files_only=local_only
+        )
+    except LocalEntryNotFoundError:  # what the hub raises when it cannot be reached
+        offline = "" if local_only else ", and the hub cannot be reached (offline)"
+        raise GptkitError(
+            f"{repo_id!r} is not in the Hugging Face cache{offline}; {GET_A_MODEL}"
+        ) from None
+    except Exception as e:  # unknown repo, gated repo, a failed transfer: said plainly
         raise GptkitError(
             f"{repo_id!r} is not a local path, and downloading it from the Hugging Face hub "
-            f"failed ({type(e).__name__}: {e}); check the path, the hub id and the network"
+            f"failed ({type(e).__name__}: {_gist(e)}); check the path, the hub id and the network"
         ) from None
     return Path(path)

@@ -1,4 +1,4 @@
-"""Quantized checkpoints, and ``load`` with quantization: the public ``gptkit.load``.
+"""Quantized checkpoints: the directory ``gptkit quantize`` writes, and reading it back.
 
 A quantized checkpoint directory is self-describing, like a native one::
 
@@ -14,9 +14,7 @@ Only portable tensors are stored: int4 values two per byte in a plain row-major 
 the CPU kernel's tiled layout (which depends on the CPU), so loading re-packs them; a load
 gives back exactly the model that was saved.
 
-``load`` lives here, above :mod:`gptkit.checkpoint` (layer 4 knows nothing of quantization):
-it reads a quantized directory itself and hands everything else to
-:func:`gptkit.checkpoint.load`, quantizing on the way when asked.
+:func:`gptkit.checkpoint.load` reads these directories through :func:`load_quantized`.
 """
 
 from __future__ import annotations
@@ -28,14 +26,12 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from gptkit.checkpoint import load as load_plain
-from gptkit.compress.quantize import QuantConfig, quantization, quantized_skeleton
-from gptkit.compress.quantize import quantize as quantize_model
 from gptkit.config import ModelConfig
 from gptkit.errors import GptkitError, shape_mismatch
 from gptkit.files import atomic_dir, atomic_write_json
 from gptkit.model import GPT
 from gptkit.model.gpt import sinusoidal_table
+from gptkit.model.quant import QuantConfig, quantization, quantized_skeleton
 from gptkit.tokenizer import Tokenizer, load_tokenizer
 
 FORMAT = "gptkit.quantized/1"
@@ -111,35 +107,3 @@ def load_quantized(
         model.sinusoid = sinusoidal_table(config.block_size, config.n_embd).to(device)
     tokenizer = load_tokenizer(directory) if (directory / "tokenizer.json").exists() else None
     return model.eval(), tokenizer
-
-
-def load(
-    source: str | Path,
-    device: str | torch.device = "cpu",
-    quantize: str | None = None,
-) -> tuple[GPT, Tokenizer | None]:
-    """``model, tokenizer = load(source)`` for any model gptkit runs, quantized or not.
-
-    Args:
-        source: a gptkit checkpoint or run directory, a quantized checkpoint (written by
-            ``gptkit quantize``), a Hugging Face model directory, a ``.gguf`` file, or a
-            hub id (see :func:`gptkit.checkpoint.load`).
-        device: where the model goes (int4 runs on the CPU only).
-        quantize: quantize the weights on load: "bf16", "int8" or "int4" (see
-            :mod:`gptkit.compress.quantize`); None keeps them as stored.
-    """
-    if Path(source).is_dir() and is_quantized(source):
-        model, tokenizer = load_quantized(source, device)
-        stored = quantization(model)
-        if quantize is not None and stored is not None and quantize != stored.mode:
-            raise GptkitError(
-                f"{source} is already quantized ({stored.mode}); load it without "
-                f"quantize=, or quantize the original model to {quantize}"
-            )
-        return model, tokenizer
-    if quantize is not None:
-        QuantConfig(quantize)  # a bad mode name fails before the (slow) load
-    model, tokenizer = load_plain(source, device)
-    if quantize is not None:
-        model = quantize_model(model, quantize)
-    return model, tokenizer

@@ -1,9 +1,11 @@
-"""Post-training weight quantization: swap a model's ``nn.Linear`` layers for low-bit ones.
+"""Quantized linear layers, and the round-to-nearest transform that swaps a model's
+``nn.Linear`` layers for them.
 
-The model file stays pure: :func:`quantize` replaces Linear modules in place (as
-:mod:`gptkit.model.lora` does for adapters), and every quantized layer takes and returns the
-model's dtype (fp32), casting to its kernel's dtype inside, so norms, residuals, RoPE and the
-KV cache are untouched.
+The layers live with the model (the loader rebuilds them from a checkpoint); the model file
+stays pure: :func:`quantize` replaces Linear modules in place (as :mod:`gptkit.model.lora`
+does for adapters), and every quantized layer takes and returns the model's dtype (fp32),
+casting to its kernel's dtype inside, so norms, residuals, RoPE and the KV cache are
+untouched.
 
 Modes (a name each, the same in the Python API, the CLI and a checkpoint's config.json)::
 
@@ -63,7 +65,7 @@ from torch import Tensor, nn
 
 from gptkit.config import _JsonMixin
 from gptkit.errors import GptkitError
-from gptkit.model import GPT
+from gptkit.model.gpt import GPT
 from gptkit.model.lora import has_lora
 
 MODES = ("bf16", "int8", "int4")
@@ -244,7 +246,10 @@ class BF16Linear(QuantLinear):
     """
 
     mode = "bf16"
-    bf16_attention = True  # gpt.Attention: a model of these layers attends in bf16 too
+    #: the dtype the model computes attention in around these layers (read by the model's
+    #: attention, so a bf16 model attends in bf16 too)
+    compute_dtype = torch.bfloat16
+    bf16_attention = True  # the same, under the name gpt.Attention reads today
     packed: Tensor | None
 
     def __init__(self, weight: Tensor, bias: Tensor | None):
