@@ -15,11 +15,11 @@ from conftest import FAMILIES, run_ids, tiny_model
 from gptkit.compress import quantize
 from gptkit.config import SampleConfig
 from gptkit.generate import generate, generate_ids
-from gptkit.generate.generator import compiled_cache_len, compiled_prefill
+from gptkit.generate.compiled import compiled_cache_len, compiled_prefill
 from gptkit.model import KVCache
 from gptkit.tokenizer import CharTokenizer
 
-generator = importlib.import_module("gptkit.generate.generator")
+generator = importlib.import_module("gptkit.generate.compiled")
 GREEDY = SampleConfig(temperature=0.0, max_new_tokens=20, stop_at_eos=False)
 
 

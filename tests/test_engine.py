@@ -8,7 +8,8 @@ import threading
 import pytest
 
 from gptkit.generate import generate
-from gptkit.serve.engine import Engine, EngineError, GenParams, PromptTooLong, QueueFull
+from gptkit.serve.engine import Engine, EngineError, PromptTooLong, QueueFull
+from gptkit.serve.serving import openai_sampling as GenParams
 from tests.conftest import tiny_model
 
 PROMPTS = ["To be", "or not to be, that is", "the question", "O", "Whether 'tis nobler in"]

@@ -233,13 +233,24 @@ class TrainConfig(_JsonMixin):
 
 @dataclass(frozen=True)
 class SampleConfig(_JsonMixin):
-    """How to pick each next token. ``temperature == 0`` is greedy decoding."""
+    """How one sequence is decoded: THE per-request parameters of ``generate``, ``stream``,
+    ``chat`` and the server (which maps the OpenAI API's names onto these fields in
+    ``gptkit.serve.serving``). ``temperature == 0`` is greedy decoding.
+
+    The penalties: ``repetition_penalty`` is CTRL's multiplicative one on every token already
+    in the sequence, prompt included (Keskar et al. 2019; 1.0 is off);
+    ``presence_penalty`` and ``frequency_penalty`` are the OpenAI API's additive ones on the
+    tokens generated so far, once and per occurrence (0.0 is off). ``seed``: a random source
+    of the sequence's own (None: fresh entropy).
+    """
 
     max_new_tokens: int = 200
     temperature: float = 0.8
     top_k: int | None = None
     top_p: float | None = None
-    repetition_penalty: float = 1.0  # CTRL-style; 1.0 is off
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
     stop_at_eos: bool = True
@@ -254,6 +265,10 @@ class SampleConfig(_JsonMixin):
             f"top_p must be in (0, 1], got {self.top_p}",
         )
         _check(self.repetition_penalty > 0, "repetition_penalty must be positive")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            _check(-2.0 <= value <= 2.0, f"{name} must be in [-2, 2], got {value}")
+        _check(all(self.stop), "a stop string must not be empty")
         _check(
             self.context_policy in ("slide", "error"),
             f"context_policy must be 'slide' or 'error', got {self.context_policy!r}",

@@ -1,14 +1,16 @@
-"""Text generation: sampling functions, the KV-cache decoding loop, streaming.
+"""Text generation: sampling functions, the one decoding core, the batch decoder, streaming.
 
-``generate`` and ``stream`` work on text; ``generate_ids`` is the token-id loop they (and the
-server) build on. The context policy is described in :mod:`gptkit.generate.generator`.
+``generate`` and ``stream`` work on text; ``generate_ids`` is the token-id loop they build on.
+:mod:`gptkit.generate.core` holds the pieces every decoding loop is made of (the serving
+engine's too); the context policy is described in :mod:`gptkit.generate.generator`.
 """
 
 from gptkit.generate.classify import classify
+from gptkit.generate.core import Detokenizer, Row
 from gptkit.generate.generator import (
     Decoder,
-    Detokenizer,
     TokenEvent,
+    decode_text,
     generate,
     generate_ids,
     stream,
@@ -24,10 +26,12 @@ from gptkit.generate.sampling import (
 __all__ = [
     "Decoder",
     "Detokenizer",
+    "Row",
     "TokenEvent",
     "apply_repetition_penalty",
     "apply_temperature",
     "classify",
+    "decode_text",
     "generate",
     "generate_ids",
     "sample_next",

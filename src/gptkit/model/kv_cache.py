@@ -1,6 +1,17 @@
-"""The KV cache: keys and values of every layer, for generation and the serving pool."""
+"""The KV cache: keys and values of every layer, for generation and the serving pool.
+
+One constructor allocates a cache; the methods below derive the other forms decoding needs
+from it, sharing its tensors (litgpt's ``KVCache`` and gpt-fast's static cache are the
+references)::
+
+    pool = KVCache(config, 16, 256)    # the serving engine's pool: 16 rows
+    view = pool.rows(3, 5)             # rows 3:5 of it; the model writes into the pool
+    step = cache.static()              # every slot counts as written (compiled decoding)
+"""
 
 from __future__ import annotations
+
+import copy
 
 import torch
 from torch import Tensor
@@ -42,3 +53,48 @@ class KVCache:
 
     def reset(self) -> None:
         self.set_pos(torch.zeros_like(self.pos))
+
+    # -- views that share this cache's tensors --------------------------------------------
+
+    def rows(self, start: int, stop: int) -> KVCache:
+        """A cache over rows ``start:stop`` whose keys and values are views of this one's, so
+        the model writes into this cache; its positions are a copy (the model advances them
+        by replacing the tensor, so the owner of the pool keeps its own positions)."""
+        view = copy.copy(self)
+        view.k = [k[start:stop] for k in self.k]
+        view.v = [v[start:stop] for v in self.v]
+        view.set_pos(self.pos[start:stop])
+        return view
+
+    def static(self) -> KVCache:
+        """This cache as compiled decoding sees it: every slot counts as written, so
+        attention spans all ``max_len`` slots and the shapes never change from one step to
+        the next; the position mask keeps each query to the slots it has written."""
+        view = copy.copy(self)
+        view.length = self.max_len - 1  # a step adds one token: all max_len slots
+        return view
+
+    # -- changes in place ------------------------------------------------------------------
+
+    def keep(self, index: Tensor) -> None:
+        """Keep only the rows ``index`` (a 1-D long tensor), in that order."""
+        self.k = [k[index] for k in self.k]
+        self.v = [v[index] for v in self.v]
+        self.set_pos(self.pos[index])
+
+    def move_row(self, src: int, dst: int) -> None:
+        """Copy row ``src`` (its written slots and position) into row ``dst``."""
+        used = int(self.pos[src])
+        for t in (*self.k, *self.v):
+            t[dst, :, :used] = t[src, :, :used]
+        self.pos[dst] = self.pos[src]
+
+    def resize(self, max_len: int) -> None:
+        """Re-allocate every layer for ``max_len`` positions, keeping the slots that fit."""
+        kept = min(max_len, self.max_len)
+        for store in (self.k, self.v):
+            for i, old in enumerate(store):
+                new = old.new_zeros((*old.shape[:2], max_len, old.shape[3]))
+                new[:, :, :kept] = old[:, :, :kept]
+                store[i] = new
+        self.max_len = max_len

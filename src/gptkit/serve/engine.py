@@ -29,7 +29,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import dataclasses
 import queue
 import threading
 import traceback
@@ -41,8 +40,7 @@ from torch import Tensor
 
 from gptkit.config import SampleConfig
 from gptkit.errors import GptkitError
-from gptkit.generate.generator import Detokenizer
-from gptkit.generate.sampling import apply_presence_frequency_penalty, sample_next
+from gptkit.generate.core import Row, prefill, step
 from gptkit.model import GPT, KVCache
 from gptkit.tokenizer.base import Tokenizer
 
@@ -63,41 +61,6 @@ class PromptTooLong(EngineError):
     """The prompt leaves no room in the model's context for a reply."""
 
 
-@dataclass(frozen=True)
-class GenParams:
-    """How one request is sampled (the OpenAI API's parameters)."""
-
-    max_tokens: int
-    temperature: float = 1.0  # 0 is greedy
-    top_p: float = 1.0
-    top_k: int | None = None
-    seed: int | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    stop: tuple[str, ...] = ()
-
-    def __post_init__(self) -> None:
-        if self.max_tokens < 1:
-            raise EngineError(f"max_tokens must be at least 1, got {self.max_tokens}")
-        for name in ("presence_penalty", "frequency_penalty"):
-            if not -2.0 <= getattr(self, name) <= 2.0:
-                raise EngineError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
-        if any(not s for s in self.stop):
-            raise EngineError("a stop string must not be empty")
-        # Checks temperature, top_p and top_k with the library's own messages.
-        self.sample_config()
-
-    def sample_config(self) -> SampleConfig:
-        return SampleConfig(
-            max_new_tokens=self.max_tokens,
-            temperature=self.temperature,
-            top_k=self.top_k,
-            top_p=self.top_p,
-            seed=self.seed,
-            stop=self.stop,
-        )
-
-
 @dataclass
 class Chunk:
     """One streamed piece of one request."""
@@ -111,23 +74,20 @@ class Chunk:
 _END = object()  # the sentinel after a request's last chunk
 
 
-class Request:
-    """A submitted generation. Iterate it (from a thread, or with ``async for`` from the
-    event loop that submitted it) to get its :class:`Chunk` s; :meth:`cancel` stops it."""
+class Request(Row):
+    """A submitted generation: a :class:`~gptkit.generate.core.Row` of the decoding core
+    that streams its text to a reader. Iterate it (from a thread, or with ``async for`` from
+    the event loop that submitted it) to get its :class:`Chunk` s; :meth:`cancel` stops it."""
 
-    def __init__(self, prompt_ids: list[int], params: GenParams, tokenizer: Tokenizer):
-        self.prompt_ids = prompt_ids
-        self.params = params
-        self.cfg = params.sample_config()
-        self.text = Detokenizer(tokenizer, params.stop)
-        self.generator = torch.Generator()
-        if params.seed is None:
-            self.generator.seed()
-        else:
-            self.generator.manual_seed(params.seed)
-        self.generated: list[int] = []
-        self.counts: collections.Counter[int] = collections.Counter()
-        self.finish_reason: str | None = None
+    def __init__(self, prompt_ids: list[int], params: SampleConfig, engine: Engine):
+        super().__init__(
+            prompt_ids,
+            params,
+            device=engine.device,
+            vocab_size=engine.vocab,
+            eos_id=engine.eos_id,
+            tokenizer=engine.tokenizer,
+        )
         self.error: Exception | None = None
         self.cancelled = False
         self._read_all = False  # the reader has seen the end; a second pass yields nothing
@@ -137,10 +97,6 @@ class Request:
         with contextlib.suppress(RuntimeError):  # not inside an event loop: thread readers
             self._loop = asyncio.get_running_loop()
             self._aqueue = asyncio.Queue()
-
-    @property
-    def prompt_tokens(self) -> int:
-        return len(self.prompt_ids)
 
     def cancel(self) -> None:
         """Stop generating (the client went away); iteration ends after what was sent."""
@@ -156,7 +112,8 @@ class Request:
             self._queue.put(item)
 
     def _emit(self, text: str) -> None:
-        self._put(Chunk(text, self.finish_reason, self.prompt_tokens, len(self.generated)))
+        reason = "stop" if self.finish_reason == "eos" else self.finish_reason
+        self._put(Chunk(text, reason, self.prompt_tokens, len(self.generated)))
 
     def _end(self, error: Exception | None = None) -> None:
         self.error = error
@@ -241,11 +198,7 @@ class Engine:
 
         self._waiting: collections.deque[Request] = collections.deque()
         self._rows: list[Request] = []  # the active requests; row b of the pool is _rows[b]
-        self._pending: list[int] = []  # per row: the sampled token not yet fed to the model
-        self._pool_k: list[Tensor] = []
-        self._pool_v: list[Tensor] = []
-        self._pos = torch.zeros(max_batch, dtype=torch.long)  # per row: tokens in the cache
-        self._capacity = 0  # the pool's length in positions
+        self._pool: KVCache | None = None  # max_batch rows, made on the first request
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._running = False
@@ -272,7 +225,7 @@ class Engine:
             self._thread = None
         for req in [*self._rows, *self._waiting]:
             req._end(EngineStopped("the server is shutting down"))
-        self._rows, self._pending = [], []
+        self._rows = []
         self._waiting.clear()
 
     def __enter__(self) -> Engine:
@@ -284,7 +237,7 @@ class Engine:
 
     # -- requests ----------------------------------------------------------------------
 
-    def submit(self, prompt_ids: list[int], params: GenParams) -> Request:
+    def submit(self, prompt_ids: list[int], params: SampleConfig) -> Request:
         """Queue a generation and return its :class:`Request` at once.
 
         Raises:
@@ -305,9 +258,9 @@ class Engine:
                 "prompt"
             )
         room = self.context - len(ids)
-        if params.max_tokens > room:  # the context ends the reply: finish_reason "length"
-            params = dataclasses.replace(params, max_tokens=room)
-        req = Request(ids, params, self.tokenizer)
+        if params.max_new_tokens > room:  # the context ends the reply: finish_reason "length"
+            params = params.replace(max_new_tokens=room)
+        req = Request(ids, params, self)
         with self._wake:
             if not self._running:
                 raise EngineStopped("the engine is not running; call start() first")
@@ -323,7 +276,7 @@ class Engine:
             self._wake.notify()
         return req
 
-    def generate(self, prompt_ids: list[int], params: GenParams) -> tuple[str, Chunk]:
+    def generate(self, prompt_ids: list[int], params: SampleConfig) -> tuple[str, Chunk]:
         """Submit from a thread and wait: the whole text and the last chunk (usage, reason)."""
         parts, last = [], None
         for chunk in self.submit(prompt_ids, params):
@@ -359,33 +312,17 @@ class Engine:
             req._end()
         return req.cancelled
 
-    def _ensure_capacity(self, need: int) -> None:
-        """Grow the pool to hold ``need`` positions per row (doubling, up to the context)."""
-        if need <= self._capacity:
-            return
-        cap = max(need, min(self.context, max(64, 2 * self._capacity)))
-        nkv, hs = self.config.kv_heads, self.config.head_size
-        shape = (self.max_batch, nkv, cap, hs)
-        old, n = (self._pool_k, self._pool_v), self._capacity
-        layers = range(self.config.n_layer)
-        new = tuple(
-            [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in layers] for _ in old
-        )
-        for new_pool, old_pool in zip(new, old, strict=True):
-            for t_new, t_old in zip(new_pool, old_pool, strict=False):  # empty at first
-                t_new[:, :, :n] = t_old
-        self._pool_k, self._pool_v = new
-        self._capacity = cap
-
-    def _view(self, start: int, stop: int) -> KVCache:
-        """A KVCache over pool rows ``start:stop`` (views: the model writes into the pool)."""
-        cache = KVCache.__new__(KVCache)
-        cache.max_len = self._capacity
-        cache.k = [k[start:stop] for k in self._pool_k]
-        cache.v = [v[start:stop] for v in self._pool_v]
-        cache.pos = self._pos[start:stop].to(self.device)
-        cache.length = int(cache.pos.max()) if stop > start else 0
-        return cache
+    def _ensure_capacity(self, need: int) -> KVCache:
+        """The pool, grown to hold ``need`` positions per row (doubling, up to the context)."""
+        have = self._pool.max_len if self._pool is not None else 0
+        if need > have:
+            cap = max(need, min(self.context, max(64, 2 * have)))
+            if self._pool is None:
+                self._pool = KVCache(self.config, self.max_batch, cap, self.device, self.dtype)
+            else:
+                self._pool.resize(cap)
+        assert self._pool is not None
+        return self._pool
 
     def _admit(self, joining: list[Request]) -> None:
         """Prefill the new requests into the free rows after the active ones."""
@@ -400,52 +337,44 @@ class Engine:
             return
         first = len(self._rows)
         self._rows.extend(joining)
-        self._pending.extend([0] * len(joining))
         self.stats.prompt_tokens += sum(r.prompt_tokens for r in joining)
         self._sample_rows(logits, range(first, len(self._rows)))
 
     def _prefill(self, joining: list[Request]) -> Tensor:
         n, m = len(self._rows), len(joining)
-        lengths = [r.prompt_tokens for r in joining]
-        self._ensure_capacity(max(lengths))
-        x = torch.zeros(m, max(lengths), dtype=torch.long)
-        for b, r in enumerate(joining):
-            x[b, : lengths[b]] = torch.tensor(r.prompt_ids)
-        self._pos[n : n + m] = 0
-        cache = self._view(n, n + m)
-        h = self.model.hidden(x.to(self.device), cache)  # (m, T, C); padding is overwritten
-        last = h[torch.arange(m), torch.tensor(lengths) - 1]  # (m, C)
-        self._pos[n : n + m] = torch.tensor(lengths)
-        return self.model.lm_head(last).float()  # (m, V)
+        pool = self._ensure_capacity(max(r.prompt_tokens for r in joining))
+        rows = pool.rows(n, n + m)
+        rows.reset()
+        logits = prefill(self.model, [r.context for r in joining], rows)  # (m, V)
+        pool.pos[n : n + m] = rows.pos
+        return logits
 
     def _step(self) -> None:
         """One decode forward over every active row, then sample and stream."""
         n = len(self._rows)
-        self._ensure_capacity(int(self._pos[:n].max()) + 1)
-        x = torch.tensor(self._pending, device=self.device)[:, None]  # (n, 1)
+        assert self._pool is not None  # made by the first prefill
+        pool = self._ensure_capacity(int(self._pool.pos[:n].max()) + 1)
         try:
-            logits = self.model(x, self._view(0, n))[:, -1].float()  # (n, V)
+            logits = step(self.model, [r.pending for r in self._rows], pool.rows(0, n))
         except Exception:
             for b in reversed(range(n)):  # nothing to tell the rows apart: all fail
                 self._fail(self._rows[b], "decode", row=b)
             return
-        self._pos[:n] += 1
+        pool.pos[:n] += 1
         self.stats.steps += 1
         self._sample_rows(logits, range(n))
 
     def _sample_rows(self, logits: Tensor, rows: range) -> None:
-        """Sample the next token of each row, stream its text and retire finished rows."""
-        logits = logits[:, : self.vocab]
+        """Sample the next token of each row, stream its text and retire finished rows.
+        Each row samples on its own, so that a failure ends that request only."""
+        logits = logits[:, : self.vocab].float()
         greedy = logits.argmax(dim=-1).tolist()  # one call for every greedy row
         done: list[int] = []
         for i, b in enumerate(rows):
             req = self._rows[b]
             try:
-                token = self._sample(req, logits[i : i + 1], greedy[i])
-                if self._advance(req, token):
+                if self._advance(req, self._sample(req, logits[i : i + 1], greedy[i])):
                     done.append(b)
-                else:
-                    self._pending[b] = token
             except Exception:
                 self._fail(req, "sampling", row=None)
                 done.append(b)
@@ -455,38 +384,19 @@ class Engine:
 
     def _sample(self, req: Request, logits: Tensor, greedy: int) -> int:
         """The next token of one row from its logits (1, V); ``greedy`` is their argmax."""
-        p = req.params
-        penalized = bool(req.counts) and bool(p.presence_penalty or p.frequency_penalty)
-        if p.temperature == 0 and not penalized:
-            return greedy
-        if penalized:
-            counts = torch.zeros_like(logits)
-            ids = torch.tensor(list(req.counts))
-            counts[0, ids] = torch.tensor(list(req.counts.values()), dtype=logits.dtype)
-            logits = apply_presence_frequency_penalty(
-                logits, counts, p.presence_penalty, p.frequency_penalty
-            )
-        return int(sample_next(logits, None, req.cfg, req.generator)[0])
+        return req.sample(logits, greedy)
 
     def _advance(self, req: Request, token: int) -> bool:
         """Record ``token`` for ``req`` and stream its text; True when the request is done."""
         if req.cancelled:
             req._end()
             return True
-        req.generated.append(token)
-        req.counts[token] += 1
+        reason = req.record(token)
         self.stats.generated_tokens += 1
-        if self.eos_id is not None and token == self.eos_id:
+        piece, stopped = req.emit(token, reason)
+        if stopped:
             req.finish_reason = "stop"
-            req._emit(req.text.close())
-        else:
-            piece = req.text.push(token)
-            if req.text.stopped:
-                req.finish_reason = "stop"
-            elif len(req.generated) >= req.params.max_tokens:
-                req.finish_reason = "length"
-                piece += req.text.close()
-            req._emit(piece)
+        req._emit(piece)
         if req.finish_reason is not None:
             req._end()
             return True
@@ -503,11 +413,7 @@ class Engine:
         """Take row ``b`` out of the batch: the last active row moves into its slot."""
         last = len(self._rows) - 1
         if b != last:
-            used = int(self._pos[last])
-            for pool in (self._pool_k, self._pool_v):
-                for t in pool:
-                    t[b, :, :used] = t[last, :, :used]
-            self._pos[b] = self._pos[last]
-            self._rows[b], self._pending[b] = self._rows[last], self._pending[last]
+            assert self._pool is not None
+            self._pool.move_row(last, b)
+            self._rows[b] = self._rows[last]
         self._rows.pop()
-        self._pending.pop()

@@ -1,0 +1,376 @@
+"""The OpenAI API's semantics over the engine, without HTTP: request → ids and parameters →
+engine → response objects.
+
+vLLM's ``entrypoints/openai/serving_*.py`` are the reference layout. A request becomes a
+:class:`Job`::
+
+    ChatCompletionRequest ─► chat template ─► ids ─┐
+    CompletionRequest ─► prompts ─► ids ───────────┤   n choices per prompt, choice j seeded
+                                                   ├─► seed + j ─► Engine.submit ─► Job
+    OpenAI sampling fields ─► openai_sampling() ───┘
+    Job ─► result(): ChatCompletion | Completion     (usage, finish_reason)
+    Job ─► chunks(): ChatCompletionChunk | Completion pieces, then an optional usage chunk
+
+:func:`openai_sampling` is the one place where the API's field names (``max_tokens``,
+``presence_penalty``, ...) become a :class:`~gptkit.config.SampleConfig`. Failures are
+raised as :class:`ServingError` kinds; :mod:`gptkit.serve.app` maps each kind to a status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+from pydantic import BaseModel
+
+from gptkit.config import SampleConfig
+from gptkit.errors import GptkitError
+from gptkit.generate.core import prompt_ids
+from gptkit.serve.engine import (
+    Chunk,
+    Engine,
+    EngineError,
+    EngineStopped,
+    PromptTooLong,
+    QueueFull,
+    Request,
+)
+from gptkit.serve.protocol import (
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    Completion,
+    CompletionChoice,
+    CompletionRequest,
+    Delta,
+    ModelCard,
+    Usage,
+    new_id,
+    now,
+)
+from gptkit.tokenizer.chat import apply_chat_template
+
+AnyRequest = ChatCompletionRequest | CompletionRequest
+
+
+# -- errors, by kind (the app gives each its status) -------------------------------------------
+
+
+class ServingError(GptkitError):
+    """A request this server refuses: the client's to fix (400)."""
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.param, self.code = param, code
+
+
+class ModelNotFound(ServingError):
+    """The request names a model this server does not serve (404)."""
+
+
+class ServerBusy(ServingError):
+    """The engine's waiting line is full, or it is stopping: retry later (503)."""
+
+
+class GenerationFailed(ServingError):
+    """The engine failed while generating (500)."""
+
+
+# -- the one mapping of the OpenAI sampling fields ---------------------------------------------
+
+
+def openai_sampling(
+    max_tokens: int,
+    *,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int | None = None,
+    seed: int | None = None,
+    presence_penalty: float = 0.0,
+    frequency_penalty: float = 0.0,
+    stop: Sequence[str] = (),
+) -> SampleConfig:
+    """The OpenAI API's sampling fields (and defaults) as a :class:`SampleConfig`.
+
+    ``top_p == 0`` keeps only the most likely token: greedy decoding. Raises
+    :class:`EngineError` with the field's name for a value out of range.
+    """
+    if max_tokens < 1:
+        raise EngineError(f"max_tokens must be at least 1, got {max_tokens}")
+    if top_p == 0:
+        temperature, top_p = 0.0, 1.0
+    try:
+        return SampleConfig(
+            max_new_tokens=max_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            seed=seed,
+            presence_penalty=presence_penalty,
+            frequency_penalty=frequency_penalty,
+            stop=tuple(stop),
+        )
+    except GptkitError as e:
+        raise EngineError(str(e)) from None
+
+
+# -- requests in flight -------------------------------------------------------------------------
+
+
+@dataclass
+class Job:
+    """One API request in flight: ``n`` engine requests per prompt, in choice order."""
+
+    chat: bool
+    requests: list[Request]
+    prompt_tokens: int
+    include_usage: bool
+    id: str
+    created: int
+
+    def cancel(self) -> None:
+        for r in self.requests:
+            r.cancel()
+
+
+def finish_reason(chunk: Chunk) -> Literal["stop", "length"]:
+    return "length" if chunk.finish_reason == "length" else "stop"
+
+
+class Serving:
+    """Completions and chat completions over one :class:`Engine`, as response objects.
+
+    Args:
+        engine: a started engine; its tokenizer renders and encodes prompts.
+        model_name: the model's id; requests naming another raise :class:`ModelNotFound`.
+        max_tokens_limit: the most ``max_tokens`` a request may ask for (default: the
+            context); also the reply limit of a chat request that names none.
+    """
+
+    def __init__(self, engine: Engine, model_name: str, max_tokens_limit: int | None = None):
+        self.engine, self.model_name = engine, model_name
+        self.tokenizer = engine.tokenizer
+        self.token_limit = max_tokens_limit or engine.context
+
+    def card(self) -> ModelCard:
+        return ModelCard(id=self.model_name, created=now(), max_model_len=self.engine.context)
+
+    def check_model(self, name: str | None) -> None:
+        if name is not None and name != self.model_name:
+            raise ModelNotFound(
+                f"the model '{name}' does not exist; this server serves '{self.model_name}'",
+                param="model",
+                code="model_not_found",
+            )
+
+    # -- request → ids and parameters --------------------------------------------------------
+
+    async def start_chat(self, body: ChatCompletionRequest) -> Job:
+        """Render the messages with the model's chat template and submit ``n`` choices."""
+        self.check_model(body.model)
+        messages = [m.as_template_message() for m in body.messages]
+
+        def encode() -> list[int]:
+            return self.tokenizer.encode_prompt(apply_chat_template(self.tokenizer, messages))
+
+        try:  # in a thread: a long prompt must not stall the other streams
+            ids = await asyncio.to_thread(encode)
+        except GptkitError as e:
+            raise ServingError(str(e), param="messages") from None
+        return self._submit(True, [ids], body, "messages")
+
+    async def start_completion(self, body: CompletionRequest) -> Job:
+        """Encode every prompt (text or ids) and submit ``n`` choices for each."""
+        self.check_model(body.model)
+
+        def encode() -> list[list[int]]:
+            # Token ids go as given; text, and an empty prompt, as generate() encodes them.
+            return [
+                list(p) if p and not isinstance(p, str) else prompt_ids(self.tokenizer, p or "", i)
+                for i, p in enumerate(body.prompts())
+            ]
+
+        try:
+            prompts = await asyncio.to_thread(encode)
+        except GptkitError as e:
+            raise ServingError(str(e), param="prompt") from None
+        return self._submit(False, prompts, body, "prompt")
+
+    def sampling(self, body: AnyRequest, choice: int) -> SampleConfig:
+        """Choice ``choice``'s parameters. Choice j of n gets seed + j: n seeded choices
+        differ, and choice 0 is what the same request with n=1 gives."""
+        if isinstance(body, ChatCompletionRequest):
+            asked, default = body.token_limit(), self.token_limit
+        else:  # the OpenAI API's default for completions is 16 tokens
+            asked, default = body.max_tokens, min(16, self.token_limit)
+        if asked is not None and asked > self.token_limit:
+            raise ServingError(
+                f"max_tokens is {asked}, but this server allows at most {self.token_limit} "
+                f"(the model's context is {self.engine.context} tokens)",
+                param="max_tokens",
+            )
+        try:
+            return openai_sampling(
+                asked or default,
+                temperature=body.temperature,
+                top_p=body.top_p,
+                top_k=body.top_k,
+                seed=None if body.seed is None else (body.seed + choice) % 2**63,
+                presence_penalty=body.presence_penalty,
+                frequency_penalty=body.frequency_penalty,
+                stop=body.stop_strings(),
+            )
+        except GptkitError as e:
+            raise ServingError(str(e)) from None
+
+    def _submit(self, chat: bool, prompts: list[list[int]], body: AnyRequest, param: str) -> Job:
+        """``n`` engine requests per prompt, in choice order; all or none are submitted."""
+        params = [self.sampling(body, j) for j in range(body.n)]
+        job = Job(
+            chat,
+            [],
+            sum(len(ids) for ids in prompts),
+            body.include_usage(),
+            new_id("chatcmpl" if chat else "cmpl"),
+            now(),
+        )
+        try:
+            for ids in prompts:
+                for p in params:
+                    job.requests.append(self.engine.submit(ids, p))
+        except Exception as e:
+            job.cancel()
+            if isinstance(e, PromptTooLong):
+                raise ServingError(str(e), param=param, code="context_length_exceeded") from None
+            if isinstance(e, QueueFull | EngineStopped):
+                raise ServerBusy(str(e), code="server_busy") from None
+            if isinstance(e, GptkitError):
+                raise ServingError(str(e), param=param) from None
+            raise
+        return job
+
+    # -- engine → response objects -------------------------------------------------------------
+
+    async def result(self, job: Job) -> ChatCompletion | Completion:
+        """Wait for every choice; the whole response with its usage."""
+        texts: list[list[str]] = [[] for _ in job.requests]
+        last: list[Chunk | None] = [None] * len(job.requests)
+        try:
+            async with contextlib.aclosing(merged(job.requests)) as chunks:
+                async for i, chunk in chunks:
+                    texts[i].append(chunk.text)
+                    last[i] = chunk
+        except EngineError as e:  # its message says what failed
+            raise GenerationFailed(str(e)) from None
+        ends = [c for c in last if c is not None]
+        if len(ends) != len(job.requests):
+            raise GenerationFailed("a request ended without a reply")
+        usage = Usage.of(job.prompt_tokens, sum(c.completion_tokens for c in ends))
+        if job.chat:
+            chat_choices = [
+                ChatChoice(
+                    index=i,
+                    message=AssistantMessage(content="".join(t)),
+                    finish_reason=finish_reason(c),
+                )
+                for i, (t, c) in enumerate(zip(texts, ends, strict=True))
+            ]
+            return ChatCompletion(
+                id=job.id,
+                created=job.created,
+                model=self.model_name,
+                choices=chat_choices,
+                usage=usage,
+            )
+        choices = [
+            CompletionChoice(index=i, text="".join(t), finish_reason=finish_reason(c))
+            for i, (t, c) in enumerate(zip(texts, ends, strict=True))
+        ]
+        return self._completion(job, choices, usage)
+
+    async def chunks(self, job: Job) -> AsyncIterator[BaseModel]:
+        """The streamed response: for chat, each choice's role first, then text pieces and
+        one chunk with its finish_reason; for completions, pieces carrying the reason on the
+        last; then, when asked for, a chunk with the usage and no choices."""
+        if job.chat:
+            for i in range(len(job.requests)):
+                yield self._chat_chunk(
+                    job, [ChatChunkChoice(index=i, delta=Delta(role="assistant", content=""))]
+                )
+        generated = 0
+        try:
+            async with contextlib.aclosing(merged(job.requests)) as pieces:
+                async for i, piece in pieces:
+                    reason = finish_reason(piece) if piece.finish_reason is not None else None
+                    generated += piece.completion_tokens if reason is not None else 0
+                    if job.chat:
+                        if piece.text:
+                            yield self._chat_chunk(
+                                job, [ChatChunkChoice(index=i, delta=Delta(content=piece.text))]
+                            )
+                        if reason is not None:
+                            yield self._chat_chunk(
+                                job, [ChatChunkChoice(index=i, delta=Delta(), finish_reason=reason)]
+                            )
+                    elif piece.text or reason is not None:
+                        choice = CompletionChoice(index=i, text=piece.text, finish_reason=reason)
+                        yield self._completion(job, [choice])
+        except EngineError as e:
+            raise GenerationFailed(str(e)) from None
+        if job.include_usage:
+            usage = Usage.of(job.prompt_tokens, generated)
+            yield self._chat_chunk(job, [], usage) if job.chat else self._completion(job, [], usage)
+
+    def _chat_chunk(
+        self, job: Job, choices: list[ChatChunkChoice], usage: Usage | None = None
+    ) -> ChatCompletionChunk:
+        return ChatCompletionChunk(
+            id=job.id, created=job.created, model=self.model_name, choices=choices, usage=usage
+        )
+
+    def _completion(
+        self, job: Job, choices: list[CompletionChoice], usage: Usage | None = None
+    ) -> Completion:
+        return Completion(
+            id=job.id, created=job.created, model=self.model_name, choices=choices, usage=usage
+        )
+
+
+async def merged(requests: list[Request]) -> AsyncIterator[tuple[int, Chunk]]:
+    """``(index, chunk)`` from several engine requests as they come; an error in one ends
+    the whole iteration with that error."""
+    if len(requests) == 1:
+        async for chunk in requests[0]:
+            yield 0, chunk
+        return
+    queue: asyncio.Queue[tuple[int, Chunk | BaseException | None]] = asyncio.Queue()
+
+    async def pump(i: int, req: Request) -> None:
+        try:
+            async for chunk in req:
+                queue.put_nowait((i, chunk))
+        except Exception as e:
+            queue.put_nowait((i, e))
+        else:
+            queue.put_nowait((i, None))
+
+    tasks = [asyncio.ensure_future(pump(i, r)) for i, r in enumerate(requests)]
+    try:
+        running = len(requests)
+        while running:
+            i, item = await queue.get()
+            if item is None:
+                running -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for t in tasks:
+            t.cancel()
