@@ -9,8 +9,10 @@ import math
 import pytest
 import torch
 
-from gptkit.model import gpt
-from gptkit.model.gpt import Dropout, attention_with_dropout, keep_mask, pack_bits, unpack_bits
+from gptkit.model.gpt import Dropout
+from gptkit.model.ops import sdpa
+from gptkit.model.ops.masks import keep_mask, pack_bits, unpack_bits
+from gptkit.model.ops.sdpa import attention_with_dropout
 
 
 def reference_attention(q, k, v, mask, p, seed):
@@ -160,7 +162,7 @@ def test_kernel_and_python_tiles_agree_and_the_switch_works(monkeypatch) -> None
     torch.manual_seed(7)
     fast = attention_with_dropout(q, k, v, None, 0.1)
     with monkeypatch.context() as m:  # the Python tiles, keep_mask still the kernels' hash
-        m.setattr(gpt, "_attention_kernel", lambda q, mask: None)
+        m.setattr(sdpa, "_attention_kernel", lambda q, mask: None)
         torch.manual_seed(7)
         slow = attention_with_dropout(q, k, v, None, 0.1)
     assert slow.is_contiguous() and not fast.is_contiguous()  # the two paths did run
@@ -185,7 +187,7 @@ def test_kernel_build_failure_warns_and_falls_back(monkeypatch) -> None:
 @needs_kernel
 @pytest.mark.parametrize(("T", "S"), [(200, 200), (37, 90)])
 def test_inference_op_equals_sdpa(T: int, S: int) -> None:
-    from gptkit.model.gpt import causal_attention
+    from gptkit.model.ops.sdpa import causal_attention
 
     g = torch.Generator().manual_seed(S)
     q = torch.randn(1, 9, T, 64, generator=g).bfloat16()
@@ -208,7 +210,7 @@ def test_qkv_attention_equals_the_kernel_on_split_heads() -> None:
     qkv = torch.randn(2, 100, 3 * 4 * 32, generator=g).bfloat16().requires_grad_()
     dout = torch.randn(2, 4, 100, 32, generator=g).bfloat16()
     torch.manual_seed(9)
-    fused = gpt._QKVAttention.apply(qkv, 4, 0.1, cpu_kernels())
+    fused = sdpa._QKVAttention.apply(qkv, 4, 0.1, cpu_kernels())
     (fused_grad,) = torch.autograd.grad(fused, qkv, dout)
     torch.manual_seed(9)
     split = attention_with_dropout(*heads(qkv, 4, 4, 100, 32), None, 0.1)

@@ -9,7 +9,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gptkit.model.gpt import Dropout, gelu, keep_mask
+from gptkit.model.gpt import Dropout
+from gptkit.model.ops import gelu
+from gptkit.model.ops.masks import keep_mask
 
 pytestmark = pytest.mark.skipif(
     not torch.cpu._is_avx512_bf16_supported(),

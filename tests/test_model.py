@@ -48,7 +48,8 @@ def test_gpt3_175b_builds_on_the_meta_device_without_memory() -> None:
 
 
 def test_fast_dropout_keeps_the_right_fraction_and_scale() -> None:
-    from gptkit.model.gpt import Dropout, keep_mask
+    from gptkit.model.gpt import Dropout
+    from gptkit.model.ops.masks import keep_mask
 
     torch.manual_seed(0)
     keep = keep_mask((1000, 1000), 0.2, torch.device("cpu"))
@@ -63,7 +64,7 @@ def test_fast_dropout_keeps_the_right_fraction_and_scale() -> None:
 
 @pytest.mark.parametrize("kernels", ["1", "0"])  # keep.h's hash, or numpy's two streams
 def test_cpu_dropout_masks_follow_the_seed_not_the_threads(monkeypatch, kernels) -> None:
-    from gptkit.model.gpt import keep_mask
+    from gptkit.model.ops.masks import keep_mask
 
     monkeypatch.setenv("GPTKIT_KERNELS", kernels)
     cpu, shape = torch.device("cpu"), (3, 700, 100)  # large: two halves, two streams
@@ -84,7 +85,7 @@ def test_cpu_dropout_masks_follow_the_seed_not_the_threads(monkeypatch, kernels)
 
 
 def test_attention_with_dropout_zero_equals_sdpa() -> None:
-    from gptkit.model.gpt import attention_with_dropout
+    from gptkit.model.ops.sdpa import attention_with_dropout
 
     torch.manual_seed(0)
     q = torch.randn(2, 4, 7, 8)
@@ -141,9 +142,9 @@ def test_bf16_training_with_the_attention_kernel_matches_torch(monkeypatch, drop
         return loss, torch.autograd.grad(loss, list(model.parameters()))
 
     fast_loss, fast = loss_and_grads()
-    from gptkit.model import gpt  # attention without the kernel; the same dropout masks
+    from gptkit.model.ops import sdpa  # attention without the kernel; the same dropout masks
 
-    monkeypatch.setattr(gpt, "_attention_kernel", lambda q, mask: None)
+    monkeypatch.setattr(sdpa, "_attention_kernel", lambda q, mask: None)
     slow_loss, slow = loss_and_grads()
     assert not all(torch.equal(a, b) for a, b in zip(fast, slow, strict=True))  # two paths ran
     assert abs(fast_loss.item() - slow_loss.item()) < 1e-2 * slow_loss.item()

@@ -1,14 +1,16 @@
-"""Optional C++ kernels for CPUs with AVX512-BF16, compiled for this machine on first use.
+"""Optional C++ kernels for CPUs with AVX512-BF16, compiled for this machine on first use;
+:mod:`gptkit.model.ops` calls them where they apply.
 
 - ``attention.cpp``: causal attention, with dropout or without, forward and backward, in
-  bf16: the fast path of training attention (see ``gpt._DropoutAttention``, whose Python
-  tiles define the same computation and serve every other case) and of bf16 inference
-  (``gpt.causal_attention``, else SDPA).
+  bf16: the fast path of training attention (see ``ops/sdpa.py``'s ``_DropoutAttention``,
+  whose Python tiles define the same computation and serve every other case) and of bf16
+  inference (the ``gptkit::causal_attention`` op, else SDPA).
 - ``keep.h``: dropout's keep mask as a counter-based hash of (seed, position), which the
   attention kernel and ``elementwise.cpp`` (dropout, and dropout fused with the residual
   add, in one pass, bf16 or fp32) make where they need it, in forward and again in
-  backward; ``gpt.keep_mask`` returns the same mask. ``elementwise.cpp`` also has GELU's
-  backward in one pass (``gpt.gelu``) and layer norm writing bf16 (``Norm.for_matmul``).
+  backward; ``ops.masks.keep_mask`` returns the same mask. ``elementwise.cpp`` also has
+  GELU's backward in one pass (``ops.gelu``) and layer norm writing bf16
+  (``ops.layer_norm_for_matmul``).
 
 torch's ``cpp_extension`` compiles them once (about 30 s on 2 cores) into
 ``~/.cache/gptkit/kernels`` (or ``$GPTKIT_KERNEL_CACHE``); without a C++ compiler gptkit

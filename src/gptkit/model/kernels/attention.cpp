@@ -1,5 +1,5 @@
 // Causal attention with dropout on the weights, forward and backward, for bf16 on CPUs
-// with AVX512-BF16: the fast path of gptkit.model.gpt._DropoutAttention (whose Python
+// with AVX512-BF16: the fast path of gptkit.model.ops.sdpa._DropoutAttention (whose Python
 // tiles define the semantics and serve every other case) and _QKVAttention. This file also
 // binds the module, elementwise.cpp's kernels included.
 //

@@ -1,7 +1,7 @@
 // Dropout's keep mask as a counter-based hash: whether element (row, col) of a (rows, cols)
 // tensor is kept is a function of the seed and the position alone, so each thread makes
 // the bits it needs where it needs them, and backward makes them again instead of saving
-// them. `keep_mask` in gpt.py returns this mask (and `reference_keep` in the tests is the
+// them. `keep_mask` in ops/masks.py returns this mask (and `reference_keep` in the tests is the
 // formula in torch ops):
 //
 //   mix(x)       = x ^= x >> 16; x *= 0x21f0aaad; x ^= x >> 15; x *= 0x735a2d97; x ^= x >> 15
