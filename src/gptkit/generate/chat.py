@@ -6,7 +6,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-from gptkit.generate.generator import stream
+from gptkit.config import SampleConfig
+from gptkit.generate.generator import decode_text
 from gptkit.model.gpt import GPT
 from gptkit.tokenizer.base import Tokenizer
 from gptkit.tokenizer.chat import CHATML, Message, apply_chat_template, render_chat
@@ -23,11 +24,13 @@ class ChatSession:
     Args:
         model, tokenizer: what to chat with.
         system: an optional system message.
-        sample: generation options passed to :func:`stream` (temperature, top_p, ...).
+        sample: the replies' :class:`~gptkit.config.SampleConfig` fields (temperature,
+            top_p, max_new_tokens, ...); bad values raise here.
     """
 
     def __init__(self, model: GPT, tokenizer: Tokenizer, system: str | None = None, **sample: Any):
-        self.model, self.tokenizer, self.sample = model, tokenizer, sample
+        self.model, self.tokenizer = model, tokenizer
+        self.config = SampleConfig.from_dict(sample)
         self.system = system
         self.messages: list[Message] = []
         self.reset()
@@ -39,7 +42,7 @@ class ChatSession:
         """The rendered history, ending with the assistant's turn. While it does not fit the
         context with room for a reply, the oldest messages go (never the system message nor
         the newest one)."""
-        room = self.model.config.block_size - int(self.sample.get("max_new_tokens", 200))
+        room = self.model.config.block_size - self.config.max_new_tokens
         while True:
             text = apply_chat_template(self.tokenizer, self.messages)
             older = [i for i, m in enumerate(self.messages[:-1]) if m["role"] != "system"]
@@ -51,7 +54,7 @@ class ChatSession:
         """Add a user message and stream the reply; the reply joins the history."""
         self.messages.append({"role": "user", "content": text})
         reply: list[str] = []
-        for piece in stream(self.model, self.tokenizer, self.prompt(), **self.sample):
+        for _, piece in decode_text(self.model, self.tokenizer, [self.prompt()], self.config):
             reply.append(piece)
             yield piece
         self.messages.append({"role": "assistant", "content": "".join(reply).strip()})

@@ -6,10 +6,11 @@ the serving engine (:mod:`gptkit.serve.engine`) adds and retires requests betwee
 Both hold one :class:`Row` per sequence and run the same two forwards over a
 :class:`~gptkit.model.KVCache`::
 
-    prompts ─► prefill (right-padded, one forward) ─► logits at each prompt's end
-                                                          │
-          ┌──────────── step (one token per row) ◄── Row.sample ─► Row.record ─► Row.emit
-          └─────────────────────────────────────────────► (eos, length, stop string)
+    prompts ─► prefill (one right-padded forward) ─► logits at each prompt's end
+                                                                  │
+      ┌─► step (one token per row) ─► logits ─► Row.sample ◄──────┘
+      │                                             │
+      └─── until eos, length or a stop string ◄── Row.record ─► Row.emit (text)
 
 A row's :class:`~gptkit.config.SampleConfig` is its whole set of parameters (temperature,
 top-k/p, the CTRL repetition penalty, the OpenAI presence and frequency penalties, length,
@@ -138,16 +139,19 @@ class Row:
         token = greedy
         if p.temperature != 0 or penalized or self.seen is not None:
             if penalized:
-                counts = torch.zeros_like(logits)
-                ids = torch.tensor(list(self.counts), device=logits.device)
-                counts[0, ids] = torch.tensor(list(self.counts.values()), dtype=logits.dtype).to(
-                    logits.device
-                )
                 logits = apply_presence_frequency_penalty(
-                    logits, counts, p.presence_penalty, p.frequency_penalty
+                    logits, self._counts(logits), p.presence_penalty, p.frequency_penalty
                 )
             token = int(sample_next(logits, self.seen, p, self.generator)[0])
         return self.forced.popleft() if self.forced else token
+
+    def _counts(self, logits: Tensor) -> Tensor:
+        """(1, V) how often each id was generated so far, in ``logits``' dtype."""
+        counts = torch.zeros_like(logits)
+        ids = torch.tensor(list(self.counts), device=logits.device)
+        values = torch.tensor(list(self.counts.values()), dtype=logits.dtype)
+        counts[0, ids] = values.to(logits.device)
+        return counts
 
     def record(self, token: int) -> FinishReason | None:
         """Take ``token`` as the row's next one; returns why the row ends with it, if it

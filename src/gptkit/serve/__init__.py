@@ -1,10 +1,13 @@
 """Serving: an OpenAI-compatible HTTP API and a web chat page over a batching engine.
 
 Three parts (vLLM's ``entrypoints/openai/`` layout): :mod:`~gptkit.serve.protocol` holds the
-pydantic schemas of requests and responses, :mod:`~gptkit.serve.engine` turns token ids into
-streamed text for many requests at once and knows no HTTP, and :mod:`~gptkit.serve.app` maps
-HTTP to the engine (thin routes, Server-Sent Events) and runs it with uvicorn. ``static/``
-holds the chat page. Start it with ``gptkit serve --model SOURCE`` or :func:`serve`.
+pydantic schemas of requests and responses; :mod:`~gptkit.serve.serving` turns a request
+into token ids and :class:`~gptkit.config.SampleConfig` s, submits them and builds the
+response objects, with no HTTP; :mod:`~gptkit.serve.engine` schedules the submissions over
+the decoding core (continuous batching, the KV cache pool, cancel); and
+:mod:`~gptkit.serve.app` holds the thin routes (errors to statuses, Server-Sent Events) and
+runs them with uvicorn. ``static/`` holds the chat page. Start it with
+``gptkit serve --model SOURCE`` or :func:`serve`.
 """
 
 from __future__ import annotations

@@ -2,9 +2,10 @@
 
 Thin routes, as vLLM's ``entrypoints/openai/api_server.py`` and llama.cpp's server
 (``tools/server/README.md``) are arranged: each route parses a request into a
-:mod:`gptkit.serve.protocol` schema, turns it into token ids and engine submissions, and
-maps the engine's chunks to JSON or to Server-Sent Events; every failure becomes the OpenAI
-API's error object with its status (API reference, "Error codes")::
+:mod:`gptkit.serve.protocol` schema, hands it to :class:`~gptkit.serve.serving.Serving`
+(which knows the API's meaning but no HTTP), and sends back its response object as JSON or
+its chunks as Server-Sent Events; every failure becomes the OpenAI API's error object with
+its status (API reference, "Error codes")::
 
     bad JSON, wrong types, bad values, unsupported fields    400 invalid_request_error
     prompt + reply longer than the context                   400 context_length_exceeded

@@ -19,7 +19,10 @@ Each row keeps its own position (``KVCache.pos``), so rows of different lengths 
 one forward: a query attends to the slots up to its own position only. The pool's length
 grows by doubling as rows need it, up to the context, so idle capacity costs no memory.
 
-The engine knows no HTTP: :meth:`Engine.submit` takes token ids and returns a
+The engine adds only scheduling to the decoding core (:mod:`gptkit.generate.core`): each
+request is a core :class:`~gptkit.generate.core.Row` (its own SampleConfig, seed, penalties,
+stop strings and streaming text), and the prefill, step and sampling are the core's. It
+knows no HTTP: :meth:`Engine.submit` takes token ids and a SampleConfig and returns a
 :class:`Request` whose chunks are read by a thread (``for chunk in request``) or by asyncio
 code (``async for chunk in request``).
 """
