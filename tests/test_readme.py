@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from gptkit import GPT
 from gptkit.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -73,6 +74,7 @@ def gptkit_argv(line: str) -> list[str] | None:
 
 
 def gptkit_lines(path: Path) -> list[str]:
+    """The gptkit command lines of a document's bash blocks."""
     return [ln for ln in bash_lines(path.read_text()) if gptkit_argv(ln) is not None]
 
 
@@ -131,27 +133,19 @@ def one_thread() -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-@contextlib.contextmanager
-def tour_dir(path: Path) -> Iterator[Path]:
-    """A directory holding the README's input.txt, as the working directory."""
-    path.mkdir(exist_ok=True)
-    (path / "input.txt").write_text(CORPUS)
-    with contextlib.chdir(path):
-        yield path
-
-
 @pytest.fixture(scope="module")
-def tour(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+def tour(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The README's cheap commands, run in order in a fresh directory."""
     readme = set(gptkit_lines(README))
     absent = [line for line in CHEAP if line not in readme]
     assert not absent, f"the README no longer shows {absent}; update CHEAP"
-    with pytest.MonkeyPatch.context() as env, tour_dir(tmp_path_factory.mktemp("tour")) as work:
+    work = tmp_path_factory.mktemp("tour")
+    (work / "input.txt").write_text(CORPUS)
+    with pytest.MonkeyPatch.context() as env, contextlib.chdir(work), one_thread():
         env.setenv("GPTKIT_KERNELS", "0")  # the C++ kernels' first build would take ~30 s
-        with one_thread():
-            for line, extra in CHEAP.items():
-                run(line, extra)
-        yield work
+        for line, extra in CHEAP.items():
+            run(line, extra)
+    return work
 
 
 def test_cheap_commands_run(tour: Path) -> None:
@@ -160,14 +154,13 @@ def test_cheap_commands_run(tour: Path) -> None:
     assert (tour / "export" / "shakespeare-hf" / "config.json").is_file()
 
 
-def test_python_tour_runs(
-    tour: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_python_tour_runs(tour: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("GPTKIT_KERNELS", "0")
     monkeypatch.chdir(tour)
+    names: dict[str, object] = {}
     with one_thread():
-        exec(compile(python_tour(), "README.md", "exec"), {})
-    assert capsys.readouterr().out.strip()
+        exec(compile(python_tour(), "README.md", "exec"), names)
+    assert isinstance(names["model"], GPT)
     assert (tour / "runs" / "tiny").is_dir()
 
 
