@@ -1,165 +1,47 @@
-"""The ``gptkit`` command line. Each subcommand is a typed Python function; its flags and help
-come from the function's signature and its docstring's ``Args:`` section, and ``train`` adds
-one flag per ModelConfig and TrainConfig field (default: the preset's value)."""
+"""The ``gptkit`` command line: one verb per typed Python function.
+
+Typer derives each verb's flags from the function's signature: kebab-case names
+(``--max-steps``), ``--x/--no-x`` pairs for booleans, repeatable flags for lists, and
+positional arguments for required lists (prompts, inputs). Each flag's help is its
+parameter's entry in the function's ``Args:`` docstring section, read by docstring-parser.
+``train`` and ``finetune`` add one flag per ModelConfig and TrainConfig field (default: the
+preset's value), documented by the dataclass's attribute docs. Parsing gives the function
+and its keyword arguments, so :func:`main` runs the verb outside the parser and maps errors
+to exit codes.
+"""
 
 from __future__ import annotations
 
 import argparse
-import ast
 import contextlib
 import dataclasses
 import inspect
-import io
 import json
 import os
 import re
 import sys
-import tokenize
 import types
 import typing
-from collections.abc import Callable
-from typing import Any, Literal, get_args, get_origin
+from collections.abc import Callable, Iterable
+from typing import Annotated, Any, Literal, get_args, get_origin
+
+import docstring_parser
+import typer
 
 from gptkit.config import PRESETS, ModelConfig, TrainConfig
 from gptkit.errors import GptkitError
 
-# -- deriving argparse from signatures -----------------------------------------------------
-
-
-def _doc_args(fn: Callable) -> dict[str, str]:
-    """The ``Args:`` section of a Google-style docstring: name -> description."""
-    doc = inspect.getdoc(fn) or ""
-    out: dict[str, str] = {}
-    in_args, current = False, None
-    for line in doc.splitlines():
-        if line.strip() == "Args:":
-            in_args = True
-            continue
-        if in_args:
-            if line and not line.startswith(" "):
-                break
-            m = re.match(r"^\s{2,4}(\w[\w, ]*):\s*(.*)$", line)
-            if m:
-                current = m.group(1)
-                for name in current.split(","):
-                    out[name.strip()] = m.group(2)
-            elif current and line.strip():
-                for name in current.split(","):
-                    out[name.strip()] += " " + line.strip()
-    return out
-
-
-def _field_comments(cls: type) -> dict[str, str]:
-    """Trailing ``# comments`` of dataclass fields, used as flag help."""
-    try:
-        src = inspect.getsource(cls)
-    except (OSError, TypeError):
-        return {}
-    comments: dict[int, str] = {}
-    for tok in tokenize.generate_tokens(io.StringIO(src).readline):
-        if tok.type == tokenize.COMMENT:
-            comments[tok.start[0]] = tok.string.lstrip("# ")
-    out = {}
-    for node in ast.walk(ast.parse(src)):
-        is_field = isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
-        if is_field and node.lineno in comments:
-            out[node.target.id] = comments[node.lineno]
-    return out
-
-
-def _unwrap_optional(tp: Any) -> Any:
-    if get_origin(tp) in (typing.Union, types.UnionType):
-        args = [a for a in get_args(tp) if a is not type(None)]
-        if len(args) == 1:
-            return args[0]
-    return tp
-
-
-def _add_argument(
-    parser: argparse.ArgumentParser,
-    name: str,
-    tp: Any,
-    default: Any,
-    help_text: str,
-    positional: bool = False,
-    required: bool = False,
-) -> None:
-    tp = _unwrap_optional(tp)
-    flag = "--" + name.replace("_", "-")
-    kwargs: dict[str, Any] = {"help": help_text.replace("%", "%%") or None}
-    if tp is bool:
-        parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, **kwargs)
-        return
-    if get_origin(tp) is list:
-        (item,) = get_args(tp) or (str,)
-        if positional:
-            parser.add_argument(name, nargs="+", type=item, **kwargs)
-        else:
-            parser.add_argument(flag, action="append", type=item, default=default, **kwargs)
-        return
-    if get_origin(tp) is Literal:
-        kwargs["choices"] = list(get_args(tp))
-        tp = type(kwargs["choices"][0])
-    if tp not in (int, float, str):
-        tp = str
-    if positional:
-        parser.add_argument(name, type=tp, **kwargs)
-    elif required:
-        parser.add_argument(flag, type=tp, required=True, dest=name, **kwargs)
-    else:
-        parser.add_argument(flag, type=tp, default=default, dest=name, **kwargs)
-
-
-def add_function(
-    sub: argparse._SubParsersAction,
-    fn: Callable,
-    name: str,
-    skip: tuple[str, ...] = (),
-    summary: str | None = None,
-) -> argparse.ArgumentParser:
-    doc = inspect.getdoc(fn) or ""
-    summary = summary or doc.split("\n\n")[0].replace("\n", " ")
-    parser = sub.add_parser(name, help=summary, description=summary)
-    hints = typing.get_type_hints(fn)
-    helps = _doc_args(fn)
-    for pname, p in inspect.signature(fn).parameters.items():
-        if pname in skip or p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL):
-            continue
-        tp = hints.get(pname, str)
-        required = p.default is inspect.Parameter.empty
-        # Required lists (inputs, prompts) are positional; other required values are flags.
-        positional = required and get_origin(_unwrap_optional(tp)) is list
-        default = None if required else p.default
-        _add_argument(parser, pname, tp, default, helps.get(pname, ""), positional, required)
-    parser.set_defaults(_fn=fn)
-    return parser
-
-
-def add_config_fields(
-    parser: argparse.ArgumentParser,
-    cls: type,
-    title: str,
-    skip: tuple[str, ...] = (),
-    only: tuple[str, ...] | None = None,
-) -> None:
-    group = parser.add_argument_group(title)
-    hints = typing.get_type_hints(cls)
-    comments = _field_comments(cls)
-    for f in dataclasses.fields(cls):
-        if f.name in skip or (only is not None and f.name not in only):
-            continue
-        default = f.default if f.default is not dataclasses.MISSING else None
-        text = comments.get(f.name, "")
-        help_text = f"{text} (default: the preset's, else {default})".strip()
-        _add_argument(group, f.name, hints[f.name], None, help_text)  # type: ignore[arg-type]
-
+NO_MODEL = (
+    "no --model given: pass a checkpoint or run directory, a .gguf file, a Hugging Face "
+    "directory or a hub id (`make models` puts SmolLM2 in models/)"
+)
 
 # -- commands that live at the CLI layer ---------------------------------------------------
 
 
 def generate_cmd(
     prompt: list[str],
-    model: str = "gptkit-demo/run",
+    model: str,
     max_new_tokens: int = 200,
     temperature: float = 0.8,
     top_k: int | None = None,
@@ -174,11 +56,12 @@ def generate_cmd(
     quantize: Literal["bf16", "int8", "int4"] | None = None,
     compile: bool = False,
 ) -> None:
-    """Generate text from a prompt (several prompts are batched together).
+    r"""Generate text from a prompt (several prompts are batched together).
 
     Args:
         prompt: one or more prompts ("-" reads one from standard input).
-        model: a checkpoint directory or a training run directory.
+        model: any source gptkit loads (checkpoint, run directory, HF directory, .gguf,
+            hub id).
         max_new_tokens: tokens to generate per prompt.
         temperature: 0 is greedy decoding; higher is more random.
         top_k: sample only among the k most likely tokens.
@@ -194,7 +77,7 @@ def generate_cmd(
         quantize: quantize the weights on load (see `gptkit quantize`).
         compile: decode through torch.compile (one prompt; pays a compilation first).
     """
-    from gptkit.compress import load
+    from gptkit.checkpoint import load
     from gptkit.generate import generate
     from gptkit.generate import stream as stream_fn
 
@@ -256,7 +139,7 @@ def chat_cmd(
         seed: makes the replies reproducible.
         device: cpu, cuda, mps.
     """
-    from gptkit.compress import load
+    from gptkit.checkpoint import load
     from gptkit.generate.chat import ChatSession
 
     net, tok = load(model, device=device)
@@ -273,6 +156,11 @@ def chat_cmd(
         repetition_penalty=repetition_penalty,
         seed=seed,
     )
+    _converse(session)
+
+
+def _converse(session: Any) -> None:
+    """The terminal loop of ``gptkit chat``: read a line, stream the reply."""
     with contextlib.suppress(ImportError):
         import readline  # noqa: F401  (line editing and history for input())
     interactive = sys.stdin.isatty()
@@ -358,7 +246,8 @@ def quantize_cmd(
     """
     from pathlib import Path
 
-    from gptkit.compress import load, quantize, save_quantized
+    from gptkit.checkpoint import load, save_quantized
+    from gptkit.compress import quantize
 
     net, tok = load(model)
     quantize(net, mode, group_size=group_size, lm_head=lm_head)
@@ -480,59 +369,263 @@ def presets_cmd() -> None:
     print("(parameter counts with the preset's vocabulary, or GPT-2's 50,257 tokens)")
 
 
-# -- entry point ---------------------------------------------------------------------------
+# -- from signatures to Typer commands -----------------------------------------------------
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from gptkit import __version__
+def _parse_number(kind: type) -> Callable[[str], Any]:
+    """int or float, refusing a bad value in argparse's words ("invalid int value: 'many'"),
+    which scripts and tests written against the earlier argparse CLI match."""
+
+    def parse(text: str) -> Any:
+        try:
+            return kind(text)
+        except (TypeError, ValueError):
+            raise ValueError(f"invalid {kind.__name__} value: {text!r}") from None
+
+    return parse
+
+
+def _parse_choice(choices: tuple) -> Callable[[str], Any]:
+    """A Literal's values, refusing others in argparse's words ("invalid choice: 'x'")."""
+
+    def parse(text: str) -> Any:
+        if text in choices:
+            return text
+        allowed = ", ".join(repr(c) for c in choices)
+        raise ValueError(f"invalid choice: {text!r} (choose from {allowed})")
+
+    return parse
+
+
+def _one_type(hint: Any) -> Any:
+    """The type Typer parses a flag as: a union of several types (``str | Path``) as text,
+    which each verb accepts (Typer takes one type per flag, optionally None)."""
+    if get_origin(hint) not in (typing.Union, types.UnionType):
+        return hint
+    args = [a for a in get_args(hint) if a is not type(None)]
+    if len(args) == 1:
+        return hint
+    return str | None if len(args) < len(get_args(hint)) else str
+
+
+def _parser(hint: Any) -> Callable[[str], Any] | None:
+    """How a flag's (or a list flag's item's) text becomes a value, where argparse's
+    wording of the error is kept; None leaves it to Typer (str, bool)."""
+    base = hint
+    if get_origin(base) in (typing.Union, types.UnionType):  # X | None: X
+        (base,) = (a for a in get_args(base) if a is not type(None))
+    if get_origin(base) is list:
+        (base,) = get_args(base)
+    if get_origin(base) is Literal:
+        return _parse_choice(get_args(base))
+    if base in (int, float):
+        return _parse_number(base)
+    return None
+
+
+def _docs(obj: Any) -> dict[str, str]:
+    """Parameter (or dataclass attribute) name -> its docstring description."""
+    params = docstring_parser.parse_from_object(obj).params
+    return {p.arg_name: p.description or "" for p in params}
+
+
+def _flag(name: str, hint: Any, default: Any, help_text: str) -> inspect.Parameter:
+    """One parameter as Typer reads it: a required list is positional, the rest are flags
+    (a required non-list value is a required flag, as ``--out`` is)."""
+    hint = _one_type(hint)
+    info: typer.models.ParameterInfo
+    if default is inspect.Parameter.empty and get_origin(hint) is list:
+        info = typer.Argument(help=help_text, show_default=False)
+    else:
+        info = typer.Option(help=help_text, parser=_parser(hint))
+    kind = inspect.Parameter.KEYWORD_ONLY
+    return inspect.Parameter(name, kind, default=default, annotation=Annotated[hint, info])
+
+
+def _function_flags(fn: Callable, skip: Iterable[str], defaults: dict) -> list[inspect.Parameter]:
+    """The flags of ``fn``'s parameters. ``--model`` is never required by the parser: main
+    says what to pass when it is missing."""
+    hints, docs = typing.get_type_hints(fn), _docs(fn)
+    out = []
+    for p in inspect.signature(fn).parameters.values():
+        if p.name in skip or p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL):
+            continue
+        hint, default = hints[p.name], defaults.get(p.name, p.default)
+        if p.name == "model" and default is p.empty:
+            hint, default = hint | None, None
+        out.append(_flag(p.name, hint, default, docs.get(p.name, "")))
+    return out
+
+
+def _config_flags(cls: type, names: Iterable[str]) -> list[inspect.Parameter]:
+    """One flag per dataclass field; unset (None) leaves the preset's value."""
+    hints, docs = typing.get_type_hints(cls), _docs(cls)
+    defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+    return [
+        _flag(
+            name,
+            hints[name] | None,
+            None,
+            f"{docs.get(name, cls.__name__ + '.' + name)} "
+            f"(default: the preset's, else {defaults[name]})",
+        )
+        for name in names
+    ]
+
+
+def _add_verb(
+    app: typer.Typer,
+    name: str,
+    fn: Callable,
+    flags: list[inspect.Parameter],
+    summary: str | None = None,
+    **fixed: Any,
+) -> None:
+    """Register ``name``: parsing it gives ``fn`` and its keyword arguments (with ``fixed``)."""
+
+    def parsed(**kwargs: Any) -> None:
+        raise _Parsed(fn, kwargs | fixed)
+
+    parsed.__signature__ = inspect.Signature(flags)  # type: ignore[attr-defined]
+    parsed.__annotations__ = {p.name: p.annotation for p in flags}
+    help_text = summary or docstring_parser.parse_from_object(fn).description
+    app.command(name, help=help_text)(parsed)
+
+
+def _train_flags(
+    skip: tuple[str, ...], model_fields: Iterable[str], preset: str | None
+) -> list[inspect.Parameter]:
+    """``train``'s own flags, then one per ModelConfig field named and TrainConfig field."""
+    from gptkit.train import train
+
+    defaults = {"preset": preset} if preset else {}
+    return [
+        *_function_flags(train, skip, defaults),
+        *_config_flags(ModelConfig, model_fields),
+        *_config_flags(TrainConfig, [f.name for f in dataclasses.fields(TrainConfig)]),
+    ]
+
+
+def _finetune_app() -> typer.Typer:
+    from gptkit.train import train
+
+    app = typer.Typer(
+        help="Fine-tune a model: classify (GPT-1's head) or sft (instructions, chat, QA), "
+        "through the one training loop (see `gptkit train`).",
+        no_args_is_help=True,
+    )
+    flags = _train_flags(("objective",), ("dropout",), "finetune")
+    for task, summary in (
+        ("classify", "GPT-1's recipe: a linear head on the final token, plus λ·LM loss."),
+        ("sft", "Supervised fine-tuning on prompt/completion or chat JSONL."),
+    ):
+        _add_verb(app, task, train, flags, summary, objective=task)
+    return app
+
+
+def _version(show: bool) -> None:
+    if show:
+        from gptkit import __version__
+
+        print(f"gptkit {__version__}")
+        raise typer.Exit()
+
+
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_version, is_eager=True, help="Print the version."),
+    ] = False,
+) -> None:
+    """gptkit: tokenize, pretrain, fine-tune and run GPT models."""
+
+
+def build_app() -> typer.Typer:
+    """Every verb of the command line."""
     from gptkit.data.prepare import prepare
     from gptkit.demo import demo
     from gptkit.eval.run import evaluate_model
     from gptkit.serve.app import serve
     from gptkit.train import train
 
-    parser = argparse.ArgumentParser(
-        prog="gptkit", description="gptkit: tokenize, pretrain, fine-tune and run GPT models."
+    app = typer.Typer(
+        add_completion=False,
+        rich_markup_mode=None,
+        context_settings={"help_option_names": ["-h", "--help"]},
     )
-    parser.add_argument("--version", action="version", version=f"gptkit {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    add_function(sub, demo, "demo")
-    add_function(sub, prepare, "prepare")
-    train_parser = add_function(sub, train, "train")
-    add_config_fields(train_parser, ModelConfig, "model fields", skip=("labels",))
-    add_config_fields(train_parser, TrainConfig, "training fields")
-    finetune = sub.add_parser(
-        "finetune",
-        help="Fine-tune a model: classify (GPT-1's head) or sft (instructions, chat, QA).",
-        description="Fine-tune a model through the one training loop (see `gptkit train`).",
-    )
-    tasks = finetune.add_subparsers(dest="objective", required=True, metavar="TASK")
-    for task, summary in (
-        ("classify", "GPT-1's recipe: a linear head on the final token, plus λ·LM loss."),
-        ("sft", "Supervised fine-tuning on prompt/completion or chat JSONL."),
+    app.callback()(_root)
+    model_fields = [f.name for f in dataclasses.fields(ModelConfig) if f.name != "labels"]
+    for name, fn in (("demo", demo), ("prepare", prepare)):
+        _add_verb(app, name, fn, _function_flags(fn, (), {}))
+    _add_verb(app, "train", train, _train_flags((), model_fields, None))
+    app.add_typer(_finetune_app(), name="finetune")
+    for name, fn in (
+        ("classify", classify_cmd),
+        ("sft-data", sft_data_cmd),
+        ("generate", generate_cmd),
+        ("chat", chat_cmd),
+        ("export", export_cmd),
+        ("quantize", quantize_cmd),
+        ("eval", evaluate_model),
+        ("serve", serve),
+        ("presets", presets_cmd),
     ):
-        p = add_function(tasks, train, task, skip=("objective",), summary=summary)
-        p.set_defaults(preset="finetune")
-        add_config_fields(p, TrainConfig, "training fields")
-        add_config_fields(p, ModelConfig, "model fields", only=("dropout",))
-    add_function(sub, classify_cmd, "classify")
-    add_function(sub, sft_data_cmd, "sft-data")
-    add_function(sub, generate_cmd, "generate")
-    add_function(sub, chat_cmd, "chat")
-    add_function(sub, export_cmd, "export")
-    add_function(sub, quantize_cmd, "quantize")
-    add_function(sub, evaluate_model, "eval")
-    add_function(sub, serve, "serve")
-    add_function(sub, presets_cmd, "presets")
-    return parser
+        _add_verb(app, name, fn, _function_flags(fn, (), {}))
+    return app
+
+
+# -- entry point ---------------------------------------------------------------------------
+
+
+class _Parsed(Exception):
+    """Raised by a verb's Typer callback: the function and its keyword arguments, carried
+    out of click's standalone ``main``, which handles bad command lines, --help and
+    --version itself (printing, exit status 2 or 0) and exits after a verb returns."""
+
+    def __init__(self, fn: Callable, kwargs: dict[str, Any]) -> None:
+        super().__init__(fn.__name__)
+        self.fn, self.kwargs = fn, kwargs
+
+
+@dataclasses.dataclass
+class Parser:
+    """The command line, parsed without running the verb."""
+
+    app: typer.Typer
+
+    def parse_args(self, argv: list[str] | None = None) -> argparse.Namespace:
+        """The verb's function (``_fn``) and keyword arguments. A bad command line prints
+        the error and exits with 2; ``--help`` and ``--version`` print and exit with 0."""
+        try:
+            typer.main.get_command(self.app).main(argv, prog_name="gptkit")
+        except _Parsed as parsed:
+            return argparse.Namespace(_fn=parsed.fn, **parsed.kwargs)
+        raise SystemExit(0)  # not reached: click's standalone main exits by itself
+
+
+def build_parser() -> Parser:
+    """The command line's parser: ``build_parser().parse_args(argv)``, as with argparse."""
+    return Parser(build_app())
+
+
+def _tune_process(fn: Callable, kwargs: dict[str, Any]) -> None:
+    """Process-wide settings, made here at the entry point and nowhere in the library:
+    training on a CPU keeps the memory a step frees for the next one."""
+    from gptkit.train import keep_freed_memory, train
+    from gptkit.train.setup import pick_device
+
+    if fn is train and pick_device(kwargs.get("device") or "auto").type == "cpu":
+        keep_freed_memory()
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = vars(parser.parse_args(argv))
+    """Run one command line; returns the exit status (2: a gptkit error, 130: interrupted)."""
+    args = vars(build_parser().parse_args(argv))
     fn = args.pop("_fn")
-    args.pop("command", None)
     try:
+        if "model" in args and args["model"] is None:
+            raise GptkitError(NO_MODEL)
+        _tune_process(fn, args)
         result = fn(**args)
     except GptkitError as e:
         print(f"error: {e}", file=sys.stderr)
