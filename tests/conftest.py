@@ -23,6 +23,9 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("GPTKIT_SHARED_DATA", REPO.parent / "shared" / "data"))
+# eval finds its shipped data sets through GPTKIT_DATA (or shared/data beside the working
+# directory): point it at the same directory, wherever pytest is started from
+os.environ.setdefault("GPTKIT_DATA", str(SHARED_DATA))
 
 SAMPLE_TEXT = (
     "First Citizen:\nBefore we proceed any further, hear me speak.\n\n"

@@ -486,3 +486,24 @@ def test_sft_rows_are_worded_as_evaluation_asks(tmp_path: Path) -> None:
     ]
     with pytest.raises(GptkitError, match="no examples after skipping 5"):
         to_sft_rows("gsm8k", data, skip=5)
+
+
+def test_data_sets_are_found_by_flag_env_then_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """GPTKIT_DATA first, then shared/data in or beside the working directory; never the
+    package's own location; the error names both ways to point at the data."""
+    from gptkit.eval.examples import find_data
+
+    env, local = tmp_path / "env", tmp_path / "work" / "shared" / "data"
+    for d in (env, local):
+        (d / "gsm8k").mkdir(parents=True)
+        (d / "gsm8k" / "test.jsonl").write_text("")
+    monkeypatch.chdir(tmp_path / "work")
+    monkeypatch.setenv("GPTKIT_DATA", str(env))
+    assert find_data("gsm8k/test.jsonl", "gsm8k") == (env / "gsm8k" / "test.jsonl").resolve()
+    monkeypatch.delenv("GPTKIT_DATA")
+    assert find_data("gsm8k/test.jsonl", "gsm8k") == (local / "gsm8k" / "test.jsonl").resolve()
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(GptkitError, match="pass --data PATH, or set GPTKIT_DATA"):
+        find_data("gsm8k/test.jsonl", "gsm8k")

@@ -2,9 +2,11 @@
 
 ``evaluate_model(model, task)`` is the whole thing (load, read the task's data, generate,
 score, report); :mod:`gptkit.eval.metrics` holds the metric functions, and
-:mod:`gptkit.eval.tasks` the data readers and prompt wording.
+:mod:`gptkit.eval.tasks` the data readers, :mod:`gptkit.eval.examples` the prompt wording
+and where the data sets are found.
 """
 
+from gptkit.eval.examples import PROMPTS
 from gptkit.eval.metrics import (
     accuracy,
     bleu,
@@ -19,7 +21,6 @@ from gptkit.eval.metrics import (
 )
 from gptkit.eval.run import evaluate_model, generation_eval, perplexity, sliding_windows
 from gptkit.eval.tasks import (
-    PROMPTS,
     TASKS,
     read_gsm8k,
     read_multi30k,

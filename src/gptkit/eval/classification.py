@@ -33,7 +33,7 @@ class ClassificationTask:
     """A shipped classification set: its file, label names and zero-shot question."""
 
     name: str
-    default_data: str  # under the shared data directory
+    default_data: str  # under the data directory (GPTKIT_DATA, shared/data)
     labels: tuple[str, ...]  # head order; integer labels in the file index these
     question: str  # {text} and {options} are filled in
 

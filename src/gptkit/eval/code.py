@@ -40,12 +40,17 @@ import textwrap
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, Any
 
 from gptkit.errors import GptkitError
-
-if TYPE_CHECKING:
-    from gptkit.eval.tasks import Example
+from gptkit.eval.examples import (
+    Example,
+    check_limit,
+    limit_reached,
+    read_jsonl,
+    render,
+    row_field,
+)
 
 #: where a plain continuation ends: the next top-level statement after the function's body
 #: (the HumanEval paper's stop sequences, spelled a little more narrowly)
@@ -78,14 +83,11 @@ def read_humaneval(path: str | Path, limit: int | None = None) -> list[Example]:
     The plain ``prompt`` is the problem's own (signature and docstring), for a base model to
     continue; the reference is a dict of the fields the tests need.
     """
-    # imported here because gptkit.eval.tasks imports this module for its task table
-    from gptkit.eval.tasks import _check_limit, _field, _full, _jsonl, render
-
-    _check_limit(limit)
+    check_limit(limit)
     examples: list[Example] = []
-    for where, row in _jsonl(Path(path)):
+    for where, row in read_jsonl(Path(path)):
         fields = {
-            name: _field(where, row, name, str)
+            name: row_field(where, row, name, str)
             for name in ("task_id", "prompt", "canonical_solution", "test", "entry_point")
         }
         entry = fields["entry_point"]
@@ -97,7 +99,7 @@ def read_humaneval(path: str | Path, limit: int | None = None) -> list[Example]:
             raise GptkitError(f"{where}: the test does not define check(candidate)")
         plain, messages = render("humaneval", prompt=fields["prompt"])
         examples.append(dict(id=where, prompt=plain, messages=messages, reference=fields))
-        if _full(examples, limit):
+        if limit_reached(examples, limit):
             break
     return examples
 
@@ -426,11 +428,9 @@ def read_python_functions(
     function with a docstring, the prompt is the file's imports, the signature and the
     docstring, and the completion is the body after the docstring. Functions longer than
     ``max_chars`` and files that do not parse are skipped (counted, not fatal)."""
-    from gptkit.eval.tasks import _check_limit, _jsonl
-
-    _check_limit(limit)
+    check_limit(limit)
     rows: list[dict[str, str]] = []
-    for _, row in _jsonl(Path(path)):
+    for _, row in read_jsonl(Path(path)):
         source = row.get("content")
         if not isinstance(source, str):
             continue

@@ -37,8 +37,9 @@ from gptkit.errors import GptkitError
 from gptkit.eval.calculator import calculator as gsm8k_calculator
 from gptkit.eval.classification import CLASSIFICATION_TASKS, classification_eval
 from gptkit.eval.code import HumanEvalScorer, require_execute
+from gptkit.eval.examples import Example, find_data
 from gptkit.eval.metrics import GENERATION_METRICS
-from gptkit.eval.tasks import TASKS, Example, default_data, find_shared
+from gptkit.eval.tasks import TASKS, default_data
 from gptkit.files import atomic_write_json
 from gptkit.generate import generate
 from gptkit.generate.chat import apply_chat_template
@@ -323,7 +324,7 @@ def _data_path(task: str, data: str | None) -> Path:
             return Path(data)
         if task == "classify":
             raise GptkitError("task classify needs a labelled file; pass --data PATH")
-        return find_shared(CLASSIFICATION_TASKS[task].default_data, task)
+        return find_data(CLASSIFICATION_TASKS[task].default_data, task)
     if data is not None:
         path = Path(data)
         if not path.exists():
@@ -385,7 +386,8 @@ def evaluate_model(
             (English to Chinese: BLEU with sacrebleu's zh tokenizer, chrF), scitldr
             (ROUGE-1/2/L), self_instruct (ROUGE-L), humaneval (Python functions; pass@1 by
             running each problem's tests on the program, which needs --execute).
-        data: the data file (or directory); default the task's file under ../shared/data.
+        data: the data file (or directory); default the task's file under $GPTKIT_DATA or
+            shared/data (see gptkit.eval.examples.find_data).
         limit: evaluate only the first N examples.
         max_new_tokens: the longest answer in tokens; default the task's (gsm8k 256,
             self_instruct 128, humaneval 384, others 64).

@@ -1,147 +1,34 @@
 """The generation tasks: how each shipped data set is read and how its prompts are worded.
 
-A reader turns a file of ``../shared/data/`` into examples, dicts with
-
-- ``id``: ``file:line`` of the row, to trace a prediction back to its source;
-- ``prompt``: the plain completion prompt, for base models;
-- ``messages``: the same request as a chat (``[{"role": "user", "content": ...}]``),
-  rendered with the model's own chat template for instruction-tuned models;
-- ``reference``: a string, or a list of strings where the row has several (HumanEval's, in
-  :mod:`gptkit.eval.code`, is a dict of the problem and its tests).
-
-All the wording lives in :data:`PROMPTS`, one entry per task. Plain prompts end where the
-answer begins ("German:"), so a base model continues with it; the task's ``stop`` strings
-end the continuation. Chat prompts ask for the answer alone. A row that does not parse is a
+A reader turns a file of a shipped data set (found by
+:func:`gptkit.eval.examples.find_data`, or given with ``--data``) into examples, dicts of
+``id``, ``prompt``, ``messages`` and ``reference`` (see :mod:`gptkit.eval.examples`, which
+also holds the wording of every task's prompts). A row that does not parse is a
 :class:`GptkitError` naming ``file:line``.
 """
 
 from __future__ import annotations
 
-import gzip
-import json
-import os
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from gptkit.errors import GptkitError
 from gptkit.eval.code import HUMANEVAL_STOP, read_humaneval
-
-Example = dict[str, Any]
-
-#: task -> {"plain": completion prompt, "chat": user message}; fields in braces are filled
-#: from the row
-PROMPTS: dict[str, dict[str, str]] = {
-    "gsm8k": {
-        "plain": "Question: {question}\nAnswer:",
-        "chat": (
-            "{question}\n\nSolve the problem step by step. End with a last line of the "
-            "form '#### <number>' giving the final answer."
-        ),
-    },
-    "multi30k": {
-        "plain": "English: {source}\nGerman:",
-        "chat": (
-            "Translate this English sentence into German. Reply with the translation "
-            "only.\n\n{source}"
-        ),
-    },
-    "tatoeba": {
-        "plain": "English: {source}\nChinese:",
-        "chat": (
-            "Translate this English sentence into Chinese. Reply with the translation "
-            "only.\n\n{source}"
-        ),
-    },
-    "scitldr": {
-        "plain": "{source}\n\nTL;DR:",
-        "chat": "Summarize this scientific abstract in one sentence (a TL;DR).\n\n{source}",
-    },
-    "self_instruct": {
-        "plain": "Instruction: {instruction}\n{input_block}Output:",
-        "chat": "{instruction}{chat_input}",
-    },
-    "humaneval": {
-        "plain": "{prompt}",
-        "chat": (
-            "Complete this Python function. Reply with the whole function, with the imports "
-            "it needs, in one ```python code block.\n\n```python\n{prompt}```"
-        ),
-    },
-}
-
-
-def render(task: str, **fields: str) -> tuple[str, list[dict[str, str]]]:
-    """The plain prompt and the chat messages of ``task`` for one row's fields."""
-    wording = PROMPTS[task]
-    prompt = wording["plain"].format(**fields)
-    messages = [{"role": "user", "content": wording["chat"].format(**fields)}]
-    return prompt, messages
-
-
-# -- reading files -------------------------------------------------------------------------
-
-
-def _lines(path: Path) -> Iterator[tuple[int, str]]:
-    """``(line number, text)`` of a UTF-8 text file, gzip-compressed when it ends in .gz."""
-    if not path.is_file():
-        raise GptkitError(f"{path} does not exist; check the --data path")
-    opener: Callable[..., Any] = gzip.open if path.suffix == ".gz" else open
-    try:
-        with opener(path, "rb") as f:
-            for n, raw in enumerate(f, 1):
-                try:
-                    yield n, raw.decode("utf-8").rstrip("\r\n")
-                except UnicodeDecodeError as e:
-                    raise GptkitError(
-                        f"{path}:{n}: not valid UTF-8 ({e.reason} at byte {e.start}); fix "
-                        "or remove the line"
-                    ) from None
-    except (OSError, EOFError) as e:  # gzip.BadGzipFile is an OSError
-        raise GptkitError(f"{path} cannot be read ({e}); is it complete?") from None
-
-
-def _jsonl(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
-    """``("file:line", object)`` per non-blank line of a JSON Lines file."""
-    for n, line in _lines(path):
-        if not line.strip():
-            continue
-        where = f"{path}:{n}"
-        try:
-            row = json.loads(line)
-        except ValueError as e:
-            raise GptkitError(f"{where}: not valid JSON ({e}); fix or remove the line") from None
-        if not isinstance(row, dict):
-            raise GptkitError(f"{where}: expected a JSON object, got {type(row).__name__}")
-        yield where, row
-
-
-def _field(where: str, row: dict[str, Any], name: str, kind: type | tuple[type, ...]) -> Any:
-    value = row.get(name)
-    if not isinstance(value, kind):
-        got = "missing" if name not in row else f"a {type(value).__name__}"
-        want = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
-        raise GptkitError(f"{where}: field {name!r} should be a {want} but is {got}")
-    return value
-
-
-def _strings(where: str, row: dict[str, Any], name: str) -> list[str]:
-    value = _field(where, row, name, list)
-    if not value or not all(isinstance(v, str) for v in value):
-        raise GptkitError(f"{where}: field {name!r} should be a non-empty list of strings")
-    return value
-
-
-def _full(examples: list[Example], limit: int | None) -> bool:
-    return limit is not None and len(examples) >= limit
-
-
-def _check_limit(limit: int | None) -> None:
-    if limit is not None and limit < 1:
-        raise GptkitError(f"limit must be at least 1, got {limit}")
-
+from gptkit.eval.examples import (
+    Example,
+    check_limit,
+    find_data,
+    limit_reached,
+    read_jsonl,
+    read_lines,
+    render,
+    row_field,
+    row_strings,
+)
+from gptkit.eval.metrics import gsm8k_reference_answer
 
 # -- the readers ---------------------------------------------------------------------------
 
@@ -151,18 +38,16 @@ def read_gsm8k(path: str | Path, limit: int | None = None) -> list[Example]:
 
     The reference is the whole worked answer; the metric compares final numbers.
     """
-    from gptkit.eval.metrics import gsm8k_reference_answer
-
-    _check_limit(limit)
+    check_limit(limit)
     examples: list[Example] = []
-    for where, row in _jsonl(Path(path)):
-        question = _field(where, row, "question", str)
-        answer = _field(where, row, "answer", str)
+    for where, row in read_jsonl(Path(path)):
+        question = row_field(where, row, "question", str)
+        answer = row_field(where, row, "answer", str)
         if gsm8k_reference_answer(answer) is None:
             raise GptkitError(f"{where}: the answer has no final '#### <number>' line")
         prompt, messages = render("gsm8k", question=question)
         examples.append(dict(id=where, prompt=prompt, messages=messages, reference=answer))
-        if _full(examples, limit):
+        if limit_reached(examples, limit):
             break
     return examples
 
@@ -192,9 +77,9 @@ def read_multi30k(
         limit: read at most this many pairs.
         src, tgt: language suffixes of the source and target files.
     """
-    _check_limit(limit)
+    check_limit(limit)
     src_path, tgt_path = _multi30k_pair(Path(path), src, tgt)
-    sources, targets = list(_lines(src_path)), list(_lines(tgt_path))
+    sources, targets = list(read_lines(src_path)), list(read_lines(tgt_path))
     if len(sources) != len(targets):
         raise GptkitError(
             f"{src_path} has {len(sources)} lines but {tgt_path} has {len(targets)}; the files "
@@ -209,7 +94,7 @@ def read_multi30k(
         examples.append(
             dict(id=f"{src_path}:{n}", prompt=prompt, messages=messages, reference=target.strip())
         )
-        if _full(examples, limit):
+        if limit_reached(examples, limit):
             break
     return examples
 
@@ -221,10 +106,10 @@ def read_tatoeba(path: str | Path, limit: int | None = None) -> list[Example]:
     the list of its translations, in file order. The file is sorted from short to long, so the
     first examples are the shortest.
     """
-    _check_limit(limit)
+    check_limit(limit)
     path = Path(path)
     groups: dict[str, Example] = {}
-    for n, line in _lines(path):
+    for n, line in read_lines(path):
         if not line.strip():
             continue
         parts = line.split("\t")
@@ -247,14 +132,14 @@ def read_tatoeba(path: str | Path, limit: int | None = None) -> list[Example]:
 
 def read_scitldr(path: str | Path, limit: int | None = None) -> list[Example]:
     """SciTLDR JSON Lines: ``source`` (abstract sentences) -> ``target`` (1-4+ TL;DRs)."""
-    _check_limit(limit)
+    check_limit(limit)
     examples: list[Example] = []
-    for where, row in _jsonl(Path(path)):
-        source = " ".join(s.strip() for s in _strings(where, row, "source"))
-        targets = [t.strip() for t in _strings(where, row, "target")]
+    for where, row in read_jsonl(Path(path)):
+        source = " ".join(s.strip() for s in row_strings(where, row, "source"))
+        targets = [t.strip() for t in row_strings(where, row, "target")]
         prompt, messages = render("scitldr", source=source)
         examples.append(dict(id=where, prompt=prompt, messages=messages, reference=targets))
-        if _full(examples, limit):
+        if limit_reached(examples, limit):
             break
     return examples
 
@@ -262,18 +147,18 @@ def read_scitldr(path: str | Path, limit: int | None = None) -> list[Example]:
 def read_self_instruct(path: str | Path, limit: int | None = None) -> list[Example]:
     """Self-Instruct tasks (``instruction`` and ``instances`` of ``input``/``output``), one
     example per instance; the reference is the human-written output."""
-    _check_limit(limit)
+    check_limit(limit)
     examples: list[Example] = []
-    for where, row in _jsonl(Path(path)):
-        instruction = _field(where, row, "instruction", str).strip()
-        instances = _field(where, row, "instances", list)
+    for where, row in read_jsonl(Path(path)):
+        instruction = row_field(where, row, "instruction", str).strip()
+        instances = row_field(where, row, "instances", list)
         if not instances:
             raise GptkitError(f"{where}: field 'instances' is empty")
         for k, inst in enumerate(instances):
             if not isinstance(inst, dict):
                 raise GptkitError(f"{where}: instance {k} should be an object with input, output")
-            text = _field(f"{where} (instance {k})", inst, "input", str).strip()
-            output = _field(f"{where} (instance {k})", inst, "output", str).strip()
+            text = row_field(f"{where} (instance {k})", inst, "input", str).strip()
+            output = row_field(f"{where} (instance {k})", inst, "output", str).strip()
             prompt, messages = render(
                 "self_instruct",
                 instruction=instruction,
@@ -281,7 +166,7 @@ def read_self_instruct(path: str | Path, limit: int | None = None) -> list[Examp
                 chat_input=f"\n\n{text}" if text else "",
             )
             examples.append(dict(id=where, prompt=prompt, messages=messages, reference=output))
-            if _full(examples, limit):
+            if limit_reached(examples, limit):
                 return examples
     return examples
 
@@ -295,7 +180,7 @@ class Task:
 
     name: str
     read: Callable[..., list[Example]]
-    default_data: str  # under the shared data directory
+    default_data: str  # under the data directory (GPTKIT_DATA, shared/data)
     metrics: tuple[str, ...]  # names in gptkit.eval.metrics.GENERATION_METRICS
     stop: tuple[str, ...]  # where a plain (base-model) continuation ends
     max_new_tokens: int  # enough for a typical reference
@@ -337,32 +222,10 @@ TASKS: dict[str, Task] = {
 }
 
 
-def shared_data_dirs() -> list[Path]:
-    """Where the shipped data sets are looked for: ``$GPTKIT_SHARED_DATA``, then
-    ``../shared/data`` beside the repository, then beside the working directory."""
-    repo = Path(__file__).resolve().parents[3]  # src/gptkit/eval/tasks.py -> the checkout
-    dirs = [repo.parent / "shared" / "data", Path.cwd().parent / "shared" / "data"]
-    if os.environ.get("GPTKIT_SHARED_DATA"):
-        dirs.insert(0, Path(os.environ["GPTKIT_SHARED_DATA"]))
-    return dirs
-
-
 def default_data(task: str) -> Path:
-    """The shipped file (or directory) of ``task``, or an error that says to pass --data."""
-    return find_shared(TASKS[task].default_data, task)
-
-
-def find_shared(rel: str, task: str) -> Path:
-    """``rel`` under the first shared data directory that has it (see
-    :func:`shared_data_dirs`), or an error that says to pass --data."""
-    tried = list(dict.fromkeys((d / rel).resolve() for d in shared_data_dirs()))
-    for p in tried:
-        if p.exists():
-            return p
-    raise GptkitError(
-        f"no data for task {task}: {' and '.join(str(p) for p in tried)} do not exist; "
-        "pass --data PATH"
-    )
+    """The shipped file (or directory) of ``task`` (see
+    :func:`gptkit.eval.examples.find_data`), or an error that says where to point."""
+    return find_data(TASKS[task].default_data, task)
 
 
 def to_sft_rows(
@@ -388,7 +251,7 @@ def to_sft_rows(
     path = Path(data) if data is not None else default_data(task)
     if not path.exists():
         raise GptkitError(f"{path} does not exist; check --data")
-    _check_limit(limit)
+    check_limit(limit)
     examples = TASKS[task].read(path, limit=None if limit is None else skip + limit)[skip:]
     rows = []
     for ex in examples:
