@@ -42,6 +42,7 @@ from gguf import (
 from gguf.quants import dequantize, quantize
 
 from gptkit.checkpoint.native import model_from_state
+from gptkit.checkpoint.quantized import require_float
 from gptkit.config import ModelConfig
 from gptkit.errors import GptkitError
 from gptkit.files import atomic_path
@@ -561,6 +562,7 @@ def save_gguf(
     """
     if dtype not in DTYPES:
         raise GptkitError(f"GGUF dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    require_float(model, "a GGUF file")
     path = Path(path)
     name = _arch_for(model.config)
     arch = ARCHITECTURES[name]

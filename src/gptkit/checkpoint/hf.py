@@ -36,6 +36,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from gptkit.checkpoint.native import model_from_state
+from gptkit.checkpoint.quantized import require_float
 from gptkit.config import ModelConfig
 from gptkit.errors import GptkitError
 from gptkit.files import atomic_dir
@@ -749,6 +750,7 @@ def save_hf(model: GPT, tokenizer: Tokenizer | None, out_dir: str | Path) -> Pat
             f"{out} exists and is not a Hugging Face model directory; export into a new or "
             "empty directory"
         )
+    require_float(model, "a Hugging Face directory")
     fam = export_family(model.config)
     hf_config = config_to_hf(model.config, tokenizer)
     hf_config["torch_dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")

@@ -47,6 +47,17 @@ def is_quantized(directory: str | Path) -> bool:
     return isinstance(data, dict) and data.get("format") == FORMAT
 
 
+def require_float(model: GPT, what: str) -> None:
+    """Refuse a quantized ``model`` where a format stores float weights (``what``): its
+    layers hold integers and scales that the format's readers would take for weights."""
+    config = quantization(model)
+    if config is not None:
+        raise GptkitError(
+            f"the model is quantized ({config.mode}), and {what} is written from float "
+            "weights; export the full-precision model it was quantized from"
+        )
+
+
 def _stored_state(model: GPT) -> dict[str, torch.Tensor]:
     """The state to write: a head still tied to the embedding is stored once."""
     state = model.state_dict()
