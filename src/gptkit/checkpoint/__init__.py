@@ -91,11 +91,11 @@ def _read(path: Path, device: str | torch.device) -> tuple[GPT, Tokenizer | None
 
 
 def _torch_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
-    if dtype is None or dtype in DTYPES.values():
-        return dtype  # type: ignore[return-value]
-    if dtype not in DTYPES:
+    """``dtype`` as a torch dtype: None, a name in :data:`DTYPES`, or one of its values."""
+    named = DTYPES.get(dtype) if isinstance(dtype, str) else dtype
+    if dtype is not None and named not in DTYPES.values():
         raise GptkitError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
-    return DTYPES[dtype]  # type: ignore[index]
+    return named
 
 
 def load(

@@ -249,7 +249,6 @@ class BF16Linear(QuantLinear):
     #: the dtype the model computes attention in around these layers (read by the model's
     #: attention, so a bf16 model attends in bf16 too)
     compute_dtype = torch.bfloat16
-    bf16_attention = True  # the same, under the name gpt.Attention reads today
     packed: Tensor | None
 
     def __init__(self, weight: Tensor, bias: Tensor | None):
