@@ -257,6 +257,9 @@ class SampleConfig(_JsonMixin):
     context_policy: Literal["slide", "error"] = "slide"
 
     def __post_init__(self) -> None:
+        # One stop string may come bare, several as any sequence: always held as a tuple.
+        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+        object.__setattr__(self, "stop", stop)
         _check(self.max_new_tokens >= 0, "max_new_tokens must not be negative")
         _check(self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}")
         _check(self.top_k is None or self.top_k > 0, f"top_k must be >= 1, got {self.top_k}")

@@ -482,7 +482,7 @@ def stream(
         presence_penalty=presence_penalty,
         frequency_penalty=frequency_penalty,
         seed=seed,
-        stop=(stop,) if isinstance(stop, str) else tuple(stop or ()),
+        stop=stop,  # type: ignore[arg-type]  # a str or list: SampleConfig makes a tuple
         stop_at_eos=stop_at_eos,
         context_policy=context_policy,  # type: ignore[arg-type]
     )

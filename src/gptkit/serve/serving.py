@@ -114,7 +114,7 @@ def openai_sampling(
             seed=seed,
             presence_penalty=presence_penalty,
             frequency_penalty=frequency_penalty,
-            stop=tuple(stop),
+            stop=stop,  # type: ignore[arg-type]  # SampleConfig makes a tuple
         )
     except GptkitError as e:
         raise EngineError(str(e)) from None
