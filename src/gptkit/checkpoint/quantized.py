@@ -4,7 +4,8 @@ A quantized checkpoint directory is self-describing, like a native one::
 
     model-int4/
       config.json        {"format": "gptkit.quantized/1", "model": {ModelConfig fields},
-                          "quantization": {"mode": "int4", "group_size": 32, "lm_head": true}}
+                          "quantization": {"mode": "int4", "group_size": 32,
+                                           "lm_head": "int8-dynamic"}}
       model.safetensors  the quantized model's state: int8 / packed-int4 weights and their
                          scales under the layers' own names ("blocks.0.attn.qkv.weight",
                          "...scales_and_zeros"), everything else as it was (fp32)
