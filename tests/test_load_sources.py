@@ -100,18 +100,20 @@ def _free_port() -> int:
 def test_serve_takes_every_source(
     kind: str, sources: dict, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """``gptkit serve`` in-process: uvicorn's run is replaced by one completion request."""
+    """``gptkit serve`` in-process: uvicorn's server, however it is started, answers one
+    completion request through a test client instead of listening."""
     import uvicorn
     from fastapi.testclient import TestClient
 
     replies: list[Any] = []
 
-    def run(app: Any, **kwargs: Any) -> None:
-        with TestClient(app) as client:
+    def run(server: uvicorn.Server, sockets: Any = None) -> None:
+        server.started = True
+        with TestClient(server.config.app) as client:
             body = {"model": "m", "prompt": "hello", "max_tokens": 3, "temperature": 0}
             replies.append(client.post("/v1/completions", json=body))
 
-    monkeypatch.setattr(uvicorn, "run", run)
+    monkeypatch.setattr(uvicorn.Server, "run", run)
     argv = ["serve", "--model", str(sources[kind]), "--model-name", "m"]
     assert main([*argv, "--port", str(_free_port()), "--log-level", "warning"]) == 0
     assert replies[0].status_code == 200, replies[0].text
