@@ -50,8 +50,9 @@ def run_gptkit(
     target: float,
     stop_at_target: bool,
 ) -> dict:
-    from gptkit.train import train
+    from gptkit.train import keep_freed_memory, train
 
+    keep_freed_memory()  # the allocator setting `gptkit train` applies to its process
     t0 = time.perf_counter()
     r = train(
         data,

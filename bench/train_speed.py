@@ -94,6 +94,8 @@ def run_gptkit(data_txt: Path, work: Path, iters: int, warmup: int, extra: list[
     data = work / "gptkit-data"
     prepare([str(data_txt)], str(data), tokenizer="char", progress=False, shuffle=False)
     run = work / "gptkit-run"
+    # the train verb, as a user runs it: its entry point also applies the process-wide
+    # allocator setting (gptkit.train.keep_freed_memory) that train() itself leaves alone
     cmd = [sys.executable, "-m", "gptkit", "train", "--data", str(data), "--out", str(run)]
     cmd += ["--preset", "shakespeare-char", "--max-steps", str(iters), "--eval-every", "0"]
     cmd += ["--save-every", "0", "--log-every", "1", "--eval-batches", "1", *extra]

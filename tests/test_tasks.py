@@ -14,7 +14,7 @@ from gptkit.data.tasks import IGNORE, encode_example, load_examples
 from gptkit.errors import GptkitError
 from gptkit.tokenizer import BPETokenizer
 from gptkit.tokenizer.chat import CHATML
-from gptkit.train.loop import batch_loss
+from gptkit.train.objectives import batch_loss
 
 
 @pytest.fixture(scope="module")

@@ -233,7 +233,7 @@ def test_freed_memory_is_reused_without_new_page_faults() -> None:
     # blocks need a little more than a freed one), blocks come back without faults.
     code = """
 import resource, torch
-from gptkit.train.loop import keep_freed_memory
+from gptkit.train import keep_freed_memory
 
 def faults(rounds):
     out = []

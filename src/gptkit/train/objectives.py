@@ -1,0 +1,255 @@
+"""The training objectives, which differ only in their data and their loss.
+
+- ``lm``: next-token cross-entropy over random windows of prepared token shards
+  (GPT-2, Radford et al. 2019; nanoGPT's ``get_batch``);
+- ``sft``: the same cross-entropy over fine-tuning examples whose prompt tokens carry no
+  loss (labels ``IGNORE``), optionally packed several to a row;
+- ``classify``: GPT-1's fine-tuning objective (Radford et al. 2018, section 3.2), the label
+  cross-entropy at each row's extract token plus λ times the next-token loss.
+
+Each objective gives the loop an :class:`ObjectiveData`: a sampler of training batches and
+a validation that scores the model into a metrics row. :func:`batch_loss` tells the
+objectives apart by the form of the batch alone, so the loop has one step for all three.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from gptkit.data.loader import BatchSampler, TokenShards
+from gptkit.data.tasks import (
+    IGNORE,
+    ExampleSampler,
+    LabelledSampler,
+    PackedSampler,
+    collate_labelled,
+    load_examples,
+    split_examples,
+)
+from gptkit.model import GPT
+from gptkit.tokenizer import Tokenizer
+from gptkit.train import distributed
+from gptkit.train.distributed import Ranks
+
+#: scores the model on held-out data into a metrics row (without its step), or None when
+#: there is nothing to score; the argument is the run's start on ``time.perf_counter``
+Validate = Callable[[GPT, float], "dict[str, Any] | None"]
+
+
+@dataclass
+class ObjectiveData:
+    """What an objective feeds the loop: training batches and a validation."""
+
+    sampler: Any  # .next() -> a batch of CPU tensors; .state_dict() / .load_state_dict()
+    validate: Validate
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """bf16/fp16 autocast on ``device``, or nothing for fp32."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device.type, dtype=dtype)
+
+
+# -- the loss --------------------------------------------------------------------------------
+
+
+def _cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    flat = logits.float().view(-1, logits.size(-1))
+    return F.cross_entropy(flat, targets.reshape(-1), ignore_index=IGNORE)
+
+
+def batch_loss(
+    model: torch.nn.Module, batch: tuple[torch.Tensor, ...], lm_weight: float = 0.5
+) -> torch.Tensor:
+    """The loss of one batch, by its form:
+
+    - ``(ids, targets)``: next-token cross-entropy (pretraining, SFT);
+    - ``(ids, targets, segments)``: the same over packed examples;
+    - ``(ids, targets, labels, last)``: GPT-1's fine-tuning objective, the label
+      cross-entropy at each row's extract token plus ``lm_weight`` (λ) times the
+      next-token loss on the same text.
+    """
+    if len(batch) in (2, 3):
+        x, y = batch[:2]
+        kw = {"segments": batch[2]} if len(batch) == 3 else {}
+        scored = y != IGNORE
+        if bool(scored.all()):  # pretraining: every position has a target
+            return _cross_entropy(model(x, **kw), y)
+        # SFT masks its prompts: the head runs on the scored positions alone (the mean over
+        # them is what ignore_index gives)
+        return F.cross_entropy(model(x, only=scored, **kw).float(), y[scored])
+    x, y, labels, last = batch
+    h = model.hidden(x)  # (B, T, C)
+    logits = model.cls_head(h[torch.arange(x.shape[0], device=x.device), last])
+    loss = F.cross_entropy(logits.float(), labels)
+    if lm_weight > 0:
+        loss = loss + lm_weight * _cross_entropy(model.lm_head(h), y)
+    return loss
+
+
+# -- scoring held-out data -------------------------------------------------------------------
+
+
+@torch.no_grad()
+def label_scores(
+    model: GPT,
+    examples: list,
+    batch_size: int,
+    device: torch.device,
+    precision: str = "fp32",
+) -> dict[str, Any]:
+    """Label loss, accuracy and the predicted probabilities over ``examples`` (Labelled)."""
+    was_training = model.training
+    model.eval()
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].ids))
+    probs = torch.zeros(len(examples), len(model.config.labels))
+    for b in range(0, len(order), batch_size):
+        idx = order[b : b + batch_size]
+        x, _, _, last = collate_labelled([examples[i] for i in idx])
+        with autocast(device, precision):
+            logits = model.classify(x.to(device), last.to(device))
+        probs[idx] = logits.float().softmax(-1).cpu()
+    model.train(was_training)
+    gold = torch.tensor([ex.label for ex in examples])
+    loss = F.nll_loss(probs.clamp_min(1e-12).log(), gold).item()
+    acc = (probs.argmax(-1) == gold).float().mean().item()
+    return {"loss": loss, "accuracy": acc, "probs": probs, "gold": gold}
+
+
+@torch.no_grad()
+def mean_loss(
+    model: torch.nn.Module, sampler: Any, batches: int, device: torch.device, precision: str
+) -> float:
+    """Mean loss over ``batches`` batches of ``sampler`` (positions labelled IGNORE excluded)."""
+    was_training = model.training
+    model.eval()
+    total = 0.0
+    for _ in range(batches):
+        batch = tuple(t.to(device) for t in sampler.next())
+        with autocast(device, precision):
+            total += batch_loss(model, batch, 0.0).item()
+    model.train(was_training)
+    return total / batches
+
+
+def evaluate(
+    model: torch.nn.Module,
+    arrays: list,
+    block_size: int,
+    batch_size: int,
+    batches: int,
+    device: torch.device,
+    precision: str,
+    seed: int = 0,
+) -> float:
+    """Mean next-token loss over ``batches`` fixed random batches (the same ones every call)."""
+    sampler = BatchSampler(arrays, block_size, batch_size, seed=seed)
+    return mean_loss(model, sampler, batches, device, precision)
+
+
+def _validate_loss(
+    make_val: Callable[[], Any] | None, batches: int, device: torch.device, precision: str
+) -> Validate:
+    """Validation loss and perplexity over ``batches`` fresh batches of ``make_val()`` (the
+    same batches every time); every rank scores its rows (FSDP needs them all anyway)."""
+
+    def validate(model: GPT, start: float) -> dict[str, Any] | None:
+        if make_val is None:
+            return None
+        val = mean_loss(model, make_val(), batches, device, precision)
+        val = distributed.mean_over_ranks(torch.tensor(val, device=device)).item()
+        elapsed = round(time.perf_counter() - start, 3)
+        return {"val_loss": val, "val_ppl": math.exp(min(val, 50.0)), "elapsed_s": elapsed}
+
+    return validate
+
+
+# -- the three objectives' data --------------------------------------------------------------
+
+
+def lm_data(
+    shards: TokenShards,
+    block_size: int,
+    batch_size: int,
+    eval_batches: int,
+    seed: int,
+    *,
+    ranks: Ranks,
+    device: torch.device,
+    precision: str,
+) -> ObjectiveData:
+    """Random windows of the shards; each rank draws its own rows of every global batch."""
+    share = {"rank": ranks.rank, "world_size": ranks.world_size}
+    sampler = BatchSampler(shards.split("train"), block_size, batch_size, seed, **share)
+    make_val = None
+    if shards.num_tokens("val") > block_size:
+        val_arrays = shards.split("val")
+        make_val = lambda: BatchSampler(val_arrays, block_size, batch_size, seed=0, **share)
+    return ObjectiveData(sampler, _validate_loss(make_val, eval_batches, device, precision))
+
+
+def sft_data(
+    data: str | Path,
+    val_data: str | None,
+    tokenizer: Tokenizer,
+    chat: bool | None,
+    pack: bool,
+    block_size: int,
+    batch_size: int,
+    eval_batches: int,
+    seed: int,
+    *,
+    ranks: Ranks,
+    device: torch.device,
+    precision: str,
+) -> ObjectiveData:
+    """Fine-tuning examples (the last 5% held out unless ``val_data``), one or packed
+    several to a row; every rank draws the global batch and keeps its share of it."""
+    examples = load_examples(data, tokenizer, block_size + 1, chat)
+    if val_data:
+        train_ex, val_ex = examples, load_examples(val_data, tokenizer, block_size + 1, chat)
+    else:
+        train_ex, val_ex = split_examples(examples)
+    rows = batch_size * ranks.world_size
+    if pack:
+        sampler: Any = PackedSampler(train_ex, rows, block_size, seed)
+    else:
+        sampler = ExampleSampler(train_ex, rows, seed)
+    if ranks.world_size > 1:
+        sampler = distributed.RankShare(sampler, ranks)
+    make_val = None
+    if val_ex:
+        make_val = lambda: ExampleSampler(val_ex, batch_size, shuffle=False)
+        eval_batches = min(eval_batches, math.ceil(len(val_ex) / batch_size))
+    return ObjectiveData(sampler, _validate_loss(make_val, eval_batches, device, precision))
+
+
+def classify_data(
+    train_ex: list,
+    val_ex: list,
+    batch_size: int,
+    seed: int,
+    device: torch.device,
+    precision: str,
+) -> ObjectiveData:
+    """Labelled examples (read before the model gets its head, whose labels they name),
+    validated by label loss and accuracy over all of ``val_ex``."""
+
+    def validate(model: GPT, start: float) -> dict[str, Any] | None:
+        if not val_ex:
+            return None
+        scores = label_scores(model, val_ex, batch_size, device, precision)
+        return {"val_loss": scores["loss"], "val_acc": scores["accuracy"]}
+
+    return ObjectiveData(LabelledSampler(train_ex, batch_size, seed), validate)
