@@ -1,15 +1,15 @@
-"""The one training loop: next-token prediction over prepared shards, or over fine-tuning
-examples whose prompt tokens carry no loss (labels IGNORE), with all weights or LoRA
-adapters trainable; the objective is the same cross-entropy, only the data differ.
+"""The one training loop, for every objective: next-token prediction over prepared shards,
+SFT over examples whose prompt tokens carry no loss, GPT-1's classification fine-tuning;
+with all weights or LoRA adapters trainable. The objectives differ only in data and loss
+(:mod:`gptkit.train.objectives`); what comes before the first step (configs, model, data,
+optimizer, resumed state) is :mod:`gptkit.train.setup`.
 
 Per optimizer step: ``grad_accum`` micro-batches under autocast, gradient clipping, AdamW
 with the warm-up + cosine schedule. Every ``eval_every`` steps it measures validation loss
 and perplexity; every ``save_every`` steps it writes a complete checkpoint atomically. A
 checkpoint carries the optimizer moments, the data sampler's generator and the global RNG,
 so ``resume=True`` continues with exactly the losses an uninterrupted run would have.
-Ctrl-C finishes the current step, saves, and returns. What comes before the first step
-(configs, model, data, optimizer, resumed state) is :mod:`gptkit.train.setup`; the
-objectives, which differ only in data and loss, are :mod:`gptkit.train.objectives`.
+Ctrl-C finishes the current step, saves, and returns.
 
 Under ``torchrun`` the same loop runs once per process (see ``gptkit.train.distributed``):
 each rank trains its rows of every global batch, losses are averaged over ranks, and rank 0
