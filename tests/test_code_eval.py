@@ -230,12 +230,9 @@ def test_humaneval_runs_no_code_unless_asked() -> None:
 
 
 def test_execute_and_timeout_are_cli_flags() -> None:
-    import argparse
+    from gptkit.cli import build_parser
 
-    from gptkit.cli import add_function
-
-    parser = argparse.ArgumentParser()
-    add_function(parser.add_subparsers(), evaluate_model, "eval")
+    parser = build_parser()
     argv = ["eval", "--model", "m", "--task", "humaneval"]
     args = vars(parser.parse_args([*argv, "--execute", "--timeout", "3"]))
     assert args["execute"] is True and args["timeout"] == 3.0

@@ -442,16 +442,13 @@ def test_evaluate_model_on_a_generation_task(tiny_checkpoint: Path, tmp_path: Pa
 
 def test_evaluate_model_derives_a_cli_subcommand() -> None:
     """The lead wires ``gptkit eval`` from the signature; its flags must come out right."""
-    import argparse
-
-    from gptkit.cli import add_function
+    from gptkit.cli import build_parser
     from gptkit.eval.classification import CLASSIFICATION_TASKS
     from gptkit.eval.run import TASK_NAMES
     from gptkit.eval.tasks import TASKS
 
     assert set(TASK_NAMES) == {"text", "classify", *TASKS, *CLASSIFICATION_TASKS}
-    parser = argparse.ArgumentParser()
-    add_function(parser.add_subparsers(), evaluate_model, "eval")
+    parser = build_parser()
     args = vars(
         parser.parse_args(
             ["eval", "--model", "m", "--task", "tatoeba", "--limit", "3", "--no-chat"]
