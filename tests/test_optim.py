@@ -16,7 +16,7 @@ from gptkit.config import TrainConfig
 from gptkit.data.prepare import prepare
 from gptkit.errors import GptkitError
 from gptkit.model import GPT
-from gptkit.model.gpt import _slow_bf16_sdpa_backward
+from gptkit.model.ops.sdpa import _slow_bf16_sdpa_backward
 from gptkit.train import lr_at, make_optimizer, train
 from gptkit.train.optim import Muon, orthogonalize
 
