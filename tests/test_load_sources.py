@@ -133,6 +133,12 @@ def test_lossless_sources_generate_the_same_text(
 # -- the loader's options -------------------------------------------------------------------
 
 
+def test_one_loader() -> None:
+    import gptkit.compress
+
+    assert gptkit.load is load is gptkit.compress.load
+
+
 def test_dtype_casts_and_device_stays_positional(sources: dict) -> None:
     model, _ = load(sources["native"], "cpu", dtype="bfloat16")
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
