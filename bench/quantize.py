@@ -1,7 +1,7 @@
 """Quantized SmolLM2-135M: perplexity on held-out text, decode speed and size, per mode.
 
-Each mode of :mod:`gptkit.compress.quantize` against the fp32 model it comes from (the
-anchor), all in one run on ``models/SmolLM2-135M-Instruct.Q4_1.gguf``:
+Each mode of ``gptkit.compress.quantize`` (:mod:`gptkit.model.quant`) against the fp32
+model it comes from (the anchor), all in one run on ``models/SmolLM2-135M-Instruct.Q4_1.gguf``:
 
 - perplexity on the last ``--tokens`` tokens of tiny Shakespeare (the held-out end of the
   file), in windows of ``--window`` tokens, every token but each window's first scored;

@@ -14,7 +14,7 @@
 # wall time: 10 min measured
 # warning: runs model-written code (--execute); use a sandbox
 set -euo pipefail
-DATA=${GPTKIT_SHARED_DATA:-../shared/data}
+DATA=${GPTKIT_DATA:-../shared/data}
 MODEL=${MODEL:-models/SmolLM2-135M-Instruct.Q4_1.gguf}
 OUT=${OUT:-runs/recipes/humaneval}
 GPTKIT=${GPTKIT:-.venv/bin/gptkit}

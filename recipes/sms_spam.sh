@@ -10,7 +10,7 @@
 # hardware: 2 CPU cores, no GPU
 # wall time: 14 min measured (9 of them scoring the base with an older zero-shot scorer that now takes about a quarter of the time)
 set -euo pipefail
-DATA=${GPTKIT_SHARED_DATA:-../shared/data}
+DATA=${GPTKIT_DATA:-../shared/data}
 MODEL=${MODEL:-models/SmolLM2-135M-Instruct.Q4_1.gguf}
 OUT=${OUT:-runs/recipes/sms_spam}
 GPTKIT=${GPTKIT:-.venv/bin/gptkit}

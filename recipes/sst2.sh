@@ -10,7 +10,7 @@
 # hardware: 2 CPU cores, no GPU
 # wall time: 14 min measured
 set -euo pipefail
-DATA=${GPTKIT_SHARED_DATA:-../shared/data}
+DATA=${GPTKIT_DATA:-../shared/data}
 MODEL=${MODEL:-models/SmolLM2-135M-Instruct.Q4_1.gguf}
 OUT=${OUT:-runs/recipes/sst2}
 GPTKIT=${GPTKIT:-.venv/bin/gptkit}

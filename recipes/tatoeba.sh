@@ -11,7 +11,7 @@
 # hardware: 2 CPU cores, no GPU
 # wall time: 14 min measured (cores shared with other jobs part of the time)
 set -euo pipefail
-DATA=${GPTKIT_SHARED_DATA:-../shared/data}
+DATA=${GPTKIT_DATA:-../shared/data}
 MODEL=${MODEL:-models/SmolLM2-135M-Instruct.Q4_1.gguf}
 OUT=${OUT:-runs/recipes/tatoeba}
 GPTKIT=${GPTKIT:-.venv/bin/gptkit}

@@ -22,10 +22,10 @@ from gptkit.tokenizer import EOT, BPETokenizer, CharTokenizer
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = Path(os.environ.get("GPTKIT_SHARED_DATA", REPO.parent / "shared" / "data"))
-# eval finds its shipped data sets through GPTKIT_DATA (or shared/data beside the working
+SHARED_DATA = Path(os.environ.get("GPTKIT_DATA", REPO.parent / "shared" / "data"))
+# eval finds its data sets through GPTKIT_DATA (or shared/data beside the working
 # directory): point it at the same directory, wherever pytest is started from
-os.environ.setdefault("GPTKIT_DATA", str(SHARED_DATA))
+os.environ["GPTKIT_DATA"] = str(SHARED_DATA)
 
 SAMPLE_TEXT = (
     "First Citizen:\nBefore we proceed any further, hear me speak.\n\n"
@@ -80,7 +80,7 @@ def shared_path(*parts: str) -> Path:
     """A path under ../shared/data, or skip the test with the reason."""
     p = SHARED_DATA.joinpath(*parts)
     if not p.exists():
-        pytest.skip(f"{p} is absent (set GPTKIT_SHARED_DATA to the shared data directory)")
+        pytest.skip(f"{p} is absent (set GPTKIT_DATA to the shared data directory)")
     return p
 
 

@@ -25,7 +25,7 @@ from gptkit.data.tasks import (
 from gptkit.errors import GptkitError
 from gptkit.model.lora import has_lora
 from gptkit.tokenizer import CharTokenizer
-from gptkit.train.loop import batch_loss
+from gptkit.train.objectives import batch_loss
 
 LABELS = ("neg", "pos")
 

@@ -145,7 +145,7 @@ def test_gpt2_takes_the_fast_path(gpt2: BPETokenizer) -> None:
 def test_tiny_shakespeare(gpt2: BPETokenizer, tiktoken_gpt2: Any, heap_only: Any) -> None:
     path = SHARED_DATA / "tinyshakespeare" / "input.txt"
     if not path.exists():
-        pytest.skip(f"{path} is absent (set GPTKIT_SHARED_DATA to the shared data directory)")
+        pytest.skip(f"{path} is absent (set GPTKIT_DATA to the shared data directory)")
     text = path.read_text(encoding="utf-8")
     whole = gpt2.encode(text)
     assert whole == tiktoken_gpt2.encode_ordinary(text) == hf_ids(gpt2, text)

@@ -134,9 +134,7 @@ def test_lossless_sources_generate_the_same_text(
 
 
 def test_one_loader() -> None:
-    import gptkit.compress
-
-    assert gptkit.load is load is gptkit.compress.load
+    assert gptkit.load is load
 
 
 def test_dtype_casts_and_device_stays_positional(sources: dict) -> None:

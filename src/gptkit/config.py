@@ -66,29 +66,49 @@ class ModelConfig(_JsonMixin):
     """
 
     vocab_size: int = 50257
-    block_size: int = 1024  # the context length
+    """tokens in the vocabulary (the embedding and head rows)"""
+    block_size: int = 1024
+    """the context length, in tokens"""
     n_layer: int = 12
+    """transformer blocks"""
     n_head: int = 12
+    """query heads per attention layer"""
     n_embd: int = 768
-    n_kv_head: int | None = None  # grouped-query attention; None means n_head
-    mlp_hidden: int | None = None  # None means 4 * n_embd
+    """width of the residual stream"""
+    n_kv_head: int | None = None
+    """key/value heads (grouped-query attention); None means n_head"""
+    mlp_hidden: int | None = None
+    """the MLP's hidden width; None means 4 * n_embd"""
     dropout: float = 0.0
-    bias: bool = True  # biases in linear layers and norms
+    """dropout on embeddings, attention weights and residual branches"""
+    bias: bool = True
+    """biases in linear layers and norms"""
     norm: Literal["layernorm", "rmsnorm"] = "layernorm"
+    """layernorm (GPT) or rmsnorm (Llama)"""
     norm_eps: float = 1e-5
-    norm_position: Literal["pre", "post"] = "pre"  # post = GPT-1 / original Transformer
+    """the norm's epsilon"""
+    norm_position: Literal["pre", "post"] = "pre"
+    """pre: norm before each sublayer (GPT-2); post: after the residual add (GPT-1)"""
     pos_emb: Literal["learned", "sinusoidal", "rope", "none"] = "learned"
+    """positions: learned (GPT), sinusoidal (Transformer), rope (Llama) or none"""
     rope_theta: float = 10000.0
+    """rotary embeddings' base"""
     mlp: Literal["gelu", "gelu_tanh", "swiglu"] = "gelu_tanh"
+    """gelu (GPT-1), gelu_tanh (GPT-2) or swiglu (Llama)"""
     tie_embeddings: bool = True
+    """the output head shares the token embedding matrix"""
     init_std: float = 0.02
-    # GPT-3: "alternating dense and locally banded sparse attention patterns" — odd layers
+    """standard deviation of the initial weights"""
+    # GPT-3: "alternating dense and locally banded sparse attention patterns": odd layers
     # attend only to the last attention_window positions.
     attention_pattern: Literal["dense", "alternating"] = "dense"
+    """dense, or alternating dense and locally banded layers (GPT-3)"""
     attention_window: int = 256
+    """banded layers attend to this many last positions"""
     # A classification head (GPT-1's fine-tuning): one logit per label name, read from the
     # final token's hidden state. Empty: no head.
     labels: tuple[str, ...] = ()
+    """a classification head's label names (GPT-1 fine-tuning); empty: no head"""
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
@@ -163,34 +183,62 @@ class TrainConfig(_JsonMixin):
 
     # Under torchrun each of the N processes takes batch_size sequences, so one optimizer step
     # sees batch_size × N × grad_accum sequences (the global batch).
-    batch_size: int = 12  # sequences per micro-batch per process (global: × processes × grad_accum)
-    grad_accum: int = 1  # micro-batches per optimizer step
+    batch_size: int = 12
+    """sequences per micro-batch per process (global: × processes × grad_accum)"""
+    grad_accum: int = 1
+    """micro-batches per optimizer step"""
     max_steps: int = 2000
-    optimizer: Literal["adamw", "muon"] = "adamw"  # muon: Muon on matrices, AdamW on the rest
-    lr: float = 1e-3  # AdamW's learning rate (with muon: of embeddings, norms and biases)
-    muon_lr: float = 0.02  # muon: the learning rate of the hidden matrices
-    muon_momentum: float = 0.95  # muon: Nesterov momentum of the hidden matrices
-    min_lr: float = 1e-4  # the schedule ends here (muon_lr decays in proportion)
+    """optimizer steps to train for"""
+    optimizer: Literal["adamw", "muon"] = "adamw"
+    """adamw, or muon (Muon on hidden matrices, AdamW on the rest)"""
+    lr: float = 1e-3
+    """AdamW's peak learning rate (with muon: of embeddings, norms and biases)"""
+    muon_lr: float = 0.02
+    """muon: the learning rate of the hidden matrices"""
+    muon_momentum: float = 0.95
+    """muon: Nesterov momentum of the hidden matrices"""
+    min_lr: float = 1e-4
+    """the schedule ends here (muon_lr decays in proportion)"""
     warmup_steps: int = 100
-    schedule: Literal["cosine", "wsd"] = "cosine"  # wsd: warm-up, stable, then linear decay
-    decay_steps: int | None = None  # cosine decay length; None means max_steps
-    cooldown: float = 0.4  # wsd: the fraction of max_steps spent decaying to min_lr
-    weight_decay: float = 0.1  # applied to matrices only
+    """steps of linear learning-rate warm-up"""
+    schedule: Literal["cosine", "wsd"] = "cosine"
+    """cosine, or wsd (warm-up, stable, then linear decay)"""
+    decay_steps: int | None = None
+    """cosine decay length; None means max_steps"""
+    cooldown: float = 0.4
+    """wsd: the fraction of max_steps spent decaying to min_lr"""
+    weight_decay: float = 0.1
+    """AdamW weight decay, applied to matrices only"""
     beta1: float = 0.9
+    """AdamW's first-moment decay"""
     beta2: float = 0.99
-    grad_clip: float = 1.0  # 0 turns clipping off
+    """AdamW's second-moment decay"""
+    grad_clip: float = 1.0
+    """clip the gradient norm to this; 0 turns clipping off"""
     eval_every: int = 250
+    """steps between validation evaluations (0: only at the end)"""
     eval_batches: int = 20
-    save_every: int = 500  # 0 saves only at the end
+    """batches per validation evaluation"""
+    save_every: int = 500
+    """steps between checkpoints (0: only at the end)"""
     log_every: int = 10
+    """steps between log lines"""
     keep_checkpoints: int = 2
+    """how many recent checkpoints to keep"""
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    """auto (bf16 where the device has it), bf16, fp16 or fp32"""
     compile: bool = False
+    """train through torch.compile"""
     device: str = "auto"
+    """auto, cpu, cuda or mps"""
     seed: int = 1337
-    fsdp: bool = False  # under torchrun, shard weights, gradients and optimizer state (FSDP2)
-    activation_checkpointing: bool = False  # recompute each block's activations in backward
-    target_loss: float | None = None  # stop once the validation loss is at or below this
+    """seed of weights, data order and dropout"""
+    fsdp: bool = False
+    """under torchrun, shard weights, gradients and optimizer state (FSDP2)"""
+    activation_checkpointing: bool = False
+    """recompute each block's activations in backward"""
+    target_loss: float | None = None
+    """stop once the validation loss is at or below this"""
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "grad_accum", "eval_batches", "log_every", "keep_checkpoints"):

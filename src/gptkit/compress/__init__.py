@@ -7,14 +7,13 @@ The quantized layers and the round-to-nearest transform live with the model
 the public face of both, and the home of the algorithms that transform models.
 """
 
-from gptkit.checkpoint import is_quantized, load, load_quantized, save_quantized
+from gptkit.checkpoint import is_quantized, load_quantized, save_quantized
 from gptkit.model.quant import MODES, QuantConfig, quantization, quantize
 
 __all__ = [
     "MODES",
     "QuantConfig",
     "is_quantized",
-    "load",
     "load_quantized",
     "quantization",
     "quantize",

@@ -410,7 +410,7 @@ def evaluate_model(
             batched generation of SmolLM2 in bf16 ran 1.7x faster than fp32 here. Compare
             models evaluated alike.
     """
-    from gptkit.compress import load
+    from gptkit.checkpoint import load
 
     if task not in TASK_NAMES:
         raise GptkitError(f"unknown task {task!r}; choose from {', '.join(TASK_NAMES)}")
