@@ -290,12 +290,20 @@ class SampleConfig(_JsonMixin):
     ``presence_penalty`` and ``frequency_penalty`` are the OpenAI API's additive ones on the
     tokens generated so far, once and per occurrence (0.0 is off). ``seed``: a random source
     of the sequence's own (None: fresh entropy).
+
+    The filters, applied after the temperature in this order (as Hugging Face's logits
+    processors): ``top_k`` keeps the k most likely tokens, ``top_p`` the smallest set holding
+    probability p (Holtzman et al. 2020), ``min_p`` the tokens at least ``min_p`` times as
+    likely as the most likely one (Nguyen et al. 2024, "min-p sampling"). ``logprobs``: record
+    each generated token's log-probability and its ``logprobs`` most likely alternatives
+    (0 to 20; None: nothing is computed); see :mod:`gptkit.generate.logprobs`.
     """
 
     max_new_tokens: int = 200
     temperature: float = 0.8
     top_k: int | None = None
     top_p: float | None = None
+    min_p: float | None = None
     repetition_penalty: float = 1.0
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
@@ -303,6 +311,7 @@ class SampleConfig(_JsonMixin):
     stop: tuple[str, ...] = ()
     stop_at_eos: bool = True
     context_policy: Literal["slide", "error"] = "slide"
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         # One stop string may come bare, several as any sequence: always held as a tuple.
@@ -314,6 +323,14 @@ class SampleConfig(_JsonMixin):
         _check(
             self.top_p is None or 0.0 < self.top_p <= 1.0,
             f"top_p must be in (0, 1], got {self.top_p}",
+        )
+        _check(
+            self.min_p is None or 0.0 <= self.min_p <= 1.0,
+            f"min_p must be in [0, 1], got {self.min_p}",
+        )
+        _check(
+            self.logprobs is None or 0 <= self.logprobs <= 20,
+            f"logprobs must be in [0, 20], got {self.logprobs}",
         )
         _check(self.repetition_penalty > 0, "repetition_penalty must be positive")
         for name in ("presence_penalty", "frequency_penalty"):

@@ -13,9 +13,10 @@ Both hold one :class:`Row` per sequence and run the same two forwards over a
       └─── until eos, length or a stop string ◄── Row.record ─► Row.emit (text)
 
 A row's :class:`~gptkit.config.SampleConfig` is its whole set of parameters (temperature,
-top-k/p, the CTRL repetition penalty, the OpenAI presence and frequency penalties, length,
-stop strings, seed), so rows with different settings share a batch. A seeded row has its own
-``torch.Generator``: its tokens depend on its prompt and seed, not on the rest of the batch.
+top-k/p/min-p, the CTRL repetition penalty, the OpenAI presence and frequency penalties,
+length, stop strings, seed, logprobs), so rows with different settings share a batch. A seeded
+row has its own ``torch.Generator``: its tokens depend on its prompt and seed, not on the rest
+of the batch.
 The global RNG is never used. :mod:`gptkit.generate.compiled` holds the compiled versions of
 the two forwards.
 """
@@ -32,6 +33,7 @@ from torch import Tensor
 from gptkit.config import SampleConfig
 from gptkit.errors import GptkitError
 from gptkit.generate.compiled import compiled_prefill
+from gptkit.generate.logprobs import TokenLogprob, token_logprob
 from gptkit.generate.sampling import apply_presence_frequency_penalty, sample_next, seen_mask
 from gptkit.model import GPT, KVCache
 from gptkit.tokenizer.base import Tokenizer
@@ -126,6 +128,9 @@ class Row:
         self.finish_reason: FinishReason | None = None
         self.forced: collections.deque[int] = collections.deque()  # ids to emit, not sample
         self.seen: Tensor | None = None  # (1, V) ids the row holds, for the CTRL penalty
+        # per generated token, its score (only when params.logprobs is set)
+        self.scores: list[TokenLogprob] = []
+        self._scored: TokenLogprob | None = None  # the score of the token sample() chose
         if params.repetition_penalty != 1.0:
             self.seen = seen_mask([self.context], 1, vocab_size, device)
         self.text = Detokenizer(tokenizer, params.stop) if tokenizer is not None else None
@@ -133,8 +138,10 @@ class Row:
     def sample(self, logits: Tensor, greedy: int) -> int:
         """The next token from this row's fp32 logits (1, V); ``greedy`` is their argmax, so
         a batch pays one argmax for all its greedy rows. A forced id replaces the draw (the
-        draw still happens, so a seeded row's later draws do not depend on forcing)."""
+        draw still happens, so a seeded row's later draws do not depend on forcing). With
+        ``params.logprobs`` set, the chosen token is scored under these raw logits."""
         p = self.params
+        raw = logits
         penalized = bool(self.counts) and bool(p.presence_penalty or p.frequency_penalty)
         token = greedy
         if p.temperature != 0 or penalized or self.seen is not None:
@@ -143,7 +150,10 @@ class Row:
                     logits, self._counts(logits), p.presence_penalty, p.frequency_penalty
                 )
             token = int(sample_next(logits, self.seen, p, self.generator)[0])
-        return self.forced.popleft() if self.forced else token
+        token = self.forced.popleft() if self.forced else token
+        if p.logprobs is not None:
+            self._scored = token_logprob(raw[0], token, p.logprobs)
+        return token
 
     def _counts(self, logits: Tensor) -> Tensor:
         """(1, V) how often each id was generated so far, in ``logits``' dtype."""
@@ -158,6 +168,9 @@ class Row:
         does ("eos": the token is the eos id, not part of the text; "length")."""
         self.generated.append(token)
         self.counts[token] += 1
+        if self._scored is not None and self._scored.token == token:
+            self.scores.append(self._scored)
+            self._scored = None
         if self.seen is not None:
             self.seen[0, token] = True
         self.pending = token

@@ -60,6 +60,7 @@ from gptkit.generate.core import (
     sample,
     step,
 )
+from gptkit.generate.logprobs import Generation, token_text, top_dict
 from gptkit.model import GPT, KVCache
 from gptkit.tokenizer.base import Tokenizer
 
@@ -353,6 +354,20 @@ def generate_ids(
     )
 
 
+class TextStream:
+    """``(row, text)`` pieces as :func:`_text_pieces` makes them; ``decoder`` keeps the
+    rows (their tokens, scores and finish reasons) for when the text is done."""
+
+    def __init__(self, decoder: Decoder, pieces: Iterator[tuple[int, str]]):
+        self.decoder, self._pieces = decoder, pieces
+
+    def __iter__(self) -> TextStream:
+        return self
+
+    def __next__(self) -> tuple[int, str]:
+        return next(self._pieces)
+
+
 def _text_pieces(
     decoder: Decoder,
     tool: Callable[[str], str | None] | None = None,
@@ -394,7 +409,10 @@ def generate(
     tool: Callable[[str], str | None] | None = None,
     presence_penalty: float = 0.0,
     frequency_penalty: float = 0.0,
-) -> str | list[str]:
+    min_p: float | None = None,
+    logprobs: int | None = None,
+    details: bool = False,
+) -> str | list[str] | Generation | list[Generation]:
     """Continue ``prompt`` (or each prompt of a list, batched) and return only the new text.
 
     Args:
@@ -419,9 +437,16 @@ def generate(
             ``max_new_tokens``.
         presence_penalty, frequency_penalty: the OpenAI API's additive penalties on
             tokens already generated (once, and per occurrence); see :class:`SampleConfig`.
+        min_p: sample only tokens at least min_p times as likely as the most likely one.
+        logprobs: score every generated token and its ``logprobs`` most likely
+            alternatives (0 to 20), under the model's raw distribution (see
+            :mod:`gptkit.generate.logprobs`); read them with ``details=True``.
+        details: return a :class:`~gptkit.generate.logprobs.Generation` per prompt (text,
+            token ids and texts, logprobs, finish reason) instead of the text.
 
     Returns:
-        The continuation, or a list of them for a list of prompts.
+        The continuation, or a list of them for a list of prompts (with ``details``, a
+        :class:`~gptkit.generate.logprobs.Generation` or a list of them).
     """
     single = isinstance(prompt, str)
     prompts = [prompt] if single else list(prompt)
@@ -443,12 +468,35 @@ def generate(
         tool=tool,
         presence_penalty=presence_penalty,
         frequency_penalty=frequency_penalty,
+        min_p=min_p,
+        logprobs=logprobs,
     )
     parts: list[list[str]] = [[] for _ in prompts]
     for row, piece in pieces:
         parts[row].append(piece)
     out = ["".join(p) for p in parts]
+    if details:
+        assert isinstance(pieces, TextStream)  # stream() gives a list of prompts its rows
+        gens = [generation(tokenizer, r, t) for r, t in zip(pieces.decoder.rows, out, strict=True)]
+        return gens[0] if single else gens
     return out[0] if single else out
+
+
+def generation(tokenizer: Tokenizer, row: Row, text: str) -> Generation:
+    """A decoded row as a :class:`Generation`: its text, tokens (a final eos left out, as
+    it is not part of the text) and, when they were asked for, their scores."""
+    ids = row.generated[:-1] if row.finish_reason == "eos" else list(row.generated)
+    scored = row.params.logprobs is not None
+    scores = row.scores[: len(ids)]
+    return Generation(
+        text=text,
+        token_ids=ids,
+        tokens=[token_text(tokenizer, t) for t in ids],
+        logprobs=[s.logprob for s in scores] if scored else None,
+        top_logprobs=[top_dict(tokenizer, s) for s in scores] if scored else None,
+        finish_reason=row.finish_reason,
+        prompt_tokens=row.prompt_tokens,
+    )
 
 
 def stream(
@@ -469,10 +517,13 @@ def stream(
     tool: Callable[[str], str | None] | None = None,
     presence_penalty: float = 0.0,
     frequency_penalty: float = 0.0,
+    min_p: float | None = None,
+    logprobs: int | None = None,
 ) -> Iterator[Any]:
-    """Like :func:`generate`, but yields the text as it comes: ``"".join(stream(...)) ==
-    generate(...)`` for the same arguments. For a list of prompts it yields ``(index, piece)``
-    tuples instead of strings. Bad arguments raise here, before the first piece."""
+    """Like :func:`generate` (without ``details``), but yields the text as it comes:
+    ``"".join(stream(...)) == generate(...)`` for the same arguments. For a list of prompts
+    it yields ``(index, piece)`` tuples instead of strings. Bad arguments raise here, before
+    the first piece."""
     cfg = SampleConfig(
         max_new_tokens=max_new_tokens,
         temperature=temperature,
@@ -481,6 +532,8 @@ def stream(
         repetition_penalty=repetition_penalty,
         presence_penalty=presence_penalty,
         frequency_penalty=frequency_penalty,
+        min_p=min_p,
+        logprobs=logprobs,
         seed=seed,
         stop=stop,  # type: ignore[arg-type]  # a str or list: SampleConfig makes a tuple
         stop_at_eos=stop_at_eos,
@@ -523,4 +576,4 @@ def decode_text(
         compile=compile,
         tokenizer=tokenizer,
     )
-    return _text_pieces(decoder, tool, tokenizer)
+    return TextStream(decoder, _text_pieces(decoder, tool, tokenizer))

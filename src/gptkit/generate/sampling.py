@@ -2,16 +2,18 @@
 
 Each step of decoding turns the last position's logits ``(B, V)`` into one id per row:
 
-    logits ─► repetition penalty ─► temperature ─► top-k ─► top-p ─► softmax ─► draw
+    logits ─► repetition penalty ─► temperature ─► top-k ─► top-p ─► min-p ─► softmax ─► draw
 
 References: Keskar et al. 2019 (CTRL, the repetition penalty); Fan et al. 2018 (top-k);
-Holtzman et al. 2020 (nucleus / top-p sampling). The order of the filters follows the
+Holtzman et al. 2020 (nucleus / top-p sampling); Nguyen et al. 2024 ("Turning Up the Heat:
+Min-p Sampling for Creative and Coherent LLM Outputs", min-p). The order of the filters follows the
 Hugging Face ``generate`` logits processors, so the same settings mean the same thing.
 ``temperature == 0`` is greedy decoding: the penalty still applies, the filters do not.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -88,6 +90,16 @@ def top_p_filter(logits: Tensor, p: float | None) -> Tensor:
     return logits.masked_fill(drop, float("-inf"))
 
 
+def min_p_filter(logits: Tensor, min_p: float | None) -> Tensor:
+    """Min-p filter: keep the tokens whose probability is at least ``min_p`` times the most
+    likely token's, -inf elsewhere (the most likely token always stays). Compared in log
+    space, ``logit - max >= log(min_p)``, so no softmax is needed."""
+    if min_p is None or min_p <= 0.0:
+        return logits
+    top = logits.max(dim=-1, keepdim=True).values  # (B, 1)
+    return logits.masked_fill(logits - top < math.log(min_p), float("-inf"))
+
+
 def sample_next(
     logits: Tensor,
     history: History | None,
@@ -99,7 +111,7 @@ def sample_next(
     Args:
         logits: ``(B, V)`` scores of the next token (any float dtype; computed in fp32).
         history: the ids each row holds so far (for the repetition penalty), or None.
-        cfg: temperature, top_k, top_p and repetition_penalty are read from it.
+        cfg: temperature, top_k, top_p, min_p and repetition_penalty are read from it.
         generator: the random source; one per row makes each row's draw independent of the
             others in the batch. None uses a freshly seeded generator (never the global RNG).
 
@@ -114,6 +126,7 @@ def sample_next(
     logits = apply_temperature(logits, cfg.temperature)
     logits = top_k_filter(logits, cfg.top_k)
     logits = top_p_filter(logits, cfg.top_p)
+    logits = min_p_filter(logits, cfg.min_p)
     probs = logits.softmax(dim=-1)  # (B, V)
     if generator is None:
         generator = torch.Generator(device=logits.device)
