@@ -17,6 +17,7 @@ import contextlib
 import dataclasses
 import inspect
 import json
+import math
 import os
 import re
 import sys
@@ -30,6 +31,9 @@ import typer
 
 from gptkit.config import PRESETS, ModelConfig, TrainConfig
 from gptkit.errors import GptkitError
+
+if typing.TYPE_CHECKING:  # the verbs import their layers when they run: a fast start
+    from gptkit.generate.logprobs import Generation
 
 NO_MODEL = (
     "no --model given: pass a checkpoint or run directory, a .gguf file, a Hugging Face "
@@ -46,7 +50,10 @@ def generate_cmd(
     temperature: float = 0.8,
     top_k: int | None = None,
     top_p: float | None = None,
+    min_p: float | None = None,
     repetition_penalty: float = 1.0,
+    presence_penalty: float = 0.0,
+    frequency_penalty: float = 0.0,
     seed: int | None = None,
     stop: list[str] | None = None,
     stop_at_eos: bool = True,
@@ -55,6 +62,7 @@ def generate_cmd(
     device: str = "cpu",
     quantize: Literal["bf16", "int8", "int4"] | None = None,
     compile: bool = False,
+    show_logprobs: int | None = None,
 ) -> None:
     r"""Generate text from a prompt (several prompts are batched together).
 
@@ -66,7 +74,10 @@ def generate_cmd(
         temperature: 0 is greedy decoding; higher is more random.
         top_k: sample only among the k most likely tokens.
         top_p: sample only from the smallest set of tokens whose probability reaches p.
+        min_p: sample only tokens at least min_p times as likely as the most likely one.
         repetition_penalty: > 1 discourages tokens already present (CTRL-style).
+        presence_penalty: > 0 discourages tokens already generated, once (OpenAI's).
+        frequency_penalty: > 0 discourages tokens already generated, per occurrence.
         seed: makes sampling reproducible.
         stop: stop when this text appears (repeatable; \n and \t are understood); it is
             not printed.
@@ -76,6 +87,8 @@ def generate_cmd(
         device: cpu, cuda, mps.
         quantize: quantize the weights on load (see `gptkit quantize`).
         compile: decode through torch.compile (one prompt; pays a compilation first).
+        show_logprobs: after the text, print each generated token with its log-probability
+            and the K most likely alternatives (0 to 20; the model's raw distribution).
     """
     from gptkit.checkpoint import load
     from gptkit.generate import generate
@@ -91,25 +104,43 @@ def generate_cmd(
         temperature=temperature,
         top_k=top_k,
         top_p=top_p,
+        min_p=min_p,
         repetition_penalty=repetition_penalty,
+        presence_penalty=presence_penalty,
+        frequency_penalty=frequency_penalty,
         seed=seed,
         stop=stop,
         stop_at_eos=stop_at_eos,
         context_policy=context_policy,
         compile=compile,
     )
-    if stream and len(prompts) == 1:
+    if stream and len(prompts) == 1 and show_logprobs is None:
         sys.stdout.write(prompts[0])
         for piece in stream_fn(net, tok, prompts[0], **kwargs):
             sys.stdout.write(piece)
             sys.stdout.flush()
         sys.stdout.write("\n")
         return
-    outs = generate(net, tok, prompts, **kwargs)
+    outs = generate(net, tok, prompts, logprobs=show_logprobs, details=True, **kwargs)
     for i, (p, o) in enumerate(zip(prompts, outs, strict=True)):
         if len(prompts) > 1:
             print(f"--- sample {i + 1} ---")
-        print(p + o)
+        print(p + o.text)
+        if show_logprobs is not None:
+            print(logprob_table(o))
+
+
+def logprob_table(gen: Generation) -> str:
+    """A generation's tokens as a table: position, token, log-probability, probability,
+    and the top alternatives as ``token logprob`` pairs (tokens shown with ``repr``, so
+    spaces and newlines are visible)."""
+    lines = [f"{'#':>4}  {'token':<16} {'logprob':>8} {'prob':>6}  top alternatives"]
+    for j, (token, lp, top) in enumerate(
+        zip(gen.tokens, gen.logprobs, gen.top_logprobs, strict=True)
+    ):
+        alts = "  ".join(f"{t!r} {v:.3f}" for t, v in top.items())
+        lines.append(f"{j:>4}  {token!r:<16} {lp:>8.3f} {math.exp(lp):>6.3f}  {alts}")
+    return "\n".join(lines)
 
 
 def chat_cmd(
