@@ -33,6 +33,7 @@ from torch import Tensor
 from gptkit.config import SampleConfig
 from gptkit.errors import GptkitError
 from gptkit.generate.compiled import compiled_prefill
+from gptkit.generate.constrain import constraint_of
 from gptkit.generate.logprobs import TokenLogprob, token_logprob
 from gptkit.generate.sampling import apply_presence_frequency_penalty, sample_next, seen_mask
 from gptkit.model import GPT, KVCache
@@ -105,6 +106,8 @@ class Row:
         vocab_size: the ids it may sample are below this.
         eos_id: the row ends on this id (when ``params.stop_at_eos``).
         tokenizer: give one to get the row's text (:meth:`emit`), cut at ``params.stop``.
+            A row whose params carry a grammar (:mod:`gptkit.generate.constrain`) needs it:
+            the grammar masks every draw, and the row ends ("stop") once it is complete.
     """
 
     def __init__(
@@ -134,6 +137,7 @@ class Row:
         if params.repetition_penalty != 1.0:
             self.seen = seen_mask([self.context], 1, vocab_size, device)
         self.text = Detokenizer(tokenizer, params.stop) if tokenizer is not None else None
+        self.constraint = constraint_of(params, tokenizer, vocab_size)
 
     def sample(self, logits: Tensor, greedy: int) -> int:
         """The next token from this row's fp32 logits (1, V); ``greedy`` is their argmax, so
@@ -144,6 +148,10 @@ class Row:
         raw = logits
         penalized = bool(self.counts) and bool(p.presence_penalty or p.frequency_penalty)
         token = greedy
+        if self.constraint is not None:  # ids outside the grammar are never drawn
+            allowed = self.constraint.allowed().to(logits.device)
+            logits = logits.masked_fill(~allowed, float("-inf"))
+            token = int(logits.argmax())
         if p.temperature != 0 or penalized or self.seen is not None:
             if penalized:
                 logits = apply_presence_frequency_penalty(
@@ -176,6 +184,8 @@ class Row:
         self.pending = token
         if self.eos_id is not None and token == self.eos_id:
             self.finish_reason = "eos"
+        elif self.constraint is not None and self.constraint.advance(token):
+            self.finish_reason = "stop"  # the grammar is complete
         elif len(self.generated) >= self.params.max_new_tokens:
             self.finish_reason = "length"
         return self.finish_reason

@@ -49,6 +49,7 @@ from torch import Tensor
 from gptkit.config import SampleConfig
 from gptkit.errors import GptkitError
 from gptkit.generate.compiled import compiled_cache_len, compiled_step, warn_at_caller
+from gptkit.generate.constrain import Grammar, constrained
 from gptkit.generate.core import (
     FinishReason,
     Row,
@@ -412,6 +413,9 @@ def generate(
     min_p: float | None = None,
     logprobs: int | None = None,
     details: bool = False,
+    json_schema: dict[str, Any] | None = None,
+    regex: str | None = None,
+    choices: list[str] | None = None,
 ) -> str | list[str] | Generation | list[Generation]:
     """Continue ``prompt`` (or each prompt of a list, batched) and return only the new text.
 
@@ -443,6 +447,10 @@ def generate(
             :mod:`gptkit.generate.logprobs`); read them with ``details=True``.
         details: return a :class:`~gptkit.generate.logprobs.Generation` per prompt (text,
             token ids and texts, logprobs, finish reason) instead of the text.
+        json_schema, regex, choices: structured output (give at most one): the text is a
+            JSON value valid under the schema, a full match of the regular expression, or
+            one of the choices; every draw is masked to the grammar and the row ends when
+            it is complete (see :mod:`gptkit.generate.constrain`).
 
     Returns:
         The continuation, or a list of them for a list of prompts (with ``details``, a
@@ -470,6 +478,9 @@ def generate(
         frequency_penalty=frequency_penalty,
         min_p=min_p,
         logprobs=logprobs,
+        json_schema=json_schema,
+        regex=regex,
+        choices=choices,
     )
     parts: list[list[str]] = [[] for _ in prompts]
     for row, piece in pieces:
@@ -519,6 +530,9 @@ def stream(
     frequency_penalty: float = 0.0,
     min_p: float | None = None,
     logprobs: int | None = None,
+    json_schema: dict[str, Any] | None = None,
+    regex: str | None = None,
+    choices: list[str] | None = None,
 ) -> Iterator[Any]:
     """Like :func:`generate` (without ``details``), but yields the text as it comes:
     ``"".join(stream(...)) == generate(...)`` for the same arguments. For a list of prompts
@@ -539,6 +553,7 @@ def stream(
         stop_at_eos=stop_at_eos,
         context_policy=context_policy,  # type: ignore[arg-type]
     )
+    cfg = constrained(cfg, Grammar.of(json_schema=json_schema, regex=regex, choices=choices))
     single = isinstance(prompt, str)
     pieces = decode_text(
         model,
