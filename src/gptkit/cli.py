@@ -63,6 +63,9 @@ def generate_cmd(
     quantize: Literal["bf16", "int8", "int4"] | None = None,
     compile: bool = False,
     show_logprobs: int | None = None,
+    json_schema: str | None = None,
+    regex: str | None = None,
+    choice: list[str] | None = None,
 ) -> None:
     r"""Generate text from a prompt (several prompts are batched together).
 
@@ -89,6 +92,9 @@ def generate_cmd(
         compile: decode through torch.compile (one prompt; pays a compilation first).
         show_logprobs: after the text, print each generated token with its log-probability
             and the K most likely alternatives (0 to 20; the model's raw distribution).
+        json_schema: a JSON Schema file; the output is JSON valid under it.
+        regex: the output fully matches this regular expression.
+        choice: the output is one of these strings (repeatable).
     """
     from gptkit.checkpoint import load
     from gptkit.generate import generate
@@ -113,6 +119,9 @@ def generate_cmd(
         stop_at_eos=stop_at_eos,
         context_policy=context_policy,
         compile=compile,
+        json_schema=read_json(json_schema, "--json-schema") if json_schema else None,
+        regex=regex,
+        choices=choice,
     )
     if stream and len(prompts) == 1 and show_logprobs is None:
         sys.stdout.write(prompts[0])
@@ -128,6 +137,15 @@ def generate_cmd(
         print(p + o.text)
         if show_logprobs is not None:
             print(logprob_table(o))
+
+
+def read_json(path: str, flag: str) -> Any:
+    """The JSON in the file ``path`` given to ``flag``; a clear error when it is not."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise GptkitError(f"{flag} {path}: cannot read a JSON file ({e})") from None
 
 
 def logprob_table(gen: Generation) -> str:

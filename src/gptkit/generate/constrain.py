@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import llguidance
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -37,7 +38,6 @@ GrammarKind = Literal["json_schema", "json_object", "regex", "choices"]
 # Fixed separators and no free whitespace: the text is compact, readable JSON, and a sampled
 # row cannot spend its tokens on blank space.
 _JSON_OPTIONS: Any = {"item_separator": ", ", "key_separator": ": ", "whitespace_flexible": False}
-_BITS = torch.arange(32, dtype=torch.int32)
 
 
 @dataclass(frozen=True)
@@ -90,7 +90,11 @@ class Grammar:
 
 @dataclass(frozen=True)
 class ConstrainedConfig(SampleConfig):
-    """A :class:`SampleConfig` whose rows follow ``grammar`` (the decoding core reads it)."""
+    """A :class:`SampleConfig` whose rows follow ``grammar`` (the decoding core reads it).
+
+    It travels wherever a SampleConfig does (``generate``, the serving engine's ``submit``,
+    ``replace``), so every decoding loop gets the grammar without a new parameter.
+    """
 
     grammar: Grammar | None = None
 
@@ -170,11 +174,11 @@ def grammar_text(grammar: Grammar, tokenizer: Tokenizer) -> str:
         raise GptkitError(f"{grammar.field}: {e}") from None
     error = llguidance.LLMatcher.validate_grammar(text, ll_tokenizer(tokenizer))
     if error:
-        raise GptkitError(f"{grammar.field}: {_first_line(error)}")
+        raise GptkitError(f"{grammar.field}: {_one_line(error)}")
     return text
 
 
-def _first_line(message: str) -> str:
+def _one_line(message: str) -> str:
     return re.sub(r"\s+", " ", message).strip()
 
 
@@ -194,18 +198,20 @@ class Constraint:
         ll = ll_tokenizer(tokenizer)
         self.matcher = llguidance.LLMatcher(ll, text or grammar_text(grammar, tokenizer))
         self.vocab_size = vocab_size
-        self._bitmask = torch.zeros((ll.vocab_size + 31) // 32, dtype=torch.int32)
+        self._bitmask = np.zeros((ll.vocab_size + 31) // 32, dtype=np.int32)  # bit i: id i
 
     def allowed(self) -> Tensor:
         """(V,) bool: the ids that keep the text inside the grammar (eos only where it may
         end)."""
         bits = self._bitmask
-        self.matcher.unsafe_compute_mask_ptr(bits.data_ptr(), bits.numel() * 4)
-        mask = ((bits[:, None] >> _BITS) & 1).view(-1).bool()  # (W, 32) -> (32 W,)
-        allowed = torch.zeros(self.vocab_size, dtype=torch.bool)
-        n = min(self.vocab_size, mask.numel())
+        self.matcher.unsafe_compute_mask_ptr(bits.ctypes.data, bits.nbytes)
+        # as little-endian words, byte k of word w holds ids 32 w + 8 k ... 32 w + 8 k + 7
+        little = bits.astype("<i4", copy=False).view(np.uint8)
+        mask = np.unpackbits(little, bitorder="little").view(np.bool_)
+        allowed = np.zeros(self.vocab_size, dtype=np.bool_)
+        n = min(self.vocab_size, mask.size)
         allowed[:n] = mask[:n]
-        return allowed
+        return torch.from_numpy(allowed)
 
     def advance(self, token: int) -> bool:
         """Move past ``token``; True when the grammar is then complete and admits no further

@@ -28,6 +28,7 @@ from pydantic import BaseModel
 
 from gptkit.config import SampleConfig
 from gptkit.errors import GptkitError
+from gptkit.generate.constrain import Grammar, constrained, grammar_text
 from gptkit.generate.core import prompt_ids
 from gptkit.serve.engine import (
     Chunk,
@@ -229,9 +230,28 @@ class Serving:
         except GptkitError as e:
             raise ServingError(str(e)) from None
 
+    def grammar(self, body: AnyRequest) -> Grammar | None:
+        """The grammar ``response_format`` asks for (None for text), checked here so that a
+        bad schema is a 400 naming the field before anything is submitted."""
+        fmt = body.response_format
+        if fmt is None or fmt.type == "text":
+            return None
+        if fmt.type == "json_object":
+            grammar = Grammar("json_object")
+        else:
+            assert fmt.json_schema is not None  # the protocol requires it
+            grammar = Grammar.of(json_schema=fmt.json_schema.schema_)
+        assert grammar is not None
+        try:
+            grammar_text(grammar, self.tokenizer)
+        except GptkitError as e:
+            raise ServingError(f"response_format: {e}", param="response_format") from None
+        return grammar
+
     def _submit(self, chat: bool, prompts: list[list[int]], body: AnyRequest, param: str) -> Job:
         """``n`` engine requests per prompt, in choice order; all or none are submitted."""
-        params = [self.sampling(body, j) for j in range(body.n)]
+        grammar = self.grammar(body)
+        params = [constrained(self.sampling(body, j), grammar) for j in range(body.n)]
         job = Job(
             chat,
             [],
