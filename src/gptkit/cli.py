@@ -66,6 +66,11 @@ def generate_cmd(
     json_schema: str | None = None,
     regex: str | None = None,
     choice: list[str] | None = None,
+    num_beams: int = 1,
+    length_penalty: float = 1.0,
+    early_stopping: Literal["false", "true", "never"] = "false",
+    num_return_sequences: int = 1,
+    no_repeat_ngram_size: int = 0,
 ) -> None:
     r"""Generate text from a prompt (several prompts are batched together).
 
@@ -95,6 +100,14 @@ def generate_cmd(
         json_schema: a JSON Schema file; the output is JSON valid under it.
         regex: the output fully matches this regular expression.
         choice: the output is one of these strings (repeatable).
+        num_beams: > 1 decodes by beam search (deterministic: the sampling flags do not
+            apply; nothing streams).
+        length_penalty: beam search scores a beam sum(log p) / length**length_penalty.
+        early_stopping: beam search stops a prompt once it has num_beams finished beams
+            (true), when no running beam can beat them (false), or never before that is
+            certain (never); as transformers.
+        num_return_sequences: print the best this many beams of each prompt.
+        no_repeat_ngram_size: > 0: no n-gram of this size occurs twice in a beam.
     """
     from gptkit.checkpoint import load
     from gptkit.generate import generate
@@ -123,6 +136,21 @@ def generate_cmd(
         regex=regex,
         choices=choice,
     )
+    if num_beams > 1 or num_return_sequences > 1:
+        beams = dict(
+            num_beams=num_beams,
+            length_penalty=length_penalty,
+            early_stopping={"true": True, "false": False}.get(early_stopping, early_stopping),
+            num_return_sequences=num_return_sequences,
+            no_repeat_ngram_size=no_repeat_ngram_size,
+        )
+        outs = generate(net, tok, prompts, logprobs=show_logprobs, **beams, **kwargs)
+        for i, (p, texts) in enumerate(zip(prompts, outs, strict=True)):
+            for k, text in enumerate(texts if num_return_sequences > 1 else [texts]):
+                if len(prompts) > 1 or num_return_sequences > 1:
+                    print(f"--- sample {i + 1}, beam {k + 1} ---")
+                print(p + text)
+        return
     if stream and len(prompts) == 1 and show_logprobs is None:
         sys.stdout.write(prompts[0])
         for piece in stream_fn(net, tok, prompts[0], **kwargs):

@@ -5,6 +5,7 @@
 engine's too); the context policy is described in :mod:`gptkit.generate.generator`.
 """
 
+from gptkit.generate.beam import Beam, BeamConfig, beam_search
 from gptkit.generate.classify import classify
 from gptkit.generate.core import Detokenizer, Row
 from gptkit.generate.generator import (
@@ -24,12 +25,15 @@ from gptkit.generate.sampling import (
 )
 
 __all__ = [
+    "Beam",
+    "BeamConfig",
     "Decoder",
     "Detokenizer",
     "Row",
     "TokenEvent",
     "apply_repetition_penalty",
     "apply_temperature",
+    "beam_search",
     "classify",
     "decode_text",
     "generate",

@@ -41,13 +41,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
 from gptkit.config import SampleConfig
 from gptkit.errors import GptkitError
+from gptkit.generate.beam import BeamConfig, beam_generate, refuse_with_beams
 from gptkit.generate.compiled import compiled_cache_len, compiled_step, warn_at_caller
 from gptkit.generate.constrain import Grammar, constrained
 from gptkit.generate.core import (
@@ -416,7 +417,12 @@ def generate(
     json_schema: dict[str, Any] | None = None,
     regex: str | None = None,
     choices: list[str] | None = None,
-) -> str | list[str] | Generation | list[Generation]:
+    num_beams: int = 1,
+    length_penalty: float = 1.0,
+    early_stopping: bool | Literal["never"] = False,
+    num_return_sequences: int = 1,
+    no_repeat_ngram_size: int = 0,
+) -> str | list[str] | list[list[str]] | Generation | list[Generation]:
     """Continue ``prompt`` (or each prompt of a list, batched) and return only the new text.
 
     Args:
@@ -451,11 +457,37 @@ def generate(
             JSON value valid under the schema, a full match of the regular expression, or
             one of the choices; every draw is masked to the grammar and the row ends when
             it is complete (see :mod:`gptkit.generate.constrain`).
+        num_beams: > 1 decodes by beam search (:mod:`gptkit.generate.beam`; deterministic:
+            temperature, top_k, top_p, min_p and seed do not apply; stop strings cut the
+            returned texts).
+        length_penalty, early_stopping, no_repeat_ngram_size: beam search's settings,
+            as transformers names them (see :class:`~gptkit.generate.beam.BeamConfig`).
+        num_return_sequences: the best this many beams are returned (<= num_beams).
 
     Returns:
         The continuation, or a list of them for a list of prompts (with ``details``, a
-        :class:`~gptkit.generate.logprobs.Generation` or a list of them).
+        :class:`~gptkit.generate.logprobs.Generation` or a list of them). With
+        ``num_return_sequences`` K > 1, a prompt's entry is a list of K texts, best first:
+        one prompt gives a list of K strings, a list of prompts a list of such lists.
     """
+    if num_beams > 1 or num_return_sequences > 1:
+        refuse_with_beams(
+            tool=tool is not None,
+            logprobs=logprobs is not None,
+            details=details,
+            penalties=(repetition_penalty, presence_penalty, frequency_penalty) != (1, 0, 0),
+            structured_output=(json_schema, regex, choices) != (None, None, None),
+        )
+        beams = BeamConfig(
+            num_beams=num_beams,
+            max_new_tokens=max_new_tokens,
+            length_penalty=length_penalty,
+            early_stopping=early_stopping,
+            num_return_sequences=num_return_sequences,
+            no_repeat_ngram_size=no_repeat_ngram_size,
+            stop_at_eos=stop_at_eos,
+        )
+        return beam_generate(model, tokenizer, prompt, beams, stop)
     single = isinstance(prompt, str)
     prompts = [prompt] if single else list(prompt)
     pieces = stream(
@@ -533,11 +565,18 @@ def stream(
     json_schema: dict[str, Any] | None = None,
     regex: str | None = None,
     choices: list[str] | None = None,
+    num_beams: int = 1,
 ) -> Iterator[Any]:
     """Like :func:`generate` (without ``details``), but yields the text as it comes:
     ``"".join(stream(...)) == generate(...)`` for the same arguments. For a list of prompts
     it yields ``(index, piece)`` tuples instead of strings. Bad arguments raise here, before
-    the first piece."""
+    the first piece; ``num_beams > 1`` is refused (beam search knows its best text only at
+    the end: call :func:`generate`)."""
+    if num_beams > 1:
+        raise GptkitError(
+            "beam search cannot stream: which beam is best is known only at the end; call "
+            "generate() with num_beams, or stream with num_beams=1"
+        )
     cfg = SampleConfig(
         max_new_tokens=max_new_tokens,
         temperature=temperature,

@@ -77,7 +77,9 @@ class KVCache:
     # -- changes in place ------------------------------------------------------------------
 
     def keep(self, index: Tensor) -> None:
-        """Keep only the rows ``index`` (a 1-D long tensor), in that order."""
+        """Keep only the rows ``index`` (a 1-D long tensor), in that order. A row may be
+        named more than once: beam search copies each prompt's row to its beams and, every
+        step, reorders the rows to follow the beams it keeps (no prefix is recomputed)."""
         self.k = [k[index] for k in self.k]
         self.v = [v[index] for v in self.v]
         self.set_pos(self.pos[index])

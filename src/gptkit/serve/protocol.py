@@ -59,6 +59,21 @@ _UNSUPPORTED: dict[str, Any] = {
 
 _SEED_MAX = 2**63 - 1
 
+#: fields that beam search does not apply -> the test of their off value; a request with
+#: ``use_beam_search`` that sets one to anything else is refused
+_NOT_WITH_BEAMS: dict[str, Any] = {
+    "temperature": lambda v: v == 0,
+    "top_p": lambda v: v == 1,
+    "top_k": lambda v: v is None,
+    "min_p": lambda v: not v,
+    "repetition_penalty": lambda v: v == 1,
+    "presence_penalty": lambda v: v == 0,
+    "frequency_penalty": lambda v: v == 0,
+    "logprobs": lambda v: v in (None, False, 0),
+    "top_logprobs": lambda v: v in (None, 0),
+    "response_format": lambda v: v is None or v.type == "text",
+}
+
 
 def _one_of(value: Any, handler: ValidatorFunctionWrapHandler, kinds: str) -> Any:
     """Validate a union field, with one message naming its forms instead of one error per
@@ -119,8 +134,12 @@ class _SamplingRequest(BaseModel):
     stream_options: StreamOptions | None = None
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
-    best_of: int | None = None
+    best_of: int | None = None  # with use_beam_search: the number of beams (default n)
     user: str | None = None
+    # Beam search, an extension (vLLM's until v0.6): best_of beams, the best n returned.
+    use_beam_search: bool = False
+    length_penalty: float = 1.0
+    early_stopping: bool | Literal["never"] = False
     response_format: ResponseFormat | None = None
 
     @model_validator(mode="before")
@@ -145,9 +164,40 @@ class _SamplingRequest(BaseModel):
 
     @model_validator(mode="after")
     def _check_best_of(self) -> _SamplingRequest:
+        if self.use_beam_search:
+            return self._check_beams()
         if self.best_of not in (None, self.n):
             raise ValueError("'best_of' is not supported by this server; leave it out")
         return self
+
+    def _check_beams(self) -> _SamplingRequest:
+        """``use_beam_search``: no streaming (the best beams are known only at the end),
+        ``n <= best_of <= 128``, and no sampling field set to anything but its off value."""
+        if self.stream:
+            raise ValueError(
+                "use_beam_search cannot stream: the best beams are known only at the end; "
+                "set stream to false"
+            )
+        if not self.n <= self.beam_width() <= 128:
+            raise ValueError(
+                f"with use_beam_search, best_of (the number of beams) must be from n "
+                f"({self.n}) to 128, got {self.best_of}"
+            )
+        sampling = [
+            name
+            for name, off in _NOT_WITH_BEAMS.items()
+            if name in self.model_fields_set and not off(getattr(self, name, None))
+        ]
+        if sampling:
+            raise ValueError(
+                f"beam search is deterministic and does not apply {', '.join(sampling)}; "
+                "leave them out (or at 0 / 1) with use_beam_search"
+            )
+        return self
+
+    def beam_width(self) -> int:
+        """The number of beams of a ``use_beam_search`` request: ``best_of``, else ``n``."""
+        return self.best_of or self.n
 
     def stop_strings(self) -> tuple[str, ...]:
         if self.stop is None:

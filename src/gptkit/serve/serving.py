@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -28,8 +29,9 @@ from pydantic import BaseModel
 
 from gptkit.config import SampleConfig
 from gptkit.errors import GptkitError
+from gptkit.generate.beam import Beam, BeamConfig, generate_beams
 from gptkit.generate.constrain import Grammar, constrained, grammar_text
-from gptkit.generate.core import prompt_ids
+from gptkit.generate.core import check_prompt, prompt_ids
 from gptkit.serve.engine import (
     Chunk,
     Engine,
@@ -134,10 +136,13 @@ class Job:
     include_usage: bool
     id: str
     created: int
+    beams: asyncio.Future[list[Beam]] | None = None  # use_beam_search: the choices to come
 
     def cancel(self) -> None:
         for r in self.requests:
             r.cancel()
+        if self.beams is not None:  # the search itself runs to its end, unread
+            self.beams.cancel()
 
 
 def finish_reason(chunk: Chunk) -> Literal["stop", "length"]:
@@ -158,6 +163,7 @@ class Serving:
         self.engine, self.model_name = engine, model_name
         self.tokenizer = engine.tokenizer
         self.token_limit = max_tokens_limit or engine.context
+        self._beam_lock = threading.Lock()  # one beam search at a time
 
     def card(self) -> ModelCard:
         return ModelCard(id=self.model_name, created=now(), max_model_len=self.engine.context)
@@ -250,6 +256,8 @@ class Serving:
 
     def _submit(self, chat: bool, prompts: list[list[int]], body: AnyRequest, param: str) -> Job:
         """``n`` engine requests per prompt, in choice order; all or none are submitted."""
+        if body.use_beam_search:
+            return self._beam_job(chat, prompts, body, param)
         grammar = self.grammar(body)
         params = [constrained(self.sampling(body, j), grammar) for j in range(body.n)]
         job = Job(
@@ -275,10 +283,91 @@ class Serving:
             raise
         return job
 
+    def _beam_job(self, chat: bool, prompts: list[list[int]], body: AnyRequest, param: str) -> Job:
+        """``use_beam_search``: each prompt's best ``n`` of ``best_of`` beams (see
+        :mod:`gptkit.generate.beam`). The engine's batch grows one token per row and holds
+        no beams, so the search runs in a thread of its own beside it, one at a time, on
+        the engine's model (its forward keeps no state between calls); the reply length
+        is cut to the context as the engine cuts it."""
+        limit = self.sampling(body, 0)  # max_tokens and stop strings, checked as for sampling
+        configs = [
+            self._beam_config(i, ids, body, limit.max_new_tokens, param)
+            for i, ids in enumerate(prompts)
+        ]
+
+        def search() -> list[Beam]:
+            with self._beam_lock:
+                model, tok = self.engine.model, self.tokenizer
+                return [
+                    beam
+                    for ids, cfg in zip(prompts, configs, strict=True)
+                    for beam in generate_beams(model, tok, [ids], cfg, limit.stop)[0]
+                ]
+
+        return Job(
+            chat,
+            [],
+            sum(len(ids) for ids in prompts),
+            False,
+            new_id("chatcmpl" if chat else "cmpl"),
+            now(),
+            beams=asyncio.ensure_future(asyncio.to_thread(search)),
+        )
+
+    def _beam_config(
+        self, i: int, ids: list[int], body: AnyRequest, max_tokens: int, param: str
+    ) -> BeamConfig:
+        """Prompt ``i``'s beam settings; its reply is cut to the room the context leaves."""
+        room = self.engine.context - len(ids)
+        if room < 1:
+            raise ServingError(
+                f"prompt {i} has {len(ids)} tokens but the model's context is "
+                f"{self.engine.context} tokens, which must hold the prompt and at least one "
+                "new token; shorten the prompt",
+                param=param,
+                code="context_length_exceeded",
+            )
+        try:
+            check_prompt(i, ids, self.engine.config.vocab_size)
+            return BeamConfig(
+                num_beams=body.beam_width(),
+                max_new_tokens=min(max_tokens, room),
+                length_penalty=body.length_penalty,
+                early_stopping=body.early_stopping,
+                num_return_sequences=body.n,
+            )
+        except GptkitError as e:
+            raise ServingError(str(e), param=param) from None
+
+    async def _beam_reply(self, job: Job) -> ChatCompletion | Completion:
+        """The response of a ``use_beam_search`` job: its beams as choices, best first."""
+        assert job.beams is not None
+        try:
+            beams = await job.beams
+        except GptkitError as e:
+            raise GenerationFailed(str(e)) from None
+        usage = Usage.of(job.prompt_tokens, sum(len(b.tokens) for b in beams))
+        reasons = ["length" if b.finish_reason == "length" else "stop" for b in beams]
+        if job.chat:
+            choices = [
+                ChatChoice(index=i, message=AssistantMessage(content=b.text), finish_reason=r)
+                for i, (b, r) in enumerate(zip(beams, reasons, strict=True))
+            ]
+            return ChatCompletion(
+                id=job.id, created=job.created, model=self.model_name, choices=choices, usage=usage
+            )
+        texts = [
+            CompletionChoice(index=i, text=b.text, finish_reason=r)
+            for i, (b, r) in enumerate(zip(beams, reasons, strict=True))
+        ]
+        return self._completion(job, texts, usage)
+
     # -- engine → response objects -------------------------------------------------------------
 
     async def result(self, job: Job) -> ChatCompletion | Completion:
         """Wait for every choice; the whole response with its usage."""
+        if job.beams is not None:
+            return await self._beam_reply(job)
         texts: list[list[str]] = [[] for _ in job.requests]
         last: list[Chunk | None] = [None] * len(job.requests)
         try:
