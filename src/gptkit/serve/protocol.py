@@ -7,6 +7,12 @@ unchanged. Two liberties, both vLLM's too: ``model`` may be left out (the server
 model), and ``top_k`` is accepted as an extension. Parameters that would change the answer
 in ways gptkit does not implement (``logprobs``, ``echo``, ``tools``, ...) are refused with
 a 400 rather than silently ignored; harmless ones (``user``, ``store``, ...) are ignored.
+
+Beam search is vLLM's former extension: ``use_beam_search: true`` searches ``best_of`` beams
+(default ``n``) and returns the best ``n``, with ``length_penalty`` and ``early_stopping``. It
+is refused (400) with ``stream`` (the best beams are known only at the end) and with a
+sampling field set to anything but its off value (``temperature`` > 0, ``top_p`` < 1, ...:
+beams are deterministic).
 """
 
 from __future__ import annotations
