@@ -60,8 +60,8 @@ def generate_cmd(
     context_policy: Literal["slide", "error"] = "slide",
     stream: bool = True,
     device: str = "cpu",
-    quantize: Literal["bf16", "int8", "int4"] | None = None,
-    compile: bool = False,
+    quantize: Literal["auto", "none", "bf16", "int8", "int4"] = "auto",
+    compile: bool | None = None,
     show_logprobs: int | None = None,
     json_schema: str | None = None,
     regex: str | None = None,
@@ -93,8 +93,10 @@ def generate_cmd(
         context_policy: "slide" keeps the last tokens when the context fills; "error" refuses.
         stream: print tokens as they come (one prompt only).
         device: cpu, cuda, mps.
-        quantize: quantize the weights on load (see `gptkit quantize`).
-        compile: decode through torch.compile (one prompt; pays a compilation first).
+        quantize: quantize the weights on load (see `gptkit quantize`); auto keeps a
+            quantized GGUF quantized (Q4_* as int4, Q8_0 as int8), none loads it as fp32.
+        compile: decode through torch.compile (one prompt; pays a compilation first);
+            default: once it pays (see gptkit.generate).
         show_logprobs: after the text, print each generated token with its log-probability
             and the K most likely alternatives (0 to 20; the model's raw distribution).
         json_schema: a JSON Schema file; the output is JSON valid under it.
@@ -131,7 +133,7 @@ def generate_cmd(
         stop=stop,
         stop_at_eos=stop_at_eos,
         context_policy=context_policy,
-        compile=compile,
+        compile="auto" if compile is None else compile,
         json_schema=read_json(json_schema, "--json-schema") if json_schema else None,
         regex=regex,
         choices=choice,
@@ -282,7 +284,7 @@ def export_cmd(
     """
     from gptkit.checkpoint import load
 
-    net, tok = load(model)
+    net, tok = load(model, quantize=None)  # the file's values, as fp32
     if net.config.labels:
         print(
             f"note: the classification head ({', '.join(net.config.labels)}) is not exported; "
@@ -326,7 +328,7 @@ def quantize_cmd(
     from gptkit.checkpoint import load, save_quantized
     from gptkit.compress import quantize
 
-    net, tok = load(model)
+    net, tok = load(model, quantize=None)  # fp32, to quantize as asked
     quantize(net, mode, group_size=group_size, lm_head=lm_head)
     save_quantized(out, net, tok)
     size = sum(f.stat().st_size for f in Path(out).iterdir())

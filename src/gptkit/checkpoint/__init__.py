@@ -11,6 +11,7 @@ Sources (see :mod:`gptkit.checkpoint.sources` for how a name becomes a path)::
 
 from __future__ import annotations
 
+import sys
 import warnings
 from pathlib import Path
 
@@ -29,7 +30,7 @@ from gptkit.checkpoint.sources import KNOWN_MODELS, is_gguf, resolve
 from gptkit.errors import GptkitError
 from gptkit.files import latest_checkpoint
 from gptkit.model import GPT
-from gptkit.model.quant import QuantConfig, quantization
+from gptkit.model.quant import _PACKS_BF16, QuantConfig, quantization
 from gptkit.model.quant import quantize as quantize_model
 from gptkit.tokenizer import Tokenizer
 
@@ -69,25 +70,51 @@ def resolve_checkpoint(source: str | Path) -> Path:
     )
 
 
-def _read(path: Path, device: str | torch.device) -> tuple[GPT, Tokenizer | None]:
-    """Model and tokenizer of a local source, as stored."""
+def _read(path: Path, device: str | torch.device) -> tuple[GPT, Tokenizer | None, str | None]:
+    """Model and tokenizer of a local source, as stored, and a GGUF file's weight type (the
+    type its blocks' matrices are stored in, before they were dequantized; else None)."""
     if path.is_file():
         if not is_gguf(path):
             raise GptkitError(
                 f"{path} is a file but not a GGUF model; pass a .gguf file or a model directory"
             )
-        from gptkit.checkpoint.gguf import load_gguf  # gguf-py, only when a file needs it
+        from gptkit.checkpoint.gguf import read_gguf  # gguf-py, only when a file needs it
 
-        return load_gguf(path, device)
+        return read_gguf(path, device)
     if is_quantized(path):
-        return load_quantized(path, device)
+        return *load_quantized(path, device), None
     if not is_native(path) and is_hf_dir(path):
-        return load_hf_dir(path, device)
+        return *load_hf_dir(path, device), None
     directory = resolve_checkpoint(path)
     model, tokenizer = load_checkpoint(directory, device)
     if tokenizer is None:
         warnings.warn(f"{directory} has no tokenizer files; tokenizer is None", stacklevel=3)
-    return model, tokenizer
+    return model, tokenizer, None
+
+
+def _kept_as(path: Path, weight_type: str | None, device: torch.device) -> str | None:
+    """``quantize="auto"``: the mode that keeps a quantized GGUF quantized (its type's entry
+    in :data:`~gptkit.checkpoint.gguf.KEPT_AS`), said in one line on stderr; None (fp32) for
+    any other source, an F32 file, a device other than the CPU (where the int4 and int8
+    kernels are), and 16-bit floats on a CPU without native bf16 (where bf16 is slower)."""
+    if weight_type in (None, "F32") or device.type != "cpu":
+        return None
+    from gptkit.checkpoint.gguf import KEPT_AS
+
+    mode = KEPT_AS.get(weight_type)
+    if mode == "bf16" and not _PACKS_BF16:  # quant.py's test for oneDNN's native bf16
+        print(
+            f"{path.name}: {weight_type} weights loaded as fp32 (no native bf16 on this CPU)",
+            file=sys.stderr,
+        )
+        return None
+    if mode is not None:
+        print(
+            f"{path.name}: {weight_type} weights kept as {mode} "
+            "(quantize=None / --quantize none for fp32)",
+            file=sys.stderr,
+        )
+    return mode
 
 
 def _torch_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
@@ -102,7 +129,7 @@ def load(
     source: str | Path,
     device: str | torch.device | None = None,
     *,
-    quantize: str | None = None,
+    quantize: str | None = "auto",
     dtype: str | torch.dtype | None = None,
 ) -> tuple[GPT, Tokenizer | None]:
     """``model, tokenizer = load(source)`` for any model gptkit runs: ``gptkit.load``.
@@ -116,8 +143,13 @@ def load(
             (:data:`KNOWN_MODELS`: gpt2, smollm2-135m, ...; a local copy first).
         device: where the model goes (default the CPU; int4 runs on the CPU only).
         quantize: quantize the weights on load: "bf16", "int8" or "int4" (see
-            :mod:`gptkit.model.quant`); None keeps them as stored. A quantized checkpoint
-            loads as it was saved, and refuses another mode.
+            :mod:`gptkit.model.quant`); None (or "none") keeps them as loaded: fp32 for
+            GGUF and HF weights. "auto" (the default) keeps a quantized GGUF file quantized
+            on the CPU, in the mode its type maps to (Q4_0, Q4_1, Q4_K, Q2_K, Q3_K -> int4;
+            Q5_*, Q6_K, Q8_0 -> int8; F16, BF16 -> bf16 where the CPU has native bf16),
+            saying so in one line on stderr; with ``dtype`` given, or for any other
+            source, it is None. A quantized checkpoint loads as it was saved, and refuses
+            another mode.
         dtype: cast the floating weights ("float32", "bfloat16", "float16" or a torch
             dtype) before any quantization; None keeps them as stored (GGUF and HF weights
             load as fp32).
@@ -127,10 +159,15 @@ def load(
         when the source has none.
     """
     cast = _torch_dtype(dtype)
-    if quantize is not None:
+    if quantize == "none" or (quantize == "auto" and dtype is not None):
+        quantize = None  # a cast asks for floating weights
+    if quantize not in (None, "auto"):
         QuantConfig(quantize)  # a bad mode name fails before the (slow) load
-    model, tokenizer = _read(resolve(source), device or "cpu")
+    path = resolve(source)
+    model, tokenizer, weight_type = _read(path, device or "cpu")
     stored = quantization(model)
+    if quantize == "auto":
+        quantize = None if stored else _kept_as(path, weight_type, torch.device(device or "cpu"))
     if stored is not None:
         if quantize is not None and quantize != stored.mode:
             raise GptkitError(

@@ -1,9 +1,12 @@
 """GGUF in and out: llama.cpp's single-file format (metadata, tokenizer and tensors, quantized
 or not).
 
-``load_gguf`` reads the ``llama`` and ``gpt2`` architectures through gguf-py's ``GGUFReader``
-and dequantizes every tensor to fp32; ``save_gguf`` writes them with ``GGUFWriter`` under
-llama.cpp's metadata keys and tensor names, so llama.cpp runs the file.
+``read_gguf`` reads the ``llama`` and ``gpt2`` architectures through gguf-py's ``GGUFReader``,
+dequantizes every tensor to fp32 and names the type the file stores its matrices in; by
+default ``gptkit.load`` quantizes them back to that type's counterpart in
+:mod:`gptkit.model.quant` (:data:`KEPT_AS`). ``load_gguf`` gives the fp32 model alone.
+``save_gguf`` writes models with ``GGUFWriter`` under llama.cpp's metadata keys and tensor
+names, so llama.cpp runs the file.
 
 References: the GGUF specification (ggml ``docs/gguf.md``); llama.cpp
 ``convert_hf_to_gguf.py`` (tensor names, the q/k row permutation) and ``src/llama-model.cpp``
@@ -24,10 +27,11 @@ permuted within each head::
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -51,7 +55,7 @@ from gptkit.tokenizer import Tokenizer
 from gptkit.tokenizer.bpe import BPETokenizer
 from gptkit.tokenizer.vocab import GGUFVocab, from_vocab, to_vocab
 
-__all__ = ["ARCHITECTURES", "DTYPES", "load_gguf", "save_gguf"]
+__all__ = ["ARCHITECTURES", "DTYPES", "KEPT_AS", "GGUFModel", "load_gguf", "read_gguf", "save_gguf"]
 
 Q = GGMLQuantizationType
 #: tensor types gptkit dequantizes on load (all through gguf-py's numpy dequantizers)
@@ -59,6 +63,15 @@ LOADABLE = (
     Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1,
     Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K,
 )  # fmt: skip
+#: the quantization mode (gptkit.model.quant) that holds each stored type of a file's block
+#: matrices without losing what it stores, or the least that can: 2 to 4 bits -> int4
+#: (group 32: Q4_1 and Q4_K blocks land on their own grid, see quant.py), 5 to 8 bits ->
+#: int8, 16-bit floats -> bf16, F32 -> None (fp32). ``gptkit.load``'s default.
+KEPT_AS: dict[str, str | None] = {
+    "F32": None, "F16": "bf16", "BF16": "bf16",
+    "Q8_0": "int8", "Q6_K": "int8", "Q5_0": "int8", "Q5_1": "int8", "Q5_K": "int8",
+    "Q4_0": "int4", "Q4_1": "int4", "Q4_K": "int4", "Q3_K": "int4", "Q2_K": "int4",
+}  # fmt: skip
 #: save_gguf dtype -> llama.cpp's file type
 DTYPES = {"f32": LlamaFileType.ALL_F32, "f16": LlamaFileType.MOSTLY_F16,
           "q8_0": LlamaFileType.MOSTLY_Q8_0}  # fmt: skip
@@ -447,10 +460,37 @@ def _read_tokenizer(reader: GGUFReader, origin: str) -> BPETokenizer | None:
     return from_vocab(vocab, origin)
 
 
+class GGUFModel(NamedTuple):
+    """What :func:`read_gguf` reads: the fp32 model, the tokenizer (None when the file has
+    none), and ``weight_type``, the type most of the blocks' matrices are stored in (by
+    element count; a name of :data:`KEPT_AS`, such as "Q4_1")."""
+
+    model: GPT
+    tokenizer: BPETokenizer | None
+    weight_type: str
+
+
+def _weight_type(tensors: dict[str, Any]) -> str:
+    """The stored type of most of the blocks' matrices (a file may keep a few in another
+    type, as Q4_K_M files keep some in Q6_K), by element count."""
+    count: collections.Counter[str] = collections.Counter()
+    for name, t in tensors.items():
+        if name.startswith("blk.") and len(t.shape) == 2:
+            count[t.tensor_type.name] += int(t.n_elements)
+    return count.most_common(1)[0][0] if count else "F32"
+
+
 def load_gguf(
     path: str | Path, device: str | torch.device = "cpu"
 ) -> tuple[GPT, BPETokenizer | None]:
-    """Model (eval mode, fp32) and tokenizer of a GGUF file.
+    """Model (eval mode, fp32) and tokenizer of a GGUF file (:func:`read_gguf` without the
+    weight type); ``gptkit.load`` keeps a quantized file quantized instead."""
+    model, tokenizer, _ = read_gguf(path, device)
+    return model, tokenizer
+
+
+def read_gguf(path: str | Path, device: str | torch.device = "cpu") -> GGUFModel:
+    """Model (eval mode, fp32), tokenizer and weight type of a GGUF file.
 
     Args:
         path: a ``.gguf`` file of architecture ``llama`` or ``gpt2``; quantized tensors
@@ -458,7 +498,7 @@ def load_gguf(
         device: where the model's weights go.
 
     Returns:
-        ``(model, tokenizer)``; the tokenizer is None when the file carries none.
+        A :class:`GGUFModel`: ``(model, tokenizer, weight_type)``.
     """
     path = Path(path)
     reader = _open(path)
@@ -476,7 +516,8 @@ def load_gguf(
     with torch.device("meta"):
         model = GPT(config)
     state = _read_state(model, arch, tensors, origin)
-    return model_from_state(config, state, device, origin), tokenizer
+    model = model_from_state(config, state, device, origin)
+    return GGUFModel(model, tokenizer, _weight_type(tensors))
 
 
 # -- writing ----------------------------------------------------------------------------
