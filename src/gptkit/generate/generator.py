@@ -459,7 +459,8 @@ def generate(
             it is complete (see :mod:`gptkit.generate.constrain`).
         num_beams: > 1 decodes by beam search (:mod:`gptkit.generate.beam`; deterministic:
             temperature, top_k, top_p, min_p and seed do not apply; stop strings cut the
-            returned texts).
+            returned texts; always on the KV cache, never sliding the window: a prompt
+            must leave room for max_new_tokens in the context).
         length_penalty, early_stopping, no_repeat_ngram_size: beam search's settings,
             as transformers names them (see :class:`~gptkit.generate.beam.BeamConfig`).
         num_return_sequences: the best this many beams are returned (<= num_beams).
