@@ -11,17 +11,28 @@ function directly (dynamo's per-call guard checks over some 360 weights cost 10%
 SmolLM2 int4 step). A single prompt's prefill compiles too (its length symbolic). The first
 step of a new length pays the compilation (tens of seconds on a tiny model, minutes for a
 135M one on 2 busy cores; torch caches the result on disk).
+
+``compile="auto"`` (:class:`AutoCompile`) compiles where it pays, as a ski rental (Karlin et
+al. 1988): a model decodes eagerly, its eager steps timed, until the time compiling would
+have saved on this model's eager single-row steps in this process, counting the tokens its
+current call has still to decode, reaches the compilation's cost (:func:`compile_pays`):
+cold with inductor's on-disk cache empty, much less when this process or an earlier one
+compiled the same graph. Deterministic ski rental never pays more than twice the best
+choice made knowing the future.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import sys
 import threading
+import time
 import warnings
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -195,3 +206,106 @@ def _warn_recompile_limit(what: str, doing: str) -> None:
         f"torch.compile's recompile limit is reached (too many different {what} in one "
         f"process); {doing} eagerly"
     )
+
+
+# -- when compiling pays (compile="auto") ------------------------------------------------------
+
+#: how much faster a compiled decode step is than an eager one, and what compiling a model's
+#: decode step and prefill costs per layer, in seconds, with inductor's on-disk cache empty
+#: ("cold") and holding the graphs ("warm": a second process), for a model whose step did not
+#: compile in this process yet. Measured on SmolLM2-135M int4 (30 layers), 2 cores,
+#: ``bench/decode.py``.
+SPEEDUP = 2.5
+COMPILE_S_PER_LAYER = {"cold": 4.0, "warm": 0.5}
+#: eager steps between two decisions, and before the first one on a model never timed
+CHECK_EVERY = 16
+
+
+def compile_pays(step_s: float | None, tokens: int, compile_s: float) -> bool:
+    """Whether compiling has paid for itself: ``tokens`` eager steps of ``step_s`` seconds
+    each (those this model already decoded eagerly in this process, and those its current
+    call still has to) would save at least ``compile_s`` seconds at :data:`SPEEDUP`. False
+    while no eager step was timed (``step_s`` None)."""
+    return step_s is not None and tokens * step_s * (1 - 1 / SPEEDUP) >= compile_s
+
+
+@dataclass
+class _Use:
+    """A model's eager single-row decoding in this process, and the cache lengths whose
+    compiled step it has run."""
+
+    steps: int = 0
+    seconds: float = 0.0
+    compiled: set[int] | None = None
+
+    @property
+    def step_s(self) -> float | None:
+        return self.seconds / self.steps if self.steps else None
+
+
+_uses: weakref.WeakKeyDictionary[GPT, _Use] = weakref.WeakKeyDictionary()
+
+
+def _marker(model: GPT, cache_len: int) -> Path:
+    """A file in inductor's on-disk cache whose presence says that some process compiled
+    this model's graphs for ``cache_len`` (inductor's own keys are not public)."""
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    layers = sorted({type(m).__name__ for m in model.modules()})
+    what = f"{torch.__version__} {model.config.to_dict()} {layers} {cache_len}"
+    key = hashlib.sha256(what.encode()).hexdigest()[:24]
+    return Path(cache_dir()) / "gptkit" / f"decode-{key}"
+
+
+def compile_cost(model: GPT, cache_len: int) -> float:
+    """Seconds the first compiled call of ``model`` on a cache of ``cache_len`` would add:
+    none where this process compiled it, warm where inductor's cache holds it, else cold."""
+    use = _uses.get(model)
+    if use is not None and use.compiled and cache_len in use.compiled:
+        return 0.0
+    warm = _marker(model, cache_len).exists()
+    return COMPILE_S_PER_LAYER["warm" if warm else "cold"] * model.config.n_layer
+
+
+class AutoCompile:
+    """``compile="auto"`` for one decoding call of ``model`` (see the module docstring):
+    :meth:`decide` before the prefill, then :meth:`eager_step` for each eager single-row
+    step, which says when to switch to compiled steps. Only single rows on the CPU compile."""
+
+    def __init__(self, model: GPT):
+        self.model = model
+        self.use = _uses.setdefault(model, _Use())
+        self.cpu = next(model.parameters()).device.type == "cpu"
+
+    def decide(self, batch: int, tokens_left: int, cache_len: int) -> bool:
+        """Whether to compile from now on, for a call with ``tokens_left`` steps to go."""
+        if batch != 1 or not self.cpu:
+            return False
+        cost = compile_cost(self.model, cache_len)
+        return cost == 0 or compile_pays(self.use.step_s, self.use.steps + tokens_left, cost)
+
+    def eager_step(
+        self, step: Callable[[], Tensor], tokens_left: int, cache_len: int
+    ) -> tuple[Tensor, bool]:
+        """Run and time one eager single-row step; its logits, and whether to compile the
+        next ones."""
+        t0 = time.perf_counter()
+        logits = step()
+        self.use.seconds += time.perf_counter() - t0
+        self.use.steps += 1
+        check = self.use.steps % CHECK_EVERY == 0
+        return logits, check and self.decide(1, tokens_left, cache_len)
+
+
+def note_compiled(model: GPT, cache_len: int) -> None:
+    """Note that a compiled step of ``model`` ran on a cache of ``cache_len``: in this
+    process (compiling it again is free) and in inductor's on-disk cache (for the next)."""
+    use = _uses.setdefault(model, _Use())
+    if use.compiled is None:
+        use.compiled = set()
+    if cache_len not in use.compiled:
+        use.compiled.add(cache_len)
+        with contextlib.suppress(OSError):
+            marker = _marker(model, cache_len)
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.touch()

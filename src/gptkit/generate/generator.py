@@ -49,7 +49,13 @@ from torch import Tensor
 from gptkit.config import SampleConfig
 from gptkit.errors import GptkitError
 from gptkit.generate.beam import BeamConfig, beam_generate, refuse_with_beams
-from gptkit.generate.compiled import compiled_cache_len, compiled_step, warn_at_caller
+from gptkit.generate.compiled import (
+    AutoCompile,
+    compiled_cache_len,
+    compiled_step,
+    note_compiled,
+    warn_at_caller,
+)
 from gptkit.generate.constrain import Grammar, constrained
 from gptkit.generate.core import (
     FinishReason,
@@ -102,7 +108,7 @@ class Decoder:
         use_cache: bool = True,
         vocab_size: int | None = None,
         seeds: Sequence[int | None] | None = None,
-        compile: bool = False,
+        compile: bool | Literal["auto"] = False,
         tokenizer: Tokenizer | None = None,
     ):
         self.model, self.cfg = model, cfg
@@ -110,7 +116,8 @@ class Decoder:
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         self.use_cache = use_cache
-        self.compile = compile
+        self.auto = AutoCompile(model) if compile == "auto" else None
+        self.compile = compile is True
         self._compiled_shape: tuple[int, int] | None = None  # (B, cache length) last compiled
         V = self.config.vocab_size
         # A model's embedding may be padded past its tokenizer; never sample the padding ids.
@@ -254,7 +261,10 @@ class Decoder:
         # Room for the longest prompt plus every token that will be fed back (the last
         # sampled token never is); past the context, the window slides instead.
         need = max(len(p) for p in prompts) + self.cfg.max_new_tokens - 1
-        if self.compile:
+        if self.auto is not None:  # a compiled length, should a later step switch
+            need = compiled_cache_len(need)
+            self.compile = self.auto.decide(len(prompts), self.cfg.max_new_tokens - 1, need)
+        elif self.compile:
             need = compiled_cache_len(need)
         self.cache = KVCache(self.config, len(prompts), need, self.device, self.dtype)
         return prefill(self.model, prompts, self.cache, compile=self.compile)
@@ -280,8 +290,15 @@ class Decoder:
             logits = compiled_step(self.model, x, cache, self._compiled_shape == shape)
             if logits is not None:
                 self._compiled_shape = shape
+                note_compiled(self.model, cache.max_len)
                 return logits
-            self.compile = False
+            self.compile, self.auto = False, None
+        if self.auto is not None and len(rows) == 1:
+            left = self.cfg.max_new_tokens - len(rows[0].generated)
+            logits, self.compile = self.auto.eager_step(
+                lambda: step(self.model, tokens, cache), left, cache.max_len
+            )
+            return logits
         return step(self.model, tokens, cache)  # (B, V)
 
     def _refill(self, batch_rows: list[int]) -> None:
@@ -325,7 +342,7 @@ def generate_ids(
     use_cache: bool = True,
     vocab_size: int | None = None,
     seeds: Sequence[int | None] | None = None,
-    compile: bool = False,
+    compile: bool | Literal["auto"] = False,
 ) -> Decoder:
     """Decode token ids for a batch of prompts, one step per ``next()``.
 
@@ -338,7 +355,8 @@ def generate_ids(
         vocab_size: sample only ids below this (the tokenizer's size, when the model's
             embedding is padded past it).
         seeds: one seed per row, overriding ``cfg.seed`` (None in it: a fresh random seed).
-        compile: run the decode steps through ``torch.compile`` (see the module docstring).
+        compile: run the decode steps through ``torch.compile``; "auto" where it pays (see
+            the module docstring).
 
     Returns:
         A :class:`Decoder`: iterate it for lists of :class:`TokenEvent`, call
@@ -407,7 +425,7 @@ def generate(
     stop_at_eos: bool = True,
     context_policy: str = "slide",
     use_cache: bool = True,
-    compile: bool = False,
+    compile: bool | Literal["auto"] = "auto",
     tool: Callable[[str], str | None] | None = None,
     presence_penalty: float = 0.0,
     frequency_penalty: float = 0.0,
@@ -440,7 +458,14 @@ def generate(
         context_policy: "slide" or "error", for text longer than the model's context.
         use_cache: False recomputes every step without the KV cache (slow; the reference).
         compile: decode a single prompt through torch.compile (faster per token after a
-            one-off compilation; see :mod:`gptkit.generate.generator`).
+            one-off compilation; see :mod:`gptkit.generate.generator`). "auto" (the
+            default) compiles once it pays for its compilation on the CPU: once the time
+            this model's eager single-prompt steps in this process would have saved,
+            counting the steps this call has to go, reaches what compiling costs there
+            (nothing when this process compiled it, little when inductor's on-disk cache
+            holds it from an earlier process, most when cold); a few one-off calls then
+            stay eager and a session of many calls compiles (the numbers and the rule:
+            :mod:`gptkit.generate.compiled`). False never compiles, True always does.
         tool: called with a row's text so far after every new token; a string it returns
             is encoded and written into that row next, in place of sampled tokens (for
             example :func:`gptkit.eval.calculator.calculator`). Its tokens count toward
@@ -557,7 +582,7 @@ def stream(
     stop_at_eos: bool = True,
     context_policy: str = "slide",
     use_cache: bool = True,
-    compile: bool = False,
+    compile: bool | Literal["auto"] = "auto",
     tool: Callable[[str], str | None] | None = None,
     presence_penalty: float = 0.0,
     frequency_penalty: float = 0.0,
@@ -614,7 +639,7 @@ def decode_text(
     cfg: SampleConfig,
     *,
     use_cache: bool = True,
-    compile: bool = False,
+    compile: bool | Literal["auto"] = "auto",
     tool: Callable[[str], str | None] | None = None,
 ) -> Iterator[tuple[int, str]]:
     """``(index, piece)`` text of every prompt as it comes, sampled by ``cfg`` (the text API

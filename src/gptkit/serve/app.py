@@ -375,6 +375,8 @@ def serve(
     max_context: int | None = None,
     device: str = "cpu",
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info",
+    quantize: Literal["auto", "none", "bf16", "int8", "int4"] = "auto",
+    compile: bool = True,
 ) -> None:
     """Serve a model over an OpenAI-compatible HTTP API, with a web chat page at /.
 
@@ -396,6 +398,10 @@ def serve(
         max_context: use at most this many tokens of the model's context.
         device: cpu, cuda, mps.
         log_level: uvicorn's log level.
+        quantize: quantize the weights on load (see `gptkit quantize`); auto keeps a
+            quantized GGUF quantized (Q4_* as int4, Q8_0 as int8), none loads it as fp32.
+        compile: decode a lone request through torch.compile, once its graph is compiled
+            in the background (requests are served eagerly meanwhile).
     """
     import uvicorn
 
@@ -409,10 +415,17 @@ def serve(
         if value is not None and value < 1:
             raise GptkitError(f"{flag} must be at least 1, got {value}")
     _check_address(host, port)  # before the model loads, so that a busy port fails fast
-    net, tok = load(model, device=device)
+    net, tok = load(model, device=device, quantize=quantize)
     if tok is None:
         raise GptkitError(f"{model} has no tokenizer; serving needs one")
-    engine = Engine(net, tok, max_batch=max_batch, max_queue=max_queue, max_context=max_context)
+    engine = Engine(
+        net,
+        tok,
+        max_batch=max_batch,
+        max_queue=max_queue,
+        max_context=max_context,
+        compile=compile,
+    )
     name = model_name or model
     app = create_app(
         engine,

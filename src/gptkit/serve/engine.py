@@ -19,6 +19,12 @@ Each row keeps its own position (``KVCache.pos``), so rows of different lengths 
 one forward: a query attends to the slots up to its own position only. The pool's length
 grows by doubling as rows need it, up to the context, so idle capacity costs no memory.
 
+With ``compile=True`` (the server's default), a step with one active row runs through the
+compiled decode step of :mod:`gptkit.generate.compiled` (the bulk of requests when clients
+come one at a time). Its graph is made per pool length in a background thread, on a scratch
+cache of the same shape, while the engine keeps decoding eagerly: no request waits for a
+compilation, and the step switches once the graph is ready.
+
 The engine adds only scheduling to the decoding core (:mod:`gptkit.generate.core`): each
 request is a core :class:`~gptkit.generate.core.Row` (its own SampleConfig, seed, penalties,
 stop strings and streaming text), and the prefill, step and sampling are the core's. It
@@ -43,6 +49,7 @@ from torch import Tensor
 
 from gptkit.config import SampleConfig
 from gptkit.errors import GptkitError
+from gptkit.generate.compiled import compiled_step
 from gptkit.generate.core import Row, prefill, step
 from gptkit.model import GPT, KVCache
 from gptkit.tokenizer.base import Tokenizer
@@ -175,6 +182,8 @@ class Engine:
         max_batch: at most this many requests decode together.
         max_queue: at most this many requests wait for a row; more raise :class:`QueueFull`.
         max_context: use at most this many positions of the model's context.
+        compile: run single-row steps compiled, once each pool length's graph is compiled
+            (in a background thread; see the module docstring).
     """
 
     def __init__(
@@ -185,6 +194,7 @@ class Engine:
         max_batch: int = 16,
         max_queue: int = 64,
         max_context: int | None = None,
+        compile: bool = False,
     ):
         if max_batch < 1 or max_queue < 0:
             raise EngineError("max_batch must be >= 1 and max_queue >= 0")
@@ -206,6 +216,8 @@ class Engine:
         self._wake = threading.Condition(self._lock)
         self._running = False
         self._thread: threading.Thread | None = None
+        self.compile = compile
+        self._graphs: dict[int, threading.Thread | None] = {}  # pool length -> compiling, or ready
 
     # -- life cycle --------------------------------------------------------------------
 
@@ -358,7 +370,7 @@ class Engine:
         assert self._pool is not None  # made by the first prefill
         pool = self._ensure_capacity(int(self._pool.pos[:n].max()) + 1)
         try:
-            logits = step(self.model, [r.pending for r in self._rows], pool.rows(0, n))
+            logits = self._forward([r.pending for r in self._rows], pool.rows(0, n))
         except Exception:
             for b in reversed(range(n)):  # nothing to tell the rows apart: all fail
                 self._fail(self._rows[b], "decode", row=b)
@@ -366,6 +378,37 @@ class Engine:
         pool.pos[:n] += 1
         self.stats.steps += 1
         self._sample_rows(logits, range(n))
+
+    def _forward(self, tokens: list[int], rows: KVCache) -> Tensor:
+        """Logits (B, V) of one decode step over ``rows``: compiled for a single row whose pool
+        length has its graph, else eager (starting that graph's compilation)."""
+        if self.compile and len(tokens) == 1:
+            length = rows.max_len
+            if length not in self._graphs:
+                self._graphs[length] = threading.Thread(
+                    target=self._compile, args=(length,), name="gptkit-compile", daemon=True
+                )
+                self._graphs[length].start()  # type: ignore[union-attr]
+            elif self._graphs[length] is None:
+                x = torch.tensor(tokens, device=self.device)[:, None]
+                logits = compiled_step(self.model, x, rows)
+                if logits is not None:
+                    return logits
+                self.compile = False  # torch compiles no more graphs: stay eager
+        return step(self.model, tokens, rows)
+
+    def _compile(self, length: int) -> None:
+        """Compile the single-row step for a pool of ``length`` positions, on a scratch cache
+        of that shape (the graph depends on shapes only), then mark it ready."""
+        with torch.inference_mode():
+            scratch = KVCache(self.config, 1, length, self.device, self.dtype)
+            x = torch.zeros(1, 1, dtype=torch.long, device=self.device)
+            try:
+                done = compiled_step(self.model, x, scratch) is not None
+            except Exception:  # the eager step serves on; compiling is only faster
+                done = False
+        if done:
+            self._graphs[length] = None
 
     def _sample_rows(self, logits: Tensor, rows: range) -> None:
         """Sample the next token of each row, stream its text and retire finished rows.
