@@ -71,6 +71,8 @@ def generate_cmd(
     early_stopping: Literal["false", "true", "never"] = "false",
     num_return_sequences: int = 1,
     no_repeat_ngram_size: int = 0,
+    draft: str | None = None,
+    draft_tokens: int = 4,
 ) -> None:
     r"""Generate text from a prompt (several prompts are batched together).
 
@@ -110,6 +112,10 @@ def generate_cmd(
             certain (never); as transformers.
         num_return_sequences: print the best this many beams of each prompt.
         no_repeat_ngram_size: > 0: no n-gram of this size occurs twice in a beam.
+        draft: speculative decoding, the same text faster: a smaller model with the same
+            tokenizer (any source gptkit loads), int4 (the model quantized to int4 drafts
+            for itself; load it as bf16 or fp32), or lookup (n-gram matches in the text).
+        draft_tokens: tokens the draft proposes per forward of the model.
     """
     from gptkit.checkpoint import load
     from gptkit.generate import generate
@@ -137,6 +143,8 @@ def generate_cmd(
         json_schema=read_json(json_schema, "--json-schema") if json_schema else None,
         regex=regex,
         choices=choice,
+        draft=draft,
+        draft_tokens=draft_tokens,
     )
     if num_beams > 1 or num_return_sequences > 1:
         beams = dict(

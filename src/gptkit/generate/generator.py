@@ -41,7 +41,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import Tensor
@@ -71,6 +71,9 @@ from gptkit.generate.core import (
 from gptkit.generate.logprobs import Generation, token_text, top_dict
 from gptkit.model import GPT, KVCache
 from gptkit.tokenizer.base import Tokenizer
+
+if TYPE_CHECKING:
+    from gptkit.generate.speculative import DraftSource
 
 
 @dataclass(frozen=True)
@@ -440,6 +443,8 @@ def generate(
     early_stopping: bool | Literal["never"] = False,
     num_return_sequences: int = 1,
     no_repeat_ngram_size: int = 0,
+    draft: DraftSource | None = None,
+    draft_tokens: int = 4,
 ) -> str | list[str] | list[list[str]] | Generation | list[Generation]:
     """Continue ``prompt`` (or each prompt of a list, batched) and return only the new text.
 
@@ -489,6 +494,12 @@ def generate(
         length_penalty, early_stopping, no_repeat_ngram_size: beam search's settings,
             as transformers names them (see :class:`~gptkit.generate.beam.BeamConfig`).
         num_return_sequences: the best this many beams are returned (<= num_beams).
+        draft: decode by speculation (:mod:`gptkit.generate.speculative`): a smaller model
+            with the same tokenizer (a GPT, or any source ``gptkit.load`` reads), "int4"
+            (the model quantized to int4 drafts for itself) or "lookup" (n-gram matches in
+            the context). The text is the one decoding without it gives (greedy: token for
+            token; sampling: by the same distribution); prompts run one by one.
+        draft_tokens: the draft's proposals per round (k).
 
     Returns:
         The continuation, or a list of them for a list of prompts (with ``details``, a
@@ -539,6 +550,8 @@ def generate(
         json_schema=json_schema,
         regex=regex,
         choices=choices,
+        draft=draft,
+        draft_tokens=draft_tokens,
     )
     parts: list[list[str]] = [[] for _ in prompts]
     for row, piece in pieces:
@@ -592,6 +605,8 @@ def stream(
     regex: str | None = None,
     choices: list[str] | None = None,
     num_beams: int = 1,
+    draft: DraftSource | None = None,
+    draft_tokens: int = 4,
 ) -> Iterator[Any]:
     """Like :func:`generate` (without ``details``), but yields the text as it comes:
     ``"".join(stream(...)) == generate(...)`` for the same arguments. For a list of prompts
@@ -628,6 +643,8 @@ def stream(
         use_cache=use_cache,
         compile=compile,
         tool=tool,
+        draft=draft,
+        draft_tokens=draft_tokens,
     )
     return (piece for _, piece in pieces) if single else pieces
 
@@ -641,11 +658,30 @@ def decode_text(
     use_cache: bool = True,
     compile: bool | Literal["auto"] = "auto",
     tool: Callable[[str], str | None] | None = None,
+    draft: DraftSource | None = None,
+    draft_tokens: int = 4,
 ) -> Iterator[tuple[int, str]]:
     """``(index, piece)`` text of every prompt as it comes, sampled by ``cfg`` (the text API
-    of :class:`Decoder`; :func:`stream` builds ``cfg`` from its keywords). Bad arguments
-    raise here, before the first piece."""
+    of :class:`Decoder`, or with a ``draft`` of the speculative decoder; :func:`stream`
+    builds ``cfg`` from its keywords). Bad arguments raise here, before the first piece."""
     ids = [prompt_ids(tokenizer, p, i) for i, p in enumerate(prompts)]
+    if draft is not None:
+        from gptkit.generate.speculative import SpeculativeDecoder, make_draft  # built on this
+
+        if tool is not None or not use_cache:
+            raise GptkitError("a draft decodes with the KV cache and without a tool; drop one")
+        speculative = SpeculativeDecoder(
+            model,
+            ids,
+            cfg,
+            make_draft(model, tokenizer, draft, compile is True),
+            draft_tokens,
+            eos_id=tokenizer.eos_id,
+            vocab_size=tokenizer.vocab_size,
+            compile=compile is True,
+            tokenizer=tokenizer,
+        )
+        return TextStream(speculative, _text_pieces(speculative))  # type: ignore[arg-type]
     decoder = Decoder(
         model,
         ids,

@@ -84,6 +84,13 @@ class KVCache:
         self.v = [v[index] for v in self.v]
         self.set_pos(self.pos[index])
 
+    def rewind(self, length: int) -> None:
+        """Forget every slot from ``length`` on: a row holding more tokens goes back to
+        ``length`` (speculative decoding drops the draft tokens the model rejected). The
+        slots keep their values until the next forward overwrites them; no query sees them
+        before that, as with padding."""
+        self.set_pos(self.pos.clamp(max=length))
+
     def move_row(self, src: int, dst: int) -> None:
         """Copy row ``src`` (its written slots and position) into row ``dst``."""
         used = int(self.pos[src])
