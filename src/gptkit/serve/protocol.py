@@ -4,9 +4,13 @@ Field names, defaults and bounds follow the OpenAI API reference (Completions, C
 Completions, Models; https://platform.openai.com/docs/api-reference), as vLLM's
 ``entrypoints/openai/protocol.py`` does, so the official ``openai`` client talks to gptkit
 unchanged. Two liberties, both vLLM's too: ``model`` may be left out (the server has one
-model), and ``top_k`` is accepted as an extension. Parameters that would change the answer
-in ways gptkit does not implement (``logprobs``, ``echo``, ``tools``, ...) are refused with
-a 400 rather than silently ignored; harmless ones (``user``, ``store``, ...) are ignored.
+model), and ``top_k``, ``min_p`` and ``repetition_penalty`` are accepted as extensions.
+Log-probabilities follow the API's two schemas: chat's ``logprobs.content`` (token, logprob,
+bytes, top_logprobs) and completions' legacy ``tokens``/``token_logprobs``/``top_logprobs``/
+``text_offset``, where ``echo`` with ``logprobs`` scores the prompt. Parameters that would
+change the answer in ways gptkit does not implement (``tools``, ``logit_bias``, ...) are
+refused with a 400 rather than silently ignored; harmless ones (``user``, ``store``, ...)
+are ignored.
 
 Beam search is vLLM's former extension: ``use_beam_search: true`` searches ``best_of`` beams
 (default ``n``) and returns the best ``n``, with ``length_penalty`` and ``early_stopping``. It
@@ -53,9 +57,6 @@ class ErrorResponse(BaseModel):
 #: request fields gptkit does not implement -> the test a value must pass to be accepted
 #: (the field's "off" value, which clients often send explicitly)
 _UNSUPPORTED: dict[str, Any] = {
-    "logprobs": lambda v: v in (None, False, 0),
-    "top_logprobs": lambda v: v in (None, 0),
-    "echo": lambda v: v in (None, False),
     "suffix": lambda v: v in (None, ""),
     "logit_bias": lambda v: not v,
     "tools": lambda v: not v,
@@ -133,6 +134,8 @@ class _SamplingRequest(BaseModel):
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, ge=0.0, le=1.0)
     top_k: int | None = Field(default=None, ge=1)  # an extension (vLLM's)
+    min_p: float | None = Field(default=None, ge=0.0, le=1.0)  # an extension (vLLM's)
+    repetition_penalty: float = Field(default=1.0, gt=0.0)  # an extension (vLLM's)
     n: int = Field(default=1, ge=1, le=128)
     stop: str | list[str] | None = None
     seed: int | None = Field(default=None, ge=0, le=_SEED_MAX)
@@ -219,7 +222,14 @@ class CompletionRequest(_SamplingRequest):
     list of token-id lists; each prompt gets ``n`` choices."""
 
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(default=None, ge=1)  # None: 16, the OpenAI API's default
+    # None: 16, the OpenAI API's default; 0 generates nothing (with echo: score the prompt)
+    max_tokens: int | None = Field(default=None, ge=0)
+    logprobs: int | None = Field(default=None, ge=0, le=20)  # top alternatives per token
+    echo: bool = False  # the prompt comes back before the text (and is scored, with logprobs)
+
+    def alternatives(self) -> int | None:
+        """How many alternatives each token's logprobs show; None: no logprobs."""
+        return self.logprobs
 
     @field_validator("prompt", mode="wrap")
     @classmethod
@@ -278,6 +288,18 @@ class ChatCompletionRequest(_SamplingRequest):
 
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+
+    @model_validator(mode="after")
+    def _check_top_logprobs(self) -> ChatCompletionRequest:
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        return self
+
+    def alternatives(self) -> int | None:
+        """How many alternatives each token's logprobs show; None: no logprobs."""
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     def token_limit(self) -> int | None:
         """``max_completion_tokens`` (the newer name) or ``max_tokens``; None: no limit."""
@@ -312,10 +334,21 @@ class Usage(BaseModel):
         )
 
 
+class CompletionLogprobs(BaseModel):
+    """The legacy completions schema: per token its text, log-probability (None for a
+    prompt's first token), top alternatives as ``{text: logprob}``, and character offset in
+    the choice's text."""
+
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: FinishReason | None = None
 
 
@@ -331,6 +364,24 @@ class Completion(BaseModel):
     system_fingerprint: str | None = None
 
 
+class TopLogprob(BaseModel):
+    """A token of the chat schema: its text, log-probability and UTF-8 bytes."""
+
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    """``choices[i].logprobs`` of a chat completion (and of a streamed chunk)."""
+
+    content: list[ChatTokenLogprob] | None = None
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str
@@ -339,7 +390,7 @@ class AssistantMessage(BaseModel):
 class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: FinishReason | None = None
 
 
@@ -361,7 +412,7 @@ class Delta(BaseModel):
 class ChatChunkChoice(BaseModel):
     index: int
     delta: Delta
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: FinishReason | None = None
 
     @field_serializer("delta")

@@ -8,8 +8,14 @@ vLLM's ``entrypoints/openai/serving_*.py`` are the reference layout. A request b
     CompletionRequest ─► prompts ─► ids ───────────┤   n choices per prompt, choice j seeded
                                                    ├─► seed + j ─► Engine.submit ─► Job
     OpenAI sampling fields ─► openai_sampling() ───┘
-    Job ─► result(): ChatCompletion | Completion     (usage, finish_reason)
+    Job ─► result(): ChatCompletion | Completion     (usage, finish_reason, logprobs)
     Job ─► chunks(): ChatCompletionChunk | Completion pieces, then an optional usage chunk
+
+Log-probabilities come from the engine's rows (each :class:`Request` is a core ``Row`` that
+scores its tokens when its SampleConfig's ``logprobs`` is set; a final eos token is left out,
+as it is not part of the text). ``echo`` on completions scores the prompt with one uncached
+forward (:func:`~gptkit.generate.logprobs.prompt_logprobs`); with ``max_tokens: 0`` nothing
+is generated, which is how evaluation harnesses score a given text.
 
 :func:`openai_sampling` is the one place where the API's field names (``max_tokens``,
 ``presence_penalty``, ...) become a :class:`~gptkit.config.SampleConfig`. Failures are
@@ -20,8 +26,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import threading
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -32,6 +39,7 @@ from gptkit.errors import GptkitError
 from gptkit.generate.beam import Beam, BeamConfig, generate_beams
 from gptkit.generate.constrain import Grammar, constrained, grammar_text
 from gptkit.generate.core import check_prompt, prompt_ids
+from gptkit.generate.logprobs import TokenLogprob, prompt_logprobs, token_text
 from gptkit.serve.engine import (
     Chunk,
     Engine,
@@ -48,11 +56,16 @@ from gptkit.serve.protocol import (
     ChatCompletion,
     ChatCompletionChunk,
     ChatCompletionRequest,
+    ChatLogprobs,
+    ChatTokenLogprob,
     Completion,
     CompletionChoice,
+    CompletionLogprobs,
     CompletionRequest,
     Delta,
+    FinishReason,
     ModelCard,
+    TopLogprob,
     Usage,
     new_id,
     now,
@@ -94,10 +107,13 @@ def openai_sampling(
     temperature: float = 1.0,
     top_p: float = 1.0,
     top_k: int | None = None,
+    min_p: float | None = None,
     seed: int | None = None,
+    repetition_penalty: float = 1.0,
     presence_penalty: float = 0.0,
     frequency_penalty: float = 0.0,
     stop: Sequence[str] = (),
+    logprobs: int | None = None,
 ) -> SampleConfig:
     """The OpenAI API's sampling fields (and defaults) as a :class:`SampleConfig`.
 
@@ -114,10 +130,13 @@ def openai_sampling(
             temperature=temperature,
             top_p=top_p,
             top_k=top_k,
+            min_p=min_p,
             seed=seed,
+            repetition_penalty=repetition_penalty,
             presence_penalty=presence_penalty,
             frequency_penalty=frequency_penalty,
             stop=stop,  # type: ignore[arg-type]  # SampleConfig makes a tuple
+            logprobs=logprobs,
         )
     except GptkitError as e:
         raise EngineError(str(e)) from None
@@ -136,6 +155,8 @@ class Job:
     include_usage: bool
     id: str
     created: int
+    logprobs: int | None = None  # top alternatives per token; None: no logprobs asked for
+    echoes: list[Echo] | None = None  # per choice, its prompt given back (completions)
     beams: asyncio.Future[list[Beam]] | None = None  # use_beam_search: the choices to come
 
     def cancel(self) -> None:
@@ -145,8 +166,32 @@ class Job:
             self.beams.cancel()
 
 
+@dataclass
+class Echo:
+    """A completion choice's prompt as ``echo`` gives it back: its text, ids, and their
+    scores (the first None) when ``logprobs`` is asked for."""
+
+    text: str
+    ids: list[int]
+    scores: list[TokenLogprob | None]
+
+
 def finish_reason(chunk: Chunk) -> Literal["stop", "length"]:
     return "length" if chunk.finish_reason == "length" else "stop"
+
+
+def finite(logprob: float) -> float:
+    """JSON has no -inf: an impossible token's logprob is clamped to -9999 (as vLLM does)."""
+    return max(logprob, -9999.0)
+
+
+def scored_tokens(req: Request, start: int, chunk: Chunk) -> list[TokenLogprob]:
+    """The scores of ``req``'s tokens from ``start`` up to ``chunk``; an eos that ends the
+    request is left out (it is not part of the text)."""
+    end = chunk.completion_tokens
+    if chunk.finish_reason is not None and req.finish_reason == "eos":
+        end -= 1
+    return req.scores[start:end]
 
 
 class Serving:
@@ -190,7 +235,9 @@ class Serving:
             ids = await asyncio.to_thread(encode)
         except GptkitError as e:
             raise ServingError(str(e), param="messages") from None
-        return self._submit(True, [ids], body, "messages")
+        job = self._submit(True, [ids], body, "messages")
+        job.logprobs = body.alternatives()
+        return job
 
     async def start_completion(self, body: CompletionRequest) -> Job:
         """Encode every prompt (text or ids) and submit ``n`` choices for each."""
@@ -205,9 +252,31 @@ class Serving:
 
         try:
             prompts = await asyncio.to_thread(encode)
+            echoes = await self._echoes(body, prompts) if body.echo else None
         except GptkitError as e:
             raise ServingError(str(e), param="prompt") from None
-        return self._submit(False, prompts, body, "prompt")
+        if body.max_tokens == 0:  # nothing to generate: the echo (if any) is the answer
+            echoes = echoes or [Echo("", [], [])] * (len(prompts) * body.n)
+            tokens = sum(map(len, prompts))
+            job = Job(False, [], tokens, body.include_usage(), new_id("cmpl"), now())
+        else:
+            job = self._submit(False, prompts, body, "prompt")
+        job.logprobs, job.echoes = body.alternatives(), echoes
+        return job
+
+    async def _echoes(self, body: CompletionRequest, prompts: list[list[int]]) -> list[Echo]:
+        """Each choice's prompt, scored when ``logprobs`` is asked for (one uncached forward
+        per prompt, in a thread)."""
+        echoes = []
+        for i, (ids, given) in enumerate(zip(prompts, body.prompts(), strict=True)):
+            check_prompt(i, ids, self.engine.vocab)
+            scores: list[TokenLogprob | None] = []
+            if body.logprobs is not None:
+                model, k, vocab = self.engine.model, body.logprobs, self.engine.vocab
+                scores = await asyncio.to_thread(prompt_logprobs, model, ids, k, vocab)
+            text = given if isinstance(given, str) else self.tokenizer.decode(ids)
+            echoes += [Echo(text, ids, scores)] * body.n
+        return echoes
 
     def sampling(self, body: AnyRequest, choice: int) -> SampleConfig:
         """Choice ``choice``'s parameters. Choice j of n gets seed + j: n seeded choices
@@ -228,10 +297,13 @@ class Serving:
                 temperature=body.temperature,
                 top_p=body.top_p,
                 top_k=body.top_k,
+                min_p=body.min_p,
                 seed=None if body.seed is None else (body.seed + choice) % 2**63,
+                repetition_penalty=body.repetition_penalty,
                 presence_penalty=body.presence_penalty,
                 frequency_penalty=body.frequency_penalty,
                 stop=body.stop_strings(),
+                logprobs=body.alternatives(),
             )
         except GptkitError as e:
             raise ServingError(str(e)) from None
@@ -381,14 +453,16 @@ class Serving:
         if len(ends) != len(job.requests):
             raise GenerationFailed("a request ended without a reply")
         usage = Usage.of(job.prompt_tokens, sum(c.completion_tokens for c in ends))
+        scores = [scored_tokens(r, 0, c) for r, c in zip(job.requests, ends, strict=True)]
         if job.chat:
             chat_choices = [
                 ChatChoice(
                     index=i,
                     message=AssistantMessage(content="".join(t)),
+                    logprobs=self.chat_logprobs(s) if job.logprobs is not None else None,
                     finish_reason=finish_reason(c),
                 )
-                for i, (t, c) in enumerate(zip(texts, ends, strict=True))
+                for i, (t, c, s) in enumerate(zip(texts, ends, scores, strict=True))
             ]
             return ChatCompletion(
                 id=job.id,
@@ -397,44 +471,125 @@ class Serving:
                 choices=chat_choices,
                 usage=usage,
             )
+        if not job.requests:  # max_tokens 0: the echoes alone
+            return self._completion(job, list(self._echo_choices(job, "length")), usage)
         choices = [
             CompletionChoice(index=i, text="".join(t), finish_reason=finish_reason(c))
             for i, (t, c) in enumerate(zip(texts, ends, strict=True))
         ]
+        echoes = job.echoes or [Echo("", [], [])] * len(choices)
+        for choice, echo, s in zip(choices, echoes, scores, strict=True):
+            choice.text = echo.text + choice.text
+            if job.logprobs is not None:
+                ids = echo.ids + [x.token for x in s]
+                choice.logprobs = self.completion_logprobs(ids, [*echo.scores, *s])
         return self._completion(job, choices, usage)
+
+    def _echo_choices(self, job: Job, reason: FinishReason | None) -> Iterator[CompletionChoice]:
+        """Each choice's echoed prompt as a choice of its own (its scores, when asked for)."""
+        for i, echo in enumerate(job.echoes or []):
+            logprobs = None
+            if job.logprobs is not None:
+                logprobs = self.completion_logprobs(echo.ids, echo.scores)
+            yield CompletionChoice(index=i, text=echo.text, logprobs=logprobs, finish_reason=reason)
+
+    def _top(self, token: int, logprob: float) -> TopLogprob:
+        text = token_text(self.tokenizer, token)
+        return TopLogprob(token=text, logprob=finite(logprob), bytes=list(text.encode()))
+
+    def chat_logprobs(self, scores: Sequence[TokenLogprob]) -> ChatLogprobs:
+        """Tokens in the chat schema: ``{token, logprob, bytes, top_logprobs}`` each."""
+        content = []
+        for s in scores:
+            chosen = self._top(s.token, s.logprob)
+            top = [self._top(t, lp) for t, lp in s.top]
+            content.append(ChatTokenLogprob(**chosen.model_dump(), top_logprobs=top))
+        return ChatLogprobs(content=content)
+
+    def completion_logprobs(
+        self, ids: Sequence[int], scores: Sequence[TokenLogprob | None], start: int = 0
+    ) -> CompletionLogprobs:
+        """Tokens in the legacy completions schema (a prompt's first token has no score:
+        None); ``text_offset`` counts the tokens' text from ``start``."""
+        tok = self.tokenizer
+        tokens = [token_text(tok, t) for t in ids]
+        logprobs: list[float | None] = []
+        tops: list[dict[str, float] | None] = []
+        for s in scores:
+            logprobs.append(None if s is None else finite(s.logprob))
+            tops.append(None if s is None else {token_text(tok, t): finite(lp) for t, lp in s.top})
+        offsets = list(itertools.accumulate(map(len, tokens), initial=start))[: len(tokens)]
+        return CompletionLogprobs(
+            tokens=tokens, token_logprobs=logprobs, top_logprobs=tops, text_offset=offsets
+        )
 
     async def chunks(self, job: Job) -> AsyncIterator[BaseModel]:
         """The streamed response: for chat, each choice's role first, then text pieces and
         one chunk with its finish_reason; for completions, pieces carrying the reason on the
-        last; then, when asked for, a chunk with the usage and no choices."""
+        last; then, when asked for, a chunk with the usage and no choices. With logprobs, a
+        chunk carries the scores of the tokens since the last one sent; an echoed prompt
+        comes first, one chunk per choice."""
         if job.chat:
             for i in range(len(job.requests)):
                 yield self._chat_chunk(
                     job, [ChatChunkChoice(index=i, delta=Delta(role="assistant", content=""))]
                 )
+        for echo in self._echo_choices(job, None if job.requests else "length"):
+            yield self._completion(job, [echo])
+        sent = [0] * len(job.requests)  # per choice, the tokens whose scores were sent
+        offsets = [len(e.text) for e in job.echoes or []] or sent.copy()  # text_offset so far
         generated = 0
         try:
             async with contextlib.aclosing(merged(job.requests)) as pieces:
                 async for i, piece in pieces:
                     reason = finish_reason(piece) if piece.finish_reason is not None else None
                     generated += piece.completion_tokens if reason is not None else 0
+                    if not piece.text and reason is None:
+                        continue  # the text is held back: its scores go with it
+                    scores = scored_tokens(job.requests[i], sent[i], piece)
+                    sent[i] = piece.completion_tokens
                     if job.chat:
-                        if piece.text:
-                            yield self._chat_chunk(
-                                job, [ChatChunkChoice(index=i, delta=Delta(content=piece.text))]
-                            )
-                        if reason is not None:
-                            yield self._chat_chunk(
-                                job, [ChatChunkChoice(index=i, delta=Delta(), finish_reason=reason)]
-                            )
-                    elif piece.text or reason is not None:
-                        choice = CompletionChoice(index=i, text=piece.text, finish_reason=reason)
-                        yield self._completion(job, [choice])
+                        for chunk in self._chat_pieces(job, i, piece.text, reason, scores):
+                            yield chunk
+                        continue
+                    logprobs = None
+                    if job.logprobs is not None:
+                        ids = [s.token for s in scores]
+                        logprobs = self.completion_logprobs(ids, scores, offsets[i])
+                        offsets[i] += sum(map(len, logprobs.tokens))
+                    choice = CompletionChoice(
+                        index=i, text=piece.text, logprobs=logprobs, finish_reason=reason
+                    )
+                    yield self._completion(job, [choice])
         except EngineError as e:
             raise GenerationFailed(str(e)) from None
         if job.include_usage:
             usage = Usage.of(job.prompt_tokens, generated)
             yield self._chat_chunk(job, [], usage) if job.chat else self._completion(job, [], usage)
+
+    def _chat_pieces(
+        self,
+        job: Job,
+        i: int,
+        text: str,
+        reason: FinishReason | None,
+        scores: list[TokenLogprob],
+    ) -> Iterator[ChatCompletionChunk]:
+        """Choice ``i``'s chunks for one piece: its text (with the scores of its tokens),
+        then the finish_reason (with any scores left) when the choice ends."""
+        logprobs = self.chat_logprobs(scores) if job.logprobs is not None else None
+        if text:
+            delta = Delta(content=text)
+            yield self._chat_chunk(job, [ChatChunkChoice(index=i, delta=delta, logprobs=logprobs)])
+            logprobs = None
+        if reason is not None:
+            end = ChatChunkChoice(
+                index=i,
+                delta=Delta(),
+                logprobs=logprobs if logprobs and logprobs.content else None,
+                finish_reason=reason,
+            )
+            yield self._chat_chunk(job, [end])
 
     def _chat_chunk(
         self, job: Job, choices: list[ChatChunkChoice], usage: Usage | None = None
