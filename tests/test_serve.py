@@ -379,9 +379,9 @@ BAD_REQUESTS = {
     "unsupported field": (
         "POST",
         CHAT,
-        body(logprobs=True),
+        body(logit_bias={"1": 5}),
         400,
-        "'logprobs' is not supported",
+        "'logit_bias' is not supported",
         None,
     ),
     "prompt too long": (
