@@ -279,6 +279,57 @@ class TrainConfig(_JsonMixin):
         return self.decay_steps if self.decay_steps is not None else self.max_steps
 
 
+GrammarKind = Literal["json_schema", "json_object", "regex", "choices"]
+
+
+@dataclass(frozen=True)
+class Grammar:
+    """What a row's text must match, as plain data (hashable, JSON-able).
+
+    Attributes:
+        kind: "json_schema" (``source`` is the schema as JSON text), "json_object" (any JSON
+            object), "regex" (``source`` is the pattern) or "choices" (``source`` is a JSON
+            list of the allowed strings).
+        source: the schema, pattern or choices; "" for "json_object".
+    """
+
+    kind: GrammarKind
+    source: str = ""
+
+    @classmethod
+    def of(
+        cls,
+        json_schema: dict[str, Any] | str | None = None,
+        regex: str | None = None,
+        choices: list[str] | None = None,
+    ) -> Grammar | None:
+        """The grammar named by at most one of the three keywords (None when none is)."""
+        given = [
+            n
+            for n, v in (("json_schema", json_schema), ("regex", regex), ("choices", choices))
+            if v is not None
+        ]
+        if len(given) > 1:
+            raise GptkitError(
+                f"give one of json_schema, regex and choices, not {' and '.join(given)}"
+            )
+        if json_schema is not None:
+            text = json_schema if isinstance(json_schema, str) else json.dumps(json_schema)
+            return cls("json_schema", text)
+        if regex is not None:
+            return cls("regex", regex)
+        if choices is not None:
+            if not choices or not all(isinstance(c, str) and c for c in choices):
+                raise GptkitError("choices must be a non-empty list of non-empty strings")
+            return cls("choices", json.dumps(list(choices), ensure_ascii=False))
+        return None
+
+    @property
+    def field(self) -> str:
+        """The name the user gave it by (for error messages)."""
+        return "json_schema" if self.kind == "json_object" else self.kind
+
+
 @dataclass(frozen=True)
 class SampleConfig(_JsonMixin):
     """How one sequence is decoded: THE per-request parameters of ``generate``, ``stream``,
@@ -296,7 +347,8 @@ class SampleConfig(_JsonMixin):
     probability p (Holtzman et al. 2020), ``min_p`` the tokens at least ``min_p`` times as
     likely as the most likely one (Nguyen et al. 2024, "min-p sampling"). ``logprobs``: record
     each generated token's log-probability and its ``logprobs`` most likely alternatives
-    (0 to 20; None: nothing is computed); see :mod:`gptkit.generate.logprobs`.
+    (0 to 20; None: nothing is computed); see :mod:`gptkit.generate.logprobs`. ``grammar``:
+    the text must match it (structured output; see :mod:`gptkit.generate.constrain`).
     """
 
     max_new_tokens: int = 200
@@ -312,8 +364,11 @@ class SampleConfig(_JsonMixin):
     stop_at_eos: bool = True
     context_policy: Literal["slide", "error"] = "slide"
     logprobs: int | None = None
+    grammar: Grammar | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.grammar, dict):  # from_dict of to_dict's output
+            object.__setattr__(self, "grammar", Grammar(**self.grammar))
         # One stop string may come bare, several as any sequence: always held as a tuple.
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
         object.__setattr__(self, "stop", stop)

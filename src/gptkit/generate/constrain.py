@@ -20,95 +20,21 @@ from __future__ import annotations
 import json
 import re
 import weakref
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import llguidance
 import numpy as np
 import torch
 from torch import Tensor
 
-from gptkit.config import SampleConfig
+from gptkit.config import Grammar, SampleConfig
 from gptkit.errors import GptkitError
 from gptkit.tokenizer.base import Tokenizer
 from gptkit.tokenizer.bpe import BPETokenizer
 
-GrammarKind = Literal["json_schema", "json_object", "regex", "choices"]
-
 # Fixed separators and no free whitespace: the text is compact, readable JSON, and a sampled
 # row cannot spend its tokens on blank space.
 _JSON_OPTIONS: Any = {"item_separator": ", ", "key_separator": ": ", "whitespace_flexible": False}
-
-
-@dataclass(frozen=True)
-class Grammar:
-    """What a row's text must match, as plain data (hashable, JSON-able).
-
-    Attributes:
-        kind: "json_schema" (``source`` is the schema as JSON text), "json_object" (any JSON
-            object), "regex" (``source`` is the pattern) or "choices" (``source`` is a JSON
-            list of the allowed strings).
-        source: the schema, pattern or choices; "" for "json_object".
-    """
-
-    kind: GrammarKind
-    source: str = ""
-
-    @classmethod
-    def of(
-        cls,
-        json_schema: dict[str, Any] | str | None = None,
-        regex: str | None = None,
-        choices: list[str] | None = None,
-    ) -> Grammar | None:
-        """The grammar named by at most one of the three keywords (None when none is)."""
-        given = [
-            n
-            for n, v in (("json_schema", json_schema), ("regex", regex), ("choices", choices))
-            if v is not None
-        ]
-        if len(given) > 1:
-            raise GptkitError(
-                f"give one of json_schema, regex and choices, not {' and '.join(given)}"
-            )
-        if json_schema is not None:
-            text = json_schema if isinstance(json_schema, str) else json.dumps(json_schema)
-            return cls("json_schema", text)
-        if regex is not None:
-            return cls("regex", regex)
-        if choices is not None:
-            if not choices or not all(isinstance(c, str) and c for c in choices):
-                raise GptkitError("choices must be a non-empty list of non-empty strings")
-            return cls("choices", json.dumps(list(choices), ensure_ascii=False))
-        return None
-
-    @property
-    def field(self) -> str:
-        """The name the user gave it by (for error messages)."""
-        return "json_schema" if self.kind == "json_object" else self.kind
-
-
-@dataclass(frozen=True)
-class ConstrainedConfig(SampleConfig):
-    """A :class:`SampleConfig` whose rows follow ``grammar`` (the decoding core reads it).
-
-    It travels wherever a SampleConfig does (``generate``, the serving engine's ``submit``,
-    ``replace``), so every decoding loop gets the grammar without a new parameter.
-    """
-
-    grammar: Grammar | None = None
-
-
-def constrained(cfg: SampleConfig, grammar: Grammar | None) -> SampleConfig:
-    """``cfg`` with ``grammar`` added (``cfg`` itself when there is none)."""
-    if grammar is None:
-        return cfg
-    fields = {k: getattr(cfg, k) for k in cfg.__dataclass_fields__}
-    return ConstrainedConfig(**{**fields, "grammar": grammar})
-
-
-def grammar_of(params: SampleConfig) -> Grammar | None:
-    return params.grammar if isinstance(params, ConstrainedConfig) else None
 
 
 # -- the engine's view of the tokenizer and the grammar -------------------------------------
@@ -225,7 +151,7 @@ def constraint_of(
     params: SampleConfig, tokenizer: Tokenizer | None, vocab_size: int
 ) -> Constraint | None:
     """The :class:`Constraint` of a row decoded with ``params`` (None without a grammar)."""
-    grammar = grammar_of(params)
+    grammar = params.grammar
     if grammar is None:
         return None
     if tokenizer is None:

@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from torch import Tensor
 
-from gptkit.config import SampleConfig
+from gptkit.config import Grammar, SampleConfig
 from gptkit.errors import GptkitError
 from gptkit.generate.beam import BeamConfig, beam_generate, refuse_with_beams
 from gptkit.generate.compiled import (
@@ -56,7 +56,6 @@ from gptkit.generate.compiled import (
     note_compiled,
     warn_at_caller,
 )
-from gptkit.generate.constrain import Grammar, constrained
 from gptkit.generate.core import (
     FinishReason,
     Row,
@@ -633,7 +632,7 @@ def stream(
         stop_at_eos=stop_at_eos,
         context_policy=context_policy,  # type: ignore[arg-type]
     )
-    cfg = constrained(cfg, Grammar.of(json_schema=json_schema, regex=regex, choices=choices))
+    cfg = cfg.replace(grammar=Grammar.of(json_schema=json_schema, regex=regex, choices=choices))
     single = isinstance(prompt, str)
     pieces = decode_text(
         model,

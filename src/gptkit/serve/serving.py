@@ -34,10 +34,10 @@ from typing import Literal
 
 from pydantic import BaseModel
 
-from gptkit.config import SampleConfig
+from gptkit.config import Grammar, SampleConfig
 from gptkit.errors import GptkitError
 from gptkit.generate.beam import Beam, BeamConfig, generate_beams
-from gptkit.generate.constrain import Grammar, constrained, grammar_text
+from gptkit.generate.constrain import grammar_text
 from gptkit.generate.core import check_prompt, prompt_ids
 from gptkit.generate.logprobs import TokenLogprob, prompt_logprobs, token_text
 from gptkit.serve.engine import (
@@ -331,7 +331,7 @@ class Serving:
         if body.use_beam_search:
             return self._beam_job(chat, prompts, body, param)
         grammar = self.grammar(body)
-        params = [constrained(self.sampling(body, j), grammar) for j in range(body.n)]
+        params = [self.sampling(body, j).replace(grammar=grammar) for j in range(body.n)]
         job = Job(
             chat,
             [],
