@@ -1,14 +1,19 @@
 """Batch-1 decoding and prefill of SmolLM2-135M: gptkit against transformers and llama.cpp.
 
 All three read the same file, ``models/SmolLM2-135M-Instruct.Q4_1.gguf`` (transformers and
-gptkit dequantize it; gptkit's int4 re-quantizes it onto the file's own grid), and see the
-same 200-token prompt (the start of tiny Shakespeare, as the anchor scripts in
+gptkit's fp32 dequantize it; gptkit's int4 re-quantizes it onto the file's own grid), and see
+the same 200-token prompt (the start of tiny Shakespeare, as the anchor scripts in
 ``../shared/anchors`` use). Measured, after a warm-up:
 
 - prefill: tokens/s of one forward over the prompt that yields the next token's logits
   (transformers with ``logits_to_keep=1``, as its ``generate`` prefills; llama.cpp's
   ``eval`` of the prompt);
 - decode: tokens/s of 128 greedy steps, one token each, after the prompt.
+
+The "default" row is gptkit as a user gets it with no options: ``gptkit.load(FILE)`` (which
+keeps the Q4_1 file as int4) and the decoding loop of ``gptkit.generate`` with its default
+``compile="auto"``; the load and the first call (the warm-up, where any compilation
+happens) are timed and printed apart from the measured runs.
 
 ::
 
@@ -101,6 +106,40 @@ def gptkit_runner(
     return run
 
 
+def default_runner(path: Path, ids: list[int], new: int) -> Callable[[], Run]:
+    """gptkit with no options: ``gptkit.load(path)``, then ``generate``'s loop and defaults
+    (``compile="auto"``); the load and the first call are reported on stderr."""
+    import gptkit
+    from gptkit.config import SampleConfig
+    from gptkit.generate import generate_ids
+
+    t0 = time.perf_counter()
+    model, _ = gptkit.load(path)
+    loaded = time.perf_counter() - t0
+    cfg = SampleConfig(temperature=0.0, max_new_tokens=new, stop_at_eos=False)
+
+    def run() -> Run:
+        decoder = generate_ids(model, [ids], cfg, compile="auto")  # generate()'s default
+        t0 = time.perf_counter()
+        tokens = [next(decoder)[0].token]
+        t1 = time.perf_counter()
+        tokens += [events[0].token for events in decoder]
+        t2 = time.perf_counter()
+        run.compiled = decoder.compile  # type: ignore[attr-defined]
+        return tokens, len(ids) / (t1 - t0), (new - 1) / (t2 - t1)
+
+    t0 = time.perf_counter()
+    run()
+    first = time.perf_counter() - t0
+    print(
+        f"gptkit default: load {loaded:.1f} s, first call {first:.1f} s "
+        f"({'compiled' if run.compiled else 'eager'})",  # type: ignore[attr-defined]
+        file=sys.stderr,
+        flush=True,
+    )
+    return run
+
+
 def transformers_runner(
     path: Path, dtype: torch.dtype, ids: list[int], new: int
 ) -> Callable[[], Run]:
@@ -174,7 +213,11 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=200)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--modes", default="fp32,bf16,int4", help="gptkit modes to run")
+    parser.add_argument(
+        "--modes",
+        default="default,fp32,bf16,int4",
+        help="gptkit modes to run; default: gptkit with no options",
+    )
     parser.add_argument("--no-compile", action="store_true", help="decode gptkit eagerly")
     parser.add_argument("--no-transformers", action="store_true")
     parser.add_argument("--llama-python", help="an interpreter with llama_cpp installed")
@@ -186,7 +229,7 @@ def main() -> None:
     import gptkit
     from gptkit.compress import quantize
 
-    base, tok = gptkit.load(args.model)
+    base, tok = gptkit.load(args.model, quantize=None)  # fp32, quantized below per mode
     assert tok is not None
     ids = prompt_ids(tok, args.prompt_tokens)
     new, reps = args.new_tokens, args.reps
@@ -196,6 +239,9 @@ def main() -> None:
     # then falls on all of them alike.
     runners: dict[str, Callable[[], Run]] = {}
     for mode in modes:
+        if mode == "default":
+            runners["gptkit default"] = default_runner(args.model, ids, new)
+            continue
         model = base if mode == "fp32" else quantize(copy.deepcopy(base), mode)
         runners[f"gptkit {mode}"] = gptkit_runner(model, ids, new, not args.no_compile)
     if not args.no_transformers:
@@ -225,6 +271,7 @@ def main() -> None:
         ("int8", "transformers bf16"),
         ("int4", "transformers bf16"),
         ("int4", "llama.cpp Q4_1"),
+        ("default", "llama.cpp Q4_1"),
     ]
     how = "eager" if args.no_compile else "compiled"
     print(
@@ -240,7 +287,7 @@ def main() -> None:
         match = same_prefix(a["tokens"], b["tokens"])
         for what in ("prefill", "decode"):
             g, r = statistics.median(a[what]), statistics.median(b[what])
-            label = f"{what} gptkit {mode} ({how})"
+            label = f"{what} gptkit {mode} ({how if mode != 'default' else 'as loaded'})"
             label += f" vs {anchor}"
             print(f"| {label:<44} | {g:>8.1f} | {r:>8.1f} | {g / r:>6.2f} | {match:>10} |")
     for mode in ours:  # modes without an anchor above still get their figures
