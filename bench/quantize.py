@@ -74,7 +74,7 @@ def main() -> None:
     import gptkit
     from gptkit.compress import quantize
 
-    base, tok = gptkit.load(args.model)
+    base, tok = gptkit.load(args.model, quantize=None)  # the fp32 anchor
     assert tok is not None
     text = TEXT.read_text()
     held_out = tok.encode(text[-40 * args.tokens :])[-args.tokens :]  # ~10 chars a token

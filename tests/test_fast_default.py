@@ -22,7 +22,7 @@ from gptkit.cli import main
 from gptkit.config import SampleConfig
 from gptkit.generate import compiled, generate
 from gptkit.generate.compiled import AutoCompile, compile_cost, compile_pays, note_compiled
-from gptkit.model.quant import _PACKS_BF16, quantization
+from gptkit.model.quant import PACKS_BF16, quantization
 from gptkit.serve.engine import Engine
 from gptkit.tokenizer import BPETokenizer
 
@@ -64,7 +64,7 @@ def files(tmp_path_factory: pytest.TempPathFactory, bpe_tokenizer: BPETokenizer)
 @pytest.mark.parametrize(
     ("stored", "mode"),
     [("Q4_0", "int4"), ("Q4_1", "int4"), ("Q8_0", "int8"), ("F32", None),
-     ("F16", "bf16" if _PACKS_BF16 else None)],
+     ("F16", "bf16" if PACKS_BF16 else None)],
 )  # fmt: skip
 def test_a_gguf_stays_as_quantized_as_it_is_stored(
     files: dict, stored: str, mode: str | None, capsys: pytest.CaptureFixture[str]
@@ -104,6 +104,18 @@ def test_the_default_equals_quantize_int4_on_the_fp32_weights(files: dict) -> No
     assert quantization(default) == quantization(explicit)
     for a, b in zip(default.state_dict().values(), explicit.state_dict().values(), strict=True):
         assert torch.equal(a, b)
+
+
+def test_fine_tuning_from_a_quantized_gguf_trains_full_precision_weights(
+    files: dict, tmp_path: Path
+) -> None:
+    data = tmp_path / "sft.jsonl"
+    data.write_text('{"prompt": "hello", "completion": " world"}\n' * 8)
+    gptkit.train(data, tmp_path / "run", objective="sft", init_from=str(files["Q4_1"]),
+                 max_steps=2, batch_size=2, eval_every=0, progress=False)  # fmt: skip
+    model, _ = gptkit.load(tmp_path / "run", quantize=None)
+    assert quantization(model) is None
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
 
 
 def test_cli_generate_says_and_overrides(files: dict, capsys: pytest.CaptureFixture[str]) -> None:

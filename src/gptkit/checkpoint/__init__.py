@@ -30,7 +30,7 @@ from gptkit.checkpoint.sources import KNOWN_MODELS, is_gguf, resolve
 from gptkit.errors import GptkitError
 from gptkit.files import latest_checkpoint
 from gptkit.model import GPT
-from gptkit.model.quant import _PACKS_BF16, QuantConfig, quantization
+from gptkit.model.quant import PACKS_BF16, QuantConfig, quantization
 from gptkit.model.quant import quantize as quantize_model
 from gptkit.tokenizer import Tokenizer
 
@@ -102,7 +102,7 @@ def _kept_as(path: Path, weight_type: str | None, device: torch.device) -> str |
     from gptkit.checkpoint.gguf import KEPT_AS
 
     mode = KEPT_AS.get(weight_type)
-    if mode == "bf16" and not _PACKS_BF16:  # quant.py's test for oneDNN's native bf16
+    if mode == "bf16" and not PACKS_BF16:  # quant.py's test for oneDNN's native bf16
         print(
             f"{path.name}: {weight_type} weights loaded as fp32 (no native bf16 on this CPU)",
             file=sys.stderr,

@@ -232,7 +232,7 @@ def _packs_bf16() -> bool:
         return False
 
 
-_PACKS_BF16 = _packs_bf16()
+PACKS_BF16 = _packs_bf16()
 
 
 class BF16Linear(QuantLinear):
@@ -264,7 +264,7 @@ class BF16Linear(QuantLinear):
         # A plain attribute: oneDNN's opaque tensor cannot be copied, cast or moved as
         # buffers are, so _apply and deepcopy rebuild it instead.
         w = self.weight
-        ok = w.device.type == "cpu" and w.dtype == torch.bfloat16 and _PACKS_BF16
+        ok = w.device.type == "cpu" and w.dtype == torch.bfloat16 and PACKS_BF16
         self.packed = torch.ops.mkldnn._reorder_linear_weight(w) if ok else None
 
     def _apply(self, fn: Any, recurse: bool = True) -> BF16Linear:

@@ -278,7 +278,7 @@ def _load_start(
 ) -> tuple[GPT, Tokenizer]:
     """The model of ``source`` and the tokenizer to encode the data with: the model's own
     for fine-tuning examples, the data's (which must be the model's) for token shards."""
-    model, src_tok = load(source)
+    model, src_tok = load(source, quantize=None)  # full-precision weights to train
     if req.fine_tuning:
         if src_tok is None:
             raise GptkitError(f"{source} has no tokenizer to encode {req.data} with")
