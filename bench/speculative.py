@@ -6,11 +6,14 @@ fast bf16 path of ``bench/decode.py``). Two drafts, side by side in one run, gre
 - ``int4``: the same model quantized to int4 on a copy (``draft="int4"``);
 - ``lookup``: prompt lookup decoding, no model (``draft="lookup"``).
 
-The prompt is a code edit (rename a variable in a 30-line function and give it back), where
+The prompt is a code edit (write a 20-line snippet out again with a variable renamed), where
 the answer copies most of the prompt, as summaries and code edits do. Measured per engine:
 tokens/s from the prompt to the last new token (prefill included; the same for all), the
 share of proposals that stood, tokens per forward of the model, and whether the greedy ids
 equal the target's alone. The measured runs go round the engines, one run each per round.
+In bf16 the ids may part where the model's logits nearly tie: its check multiplies k + 1 rows
+at once, whose bf16 sums round differently from one row's; in fp32 they are equal (as in
+``tests/test_speculative.py``).
 
 ::
 
@@ -54,8 +57,8 @@ def top_customers(orders, n=3):
     return [customer for customer, _ in ranked[:n]]
 '''
 TASK = (
-    "Rename the variable `total` to `spent` in this Python code and write out the "
-    f"whole code again, changed:\n\n```python\n{CODE}```"
+    "Here is some Python code. Write it out again exactly, with one change: the variable "
+    f"`total` is renamed to `spent`.\n\n```python\n{CODE}```"
 )
 
 Run = tuple[list[int], float, Any]  # greedy ids, tokens/s, the decoder (its counts)
