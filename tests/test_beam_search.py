@@ -136,6 +136,8 @@ def test_generate_with_beams(text_model: GPT, chatml_tokenizer: BPETokenizer) ->
         stream(text_model, tok, "Speak", num_beams=4)
     with pytest.raises(GptkitError, match="penalties"):
         gptkit.generate(text_model, tok, "Speak", repetition_penalty=1.3, **kw)
+    with pytest.raises(GptkitError, match="draft"):
+        gptkit.generate(text_model, tok, "Speak", draft="lookup", **kw)
 
 
 def test_cli_prints_each_beam(

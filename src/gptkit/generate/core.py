@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import collections
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -40,6 +41,16 @@ from gptkit.model import GPT, KVCache
 from gptkit.tokenizer.base import Tokenizer
 
 FinishReason = Literal["eos", "length", "stop"]
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """One new token of one row. ``finish_reason`` is set on the row's last event: "eos"
+    (``token`` is the eos id, not part of the text) or "length" (``token`` is the last one)."""
+
+    row: int
+    token: int
+    finish_reason: FinishReason | None = None
 _REPLACEMENT = "\ufffd"  # what a decoder shows for the bytes of an unfinished UTF-8 character
 
 

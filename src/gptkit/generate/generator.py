@@ -40,7 +40,6 @@ eager decoding's (tested).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
@@ -59,6 +58,7 @@ from gptkit.generate.compiled import (
 from gptkit.generate.core import (
     FinishReason,
     Row,
+    TokenEvent,
     check_prompt,
     last_logits,
     padded,
@@ -73,16 +73,6 @@ from gptkit.tokenizer.base import Tokenizer
 
 if TYPE_CHECKING:
     from gptkit.generate.speculative import DraftSource
-
-
-@dataclass(frozen=True)
-class TokenEvent:
-    """One new token of one row. ``finish_reason`` is set on the row's last event: "eos"
-    (``token`` is the eos id, not part of the text) or "length" (``token`` is the last one)."""
-
-    row: int
-    token: int
-    finish_reason: FinishReason | None = None
 
 
 class Decoder:
@@ -513,6 +503,7 @@ def generate(
             details=details,
             penalties=(repetition_penalty, presence_penalty, frequency_penalty) != (1, 0, 0),
             structured_output=(json_schema, regex, choices) != (None, None, None),
+            draft=draft is not None,
         )
         beams = BeamConfig(
             num_beams=num_beams,

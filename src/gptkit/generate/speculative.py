@@ -49,8 +49,7 @@ from torch import Tensor, nn
 from gptkit.config import SampleConfig
 from gptkit.errors import GptkitError
 from gptkit.generate.compiled import compiled_cache_len, compiled_step, warn_at_caller
-from gptkit.generate.core import FinishReason, Row, check_prompt, prefill
-from gptkit.generate.generator import TokenEvent
+from gptkit.generate.core import FinishReason, Row, TokenEvent, check_prompt, prefill
 from gptkit.generate.logprobs import TokenLogprob, token_logprob
 from gptkit.generate.sampling import (
     apply_temperature,
