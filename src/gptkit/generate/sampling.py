@@ -100,6 +100,15 @@ def min_p_filter(logits: Tensor, min_p: float | None) -> Tensor:
     return logits.masked_fill(logits - top < math.log(min_p), float("-inf"))
 
 
+def filtered_probs(logits: Tensor, cfg: SampleConfig) -> Tensor:
+    """The distribution (B, V) a token is sampled from: fp32 ``logits`` after the
+    temperature, then top-k, top-p and min-p, softmaxed (the one place these filters meet,
+    for plain sampling and for speculative decoding's acceptance test)."""
+    logits = apply_temperature(logits, cfg.temperature)
+    logits = top_p_filter(top_k_filter(logits, cfg.top_k), cfg.top_p)
+    return min_p_filter(logits, cfg.min_p).softmax(dim=-1)
+
+
 def sample_next(
     logits: Tensor,
     history: History | None,
@@ -123,11 +132,7 @@ def sample_next(
         logits = apply_repetition_penalty(logits, history, cfg.repetition_penalty)
     if cfg.temperature == 0:
         return logits.argmax(dim=-1)
-    logits = apply_temperature(logits, cfg.temperature)
-    logits = top_k_filter(logits, cfg.top_k)
-    logits = top_p_filter(logits, cfg.top_p)
-    logits = min_p_filter(logits, cfg.min_p)
-    probs = logits.softmax(dim=-1)  # (B, V)
+    probs = filtered_probs(logits, cfg)  # (B, V)
     if generator is None:
         generator = torch.Generator(device=logits.device)
         generator.seed()

@@ -51,12 +51,7 @@ from gptkit.errors import GptkitError
 from gptkit.generate.compiled import compiled_cache_len, compiled_step, warn_at_caller
 from gptkit.generate.core import FinishReason, Row, TokenEvent, check_prompt, prefill
 from gptkit.generate.logprobs import TokenLogprob, token_logprob
-from gptkit.generate.sampling import (
-    apply_temperature,
-    min_p_filter,
-    top_k_filter,
-    top_p_filter,
-)
+from gptkit.generate.sampling import filtered_probs
 from gptkit.model import GPT, KVCache
 from gptkit.model.quant import BF16Linear, quantization, quantize
 from gptkit.tokenizer.base import Tokenizer
@@ -74,9 +69,7 @@ def distribution(logits: Tensor, cfg: SampleConfig) -> Tensor:
     logits = logits.float()
     if cfg.temperature == 0:
         return F.one_hot(logits.argmax(dim=-1), logits.shape[-1]).float()
-    logits = apply_temperature(logits, cfg.temperature)
-    logits = top_p_filter(top_k_filter(logits, cfg.top_k), cfg.top_p)
-    return min_p_filter(logits, cfg.min_p).softmax(dim=-1)
+    return filtered_probs(logits, cfg)
 
 
 def accept(
