@@ -18,7 +18,7 @@ from gptkit.cli import main
 from gptkit.compress import QuantConfig, load_quantized, quantization, quantize, save_quantized
 from gptkit.errors import GptkitError
 from gptkit.model.quant import (
-    _PACKS_BF16,
+    PACKS_BF16,
     BF16Linear,
     Int4Linear,
     Int8DynamicLinear,
@@ -122,7 +122,7 @@ def test_quantized_model_generates() -> None:
     assert len(steps) == 8
 
 
-@pytest.mark.skipif(not _PACKS_BF16, reason="this CPU has no native bf16 for oneDNN to pack")
+@pytest.mark.skipif(not PACKS_BF16, reason="this CPU has no native bf16 for oneDNN to pack")
 def test_bf16_packed_weights_give_f_linear_exactly_and_follow_the_layer() -> None:
     g = torch.Generator().manual_seed(0)
     layer = BF16Linear(torch.randn(48, 40, generator=g), torch.randn(48, generator=g))
