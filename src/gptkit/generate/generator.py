@@ -622,8 +622,8 @@ def stream(
         stop=stop,  # type: ignore[arg-type]  # a str or list: SampleConfig makes a tuple
         stop_at_eos=stop_at_eos,
         context_policy=context_policy,  # type: ignore[arg-type]
+        grammar=Grammar.of(json_schema=json_schema, regex=regex, choices=choices),
     )
-    cfg = cfg.replace(grammar=Grammar.of(json_schema=json_schema, regex=regex, choices=choices))
     single = isinstance(prompt, str)
     pieces = decode_text(
         model,
