@@ -28,6 +28,7 @@ LAYERS = {
     "generate": 6,
     "eval": 7,
     "compress": 7,
+    "inspect": 7,
     "serve": 8,
     "cli": 9,
     "demo": 9,
