@@ -629,6 +629,7 @@ def _root(
 
 def build_app() -> typer.Typer:
     """Every verb of the command line."""
+    from gptkit.data.dialogue import sgd_data_cmd
     from gptkit.data.prepare import prepare
     from gptkit.demo import demo
     from gptkit.eval.run import evaluate_model
@@ -649,6 +650,7 @@ def build_app() -> typer.Typer:
     for name, fn in (
         ("classify", classify_cmd),
         ("sft-data", sft_data_cmd),
+        ("sgd-data", sgd_data_cmd),
         ("generate", generate_cmd),
         ("chat", chat_cmd),
         ("export", export_cmd),

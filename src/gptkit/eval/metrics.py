@@ -284,6 +284,14 @@ def gsm8k_accuracy(predictions: Sequence[str], references: Sequence[str]) -> flo
 
 # -- by name, for generation tasks ---------------------------------------------------------
 
+
+def _sgd(predictions: Sequence[str], references: Sequence[Any]) -> dict[str, float]:
+    # the tool-call scores live beside their reader, which imports this module
+    from gptkit.eval.tools import tool_call_scores
+
+    return tool_call_scores(predictions, references)
+
+
 MetricFn = Callable[[Sequence[str], Sequence[Any]], dict[str, float]]
 
 #: metric name -> function of (predictions, references) returning named scores
@@ -295,4 +303,5 @@ GENERATION_METRICS: Mapping[str, MetricFn] = {
     "chrf": lambda p, r: {"chrf": chrf(p, r)},
     "rouge": lambda p, r: rouge(p, r),
     "rougeL": lambda p, r: rouge(p, r, types=("rougeL",)),
+    "sgd": _sgd,
 }

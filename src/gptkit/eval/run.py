@@ -54,6 +54,7 @@ TaskName = Literal[
     "scitldr",
     "self_instruct",
     "humaneval",
+    "sgd",
     "sst2",
     "sms_spam",
     "classify",
@@ -385,7 +386,9 @@ def evaluate_model(
             match on the final number), multi30k (English to German: BLEU, chrF), tatoeba
             (English to Chinese: BLEU with sacrebleu's zh tokenizer, chrF), scitldr
             (ROUGE-1/2/L), self_instruct (ROUGE-L), humaneval (Python functions; pass@1 by
-            running each problem's tests on the program, which needs --execute).
+            running each problem's tests on the program, which needs --execute), sgd
+            (service-desk turns of Schema-Guided Dialogue: tool-call exact match, argument
+            F1, false calls, reply BLEU and ROUGE-L).
         data: the data file (or directory); default the task's file under $GPTKIT_DATA or
             shared/data (see gptkit.eval.examples.find_data).
         limit: evaluate only the first N examples.

@@ -29,6 +29,7 @@ from gptkit.eval.examples import (
     row_strings,
 )
 from gptkit.eval.metrics import gsm8k_reference_answer
+from gptkit.eval.tools import read_sgd
 
 # -- the readers ---------------------------------------------------------------------------
 
@@ -218,6 +219,8 @@ TASKS: dict[str, Task] = {
             HUMANEVAL_STOP,
             384,
         ),
+        # a held-out SGD file (gptkit sgd-data --exclude dialogues_010.json trains without it)
+        Task("sgd", read_sgd, "customer_support/dialogues_010.json", ("sgd",), ("\n\n",), 96),
     ]
 }
 
