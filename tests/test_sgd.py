@@ -51,7 +51,7 @@ def test_exact_match_and_argument_f1_by_hand() -> None:
 def test_false_calls_and_reply_scores_by_hand() -> None:
     preds = ["Your table is booked.", call("ReserveRestaurant", city="X"), "Booked it."]
     refs = [ref(text="Your table is booked."), ref(text="Anything else?"), ref(text="Done.")]
-    s = tool_call_scores(preds, refs)
+    s = GENERATION_METRICS["sgd"](preds, refs)
     assert s["false_call_rate"] == pytest.approx(1 / 3)
     assert s["call_exact_match"] == 0.0 and s["calls_due"] == 0
     # ROUGE-L F per reply: 1 (identical), 0 (a call has no text), 0 (no common word)

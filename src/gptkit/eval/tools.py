@@ -21,14 +21,13 @@ precision/recall over SGD):
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from gptkit.data.dialogue import SYSTEM, WINDOW, read_dialogues, window_start
 from gptkit.errors import GptkitError
 from gptkit.eval.examples import Example, check_limit
-from gptkit.eval.metrics import bleu, rouge
 from gptkit.tokenizer.chat import call_arguments, parse_tool_calls, render_chat, tool_messages
 
 
@@ -82,10 +81,13 @@ def first_call(prediction: str) -> tuple[str, dict[str, Any] | None]:
 
 
 def tool_call_scores(
-    predictions: Sequence[str], references: Sequence[dict[str, Any]]
+    predictions: Sequence[str],
+    references: Sequence[dict[str, Any]],
+    reply_scores: Callable[[list[str], list[str]], dict[str, float]] | None = None,
 ) -> dict[str, float]:
     """The ``sgd`` scores (see the module docstring) of answers against references of
-    ``{"call": ..., "text": ...}``."""
+    ``{"call": ..., "text": ...}``; ``reply_scores`` scores the replies (the ``sgd`` entry
+    of :data:`gptkit.eval.metrics.GENERATION_METRICS` passes BLEU and ROUGE-L)."""
     if len(predictions) != len(references):
         raise GptkitError(
             f"{len(predictions)} predictions for {len(references)} references; give one each"
@@ -120,7 +122,6 @@ def tool_call_scores(
         "calls_due": float(due),
         "replies_due": float(len(texts)),
     }
-    if texts:
-        scores["bleu"] = bleu(texts, replies)
-        scores["rougeL"] = rouge(texts, replies, types=("rougeL",))["rougeL"]
+    if texts and reply_scores is not None:
+        scores |= reply_scores(texts, replies)
     return scores
