@@ -109,13 +109,21 @@ class ModelConfig(_JsonMixin):
     # final token's hidden state. Empty: no head.
     labels: tuple[str, ...] = ()
     """a classification head's label names (GPT-1 fine-tuning); empty: no head"""
+    # Structured pruning (gptkit.compress.prune) drops whole heads and keeps their width, so
+    # a pruned model's heads may no longer be n_embd / n_head wide.
+    head_dim: int | None = None
+    """the width of each attention head; None means n_embd / n_head"""
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
             _check(getattr(self, name) > 0, f"ModelConfig.{name} must be positive")
         _check(
-            self.n_embd % self.n_head == 0,
+            self.head_dim is not None or self.n_embd % self.n_head == 0,
             f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})",
+        )
+        _check(
+            self.head_dim is None or self.head_dim > 0,
+            f"head_dim must be positive, got {self.head_dim}",
         )
         _check(
             self.n_head % self.kv_heads == 0,
@@ -146,7 +154,7 @@ class ModelConfig(_JsonMixin):
 
     @property
     def head_size(self) -> int:
-        return self.n_embd // self.n_head
+        return self.head_dim or self.n_embd // self.n_head
 
     @property
     def kv_heads(self) -> int:
@@ -160,7 +168,11 @@ class ModelConfig(_JsonMixin):
         """Parameter count computed from the config alone (no tensors are allocated)."""
         C, hs, H = self.n_embd, self.head_size, self.hidden_size
         qkv = C * (self.n_head + 2 * self.kv_heads) * hs
-        attn = qkv + C * C + (((self.n_head + 2 * self.kv_heads) * hs + C) if self.bias else 0)
+        attn = (
+            qkv
+            + self.n_head * hs * C
+            + (((self.n_head + 2 * self.kv_heads) * hs + C) if self.bias else 0)
+        )
         mlp = (3 if self.mlp == "swiglu" else 2) * C * H
         if self.bias:
             mlp += H * (2 if self.mlp == "swiglu" else 1) + C
@@ -239,6 +251,20 @@ class TrainConfig(_JsonMixin):
     """recompute each block's activations in backward"""
     target_loss: float | None = None
     """stop once the validation loss is at or below this"""
+    seq_len: int | None = None
+    """tokens per training window; None means the model's context (block_size)"""
+    quantize: str | None = None
+    """with LoRA: keep the frozen base quantized, int8 or int4 (QLoRA); None: as loaded"""
+    # Distillation (Hinton et al. 2015): the student learns alpha · T² · KL(teacher_T ‖
+    # student_T) + (1 - alpha) · the LM loss; the teacher is any source gptkit.load takes.
+    teacher: str | None = None
+    """distill from this model (same tokenizer); None: no distillation"""
+    distill_temperature: float = 2.0
+    """distillation: the softmax temperature T of teacher and student"""
+    distill_alpha: float = 0.5
+    """distillation: the weight of the KL term (1 - alpha weighs the LM loss)"""
+    distill_top_k: int = 0
+    """distillation: match the teacher's k most likely tokens only; 0: the whole vocabulary"""
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "grad_accum", "eval_batches", "log_every", "keep_checkpoints"):
@@ -273,6 +299,23 @@ class TrainConfig(_JsonMixin):
             "Muon orthogonalizes whole matrices, which FSDP splits across ranks; drop --fsdp "
             "(DDP runs Muon) or use --optimizer adamw",
         )
+        _check(
+            self.seq_len is None or self.seq_len > 1,
+            f"seq_len must be at least 2, got {self.seq_len}",
+        )
+        _check(
+            self.quantize in (None, "int8", "int4"),
+            f"quantize must be int8 or int4 (or None), got {self.quantize!r}",
+        )
+        _check(
+            self.distill_temperature > 0,
+            f"distill_temperature must be positive, got {self.distill_temperature}",
+        )
+        _check(
+            0.0 <= self.distill_alpha <= 1.0,
+            f"distill_alpha must be in [0, 1], got {self.distill_alpha}",
+        )
+        _check(self.distill_top_k >= 0, "distill_top_k must not be negative")
 
     @property
     def lr_decay_steps(self) -> int:
