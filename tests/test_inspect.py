@@ -5,19 +5,28 @@ files ``gptkit inspect`` writes."""
 
 from __future__ import annotations
 
+import html
+import json
 import math
+import re
+import struct
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAMILIES, tiny_model
+from conftest import FAMILIES, REPO, tiny_model
 
+from gptkit.checkpoint import save_checkpoint
+from gptkit.cli import main
 from gptkit.errors import GptkitError
 from gptkit.eval import perplexity
-from gptkit.inspect import attention, entropy, logit_lens, rollout, token_losses
+from gptkit.inspect import attention, draw, entropy, logit_lens, rollout, token_losses
+from gptkit.inspect.run import FILES, inspect_cmd
 from gptkit.model import GPT
 from gptkit.model.quant import quantize
 from gptkit.tokenizer import BPETokenizer
+
+SMOLLM2 = REPO / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def rotate_half(t: torch.Tensor) -> torch.Tensor:
@@ -139,3 +148,60 @@ def test_bad_ids_are_refused() -> None:
         attention(model, list(range(40)))
     with pytest.raises(GptkitError, match="two tokens"):
         token_losses(model, [3])
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", f"{path.name} is not a PNG"
+    return struct.unpack(">II", data[16:24])
+
+
+def test_inspect_command_writes_every_file(
+    bpe_tokenizer: BPETokenizer, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    model = tiny_model(bpe_tokenizer.vocab_size, block_size=64, **FAMILIES["gpt3"])
+    save_checkpoint(tmp_path / "ckpt", model, bpe_tokenizer)
+    text = 'All: <b>Speak</b> & "speak" $x$.'  # HTML and TeX characters stay text
+    out = tmp_path / "out"
+    argv = ["inspect", "--model", str(tmp_path / "ckpt"), text, "--out", str(out)]
+    assert main([*argv, "--layer", "0", "--head", "1"]) == 0
+    assert "perplexity" in capsys.readouterr().out
+    report = json.loads((out / "inspect.json").read_text())
+    ids = [bpe_tokenizer.eos_id, *bpe_tokenizer.encode(text, allow_special=False)]
+    T, L, nh = len(ids), model.config.n_layer, model.config.n_head
+    assert report["ids"] == ids and len(report["tokens"]) == T
+    assert report["attention"] == {"layers": L, "heads": nh, "layer": 0, "head": 1}
+    assert len(report["logit_lens"]["top_guess"]) == L
+    assert all(len(row) == T for row in report["logit_lens"]["top_guess"])
+    (tmp_path / "t.txt").write_text(text)
+    scores = perplexity(model, bpe_tokenizer, str(tmp_path / "t.txt"), progress=False)
+    assert report["loss"] == pytest.approx(scores["loss"], rel=1e-5)
+    assert report["loss_nats"][0] is None and len(report["loss_nats"]) == T
+    sizes = {
+        "attention.png": draw.attention_figure_size(L, nh),
+        "surprise.png": draw.surprise_figure_size(T),
+        "logit_lens.png": draw.lens_figure_size(L, T),
+        "entropy.png": draw.entropy_figure_size(T),
+    }
+    for name, (w, h) in sizes.items():
+        assert png_size(out / name) == (round(w * draw.DPI), round(h * draw.DPI)), name
+    page = (out / "surprise.html").read_text()
+    assert "<b>" not in page  # the text's markup is escaped, never rendered
+    spans = re.findall(r'<span class="t[^"]*"[^>]*>(.*?)</span>', page, re.S)
+    assert [html.unescape(s) for s in spans] == report["tokens"]  # every token, in order
+
+
+def test_inspect_command_refuses_a_bad_head(bpe_tokenizer: BPETokenizer, tmp_path: Path) -> None:
+    save_checkpoint(tmp_path / "ckpt", tiny_model(bpe_tokenizer.vocab_size), bpe_tokenizer)
+    with pytest.raises(GptkitError, match="--head must be between 0 and 1"):
+        inspect_cmd(["hello"], str(tmp_path / "ckpt"), str(tmp_path / "o"), head=2)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not SMOLLM2.is_file(), reason=f"{SMOLLM2} is missing (make models)")
+def test_smollm2_knows_the_capital_of_france(tmp_path: Path) -> None:
+    """The quantized GGUF through the same path: int4 layers, GQA, RoPE."""
+    summary = inspect_cmd(["The capital of France is"], str(SMOLLM2), str(tmp_path))
+    assert summary["next_token"] == " Paris"
+    assert summary["logit_lens"]["top_guess"][-1][-1] == " Paris"
+    assert all((tmp_path / name).is_file() for name in FILES)

@@ -633,6 +633,7 @@ def build_app() -> typer.Typer:
     from gptkit.data.prepare import prepare
     from gptkit.demo import demo
     from gptkit.eval.run import evaluate_model
+    from gptkit.inspect.run import inspect_cmd
     from gptkit.serve.app import serve
     from gptkit.train import train
 
@@ -656,6 +657,7 @@ def build_app() -> typer.Typer:
         ("export", export_cmd),
         ("quantize", quantize_cmd),
         ("eval", evaluate_model),
+        ("inspect", inspect_cmd),
         ("serve", serve),
         ("presets", presets_cmd),
     ):
