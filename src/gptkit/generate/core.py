@@ -317,11 +317,21 @@ class Detokenizer:
         return piece
 
     def _held(self) -> int:
-        """Length of the longest end of the text that could begin a stop string."""
+        """Length of the longest end of the text that could begin a stop string.
+
+        Only prefixes of a stop string that end in the text's last character can match,
+        so the search jumps between those (``rfind``) instead of slicing every prefix: a
+        long stop string costs a scan of itself per token, not its length squared."""
         text, held = self.text, 0
+        if not text:
+            return 0
+        last = text[-1]
         for s in self.stop:
-            for k in range(min(len(s) - 1, len(text)), held, -1):
-                if text.endswith(s[:k]):
+            k = min(len(s) - 1, len(text))
+            while k > held:
+                k = s.rfind(last, 0, k) + 1  # the longest such prefix up to k characters
+                if k > held and text.endswith(s[:k]):
                     held = k
                     break
+                k -= 1
         return held

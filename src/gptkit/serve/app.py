@@ -8,10 +8,12 @@ its chunks as Server-Sent Events; every failure becomes the OpenAI API's error o
 its status (API reference, "Error codes")::
 
     bad JSON, wrong types, bad values, unsupported fields    400 invalid_request_error
+    JSON nested deeper than MAX_JSON_DEPTH, NaN, Infinity    400 invalid_request_error
     prompt + reply longer than the context                   400 context_length_exceeded
     missing or wrong API key (when one is set)               401 invalid_api_key
     unknown model, unknown route                             404
-    body over the size limit                                 413 request_too_large
+    the body not sent within read_timeout                    408 request_timeout
+    body over the size limit (a declared one at once)        413 request_too_large
     the engine's waiting line is full                        503 server_busy (Retry-After)
     generation failed                                        500 (a stream sends an error event)
 
@@ -21,8 +23,14 @@ cancels its engine requests, so its rows leave the batch at the next step.
 
 Security defaults: the server binds 127.0.0.1; ``api_key`` guards every route but
 ``/health`` and the static page (the page asks for the key and keeps it in memory only);
-request bodies and ``max_tokens`` are bounded; the page is served with a strict
-Content-Security-Policy (scripts and styles from this server only, no inline code).
+request bodies, their nesting and ``max_tokens`` are bounded; the page is served with a
+strict Content-Security-Policy (scripts and styles from this server only, no inline code).
+Slow clients cannot hold connections open ("slow loris"): a connection whose request head
+has not arrived within ``read_timeout`` is closed (:func:`head_timeout_protocol`, around
+uvicorn's HTTP protocol, which times out only idle keep-alive connections), and a body
+that has not arrived by then gets 408, as nginx's ``client_header_timeout`` and
+``client_body_timeout`` do. A client that leaves while its body is read, or before a
+non-streamed reply is ready, ends its request without a traceback in the log.
 """
 
 from __future__ import annotations
@@ -30,10 +38,12 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import math
 import os
 import socket
 import sys
 from collections.abc import AsyncIterator, Awaitable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -43,6 +53,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response, StreamingRes
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from gptkit.errors import GptkitError
 from gptkit.serve.engine import Engine
@@ -64,6 +75,8 @@ from gptkit.serve.serving import (
 
 STATIC = Path(__file__).parent / "static"
 DEFAULT_MAX_BODY_BYTES = 1_000_000
+DEFAULT_READ_TIMEOUT = 30.0  # seconds for a request's head, and again for its body
+MAX_JSON_DEPTH = 64  # nesting of a request body; a JSON schema needs far less
 Schema = TypeVar("Schema", bound=BaseModel)
 T = TypeVar("T")
 
@@ -94,6 +107,7 @@ def create_app(
     *,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     max_tokens_limit: int | None = None,
+    read_timeout: float = DEFAULT_READ_TIMEOUT,
 ) -> FastAPI:
     """The FastAPI application serving ``engine``'s model as ``model_name``.
 
@@ -107,6 +121,8 @@ def create_app(
         max_body_bytes: larger request bodies get 413.
         max_tokens_limit: the most ``max_tokens`` a request may ask for (default: the
             context); also the reply limit of a chat request that names none.
+        read_timeout: seconds a request body may take to arrive (408 after); the head's
+            limit is the server's (see :func:`server_config`).
     """
     app = FastAPI(title="gptkit", docs_url=None, redoc_url=None, openapi_url=None)
     for kind, handler in _ERROR_HANDLERS.items():
@@ -115,11 +131,20 @@ def create_app(
     app.get("/", include_in_schema=False)(page)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     serving = Serving(engine, model_name, max_tokens_limit)
-    app.include_router(_api(serving, api_key.encode() if api_key else None, max_body_bytes))
+    key = api_key.encode() if api_key else None
+    app.include_router(_api(serving, key, BodyLimits(max_body_bytes, read_timeout)))
     return app
 
 
-def _api(serving: Serving, key: bytes | None, max_body_bytes: int) -> APIRouter:
+@dataclass(frozen=True)
+class BodyLimits:
+    """How large a request body may be (bytes) and how long it may take (seconds)."""
+
+    max_bytes: int
+    timeout: float
+
+
+def _api(serving: Serving, key: bytes | None, limits: BodyLimits) -> APIRouter:
     """The OpenAI API's routes under /v1 (no schema pages: fewer routes to guard)."""
 
     async def guard(request: Request) -> None:
@@ -138,12 +163,12 @@ def _api(serving: Serving, key: bytes | None, max_body_bytes: int) -> APIRouter:
 
     @api.post("/chat/completions")
     async def chat_completions(request: Request) -> Response:
-        body = await read_body(request, ChatCompletionRequest, max_body_bytes)
+        body = await read_body(request, ChatCompletionRequest, limits)
         return await respond(request, serving, await serving.start_chat(body), body.stream)
 
     @api.post("/completions")
     async def completions(request: Request) -> Response:
-        body = await read_body(request, CompletionRequest, max_body_bytes)
+        body = await read_body(request, CompletionRequest, limits)
         return await respond(request, serving, await serving.start_completion(body), body.stream)
 
     return api
@@ -174,14 +199,23 @@ async def unless_disconnected(request: Request, job: Job, work: Awaitable[T]) ->
     gone = asyncio.ensure_future(_disconnected(request))
     try:
         await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:  # this handler was cancelled (the server stops)
+        task.cancel()
+        job.cancel()
+        raise
     finally:
         gone.cancel()
-        if not task.done():  # the client left, or this handler was cancelled
-            task.cancel()
-            job.cancel()
-    if task.cancelled():
-        raise APIError(400, "the client disconnected")
-    return task.result()
+    if task.done():
+        return task.result()
+    # The client left first. A cancelled task is not done until it has unwound, so its
+    # result() would raise InvalidStateError: wait for it, and read its end so that an
+    # exception it raised meanwhile is not logged as never retrieved.
+    task.cancel()
+    job.cancel()
+    await asyncio.wait({task})
+    if not task.cancelled():
+        task.exception()
+    raise APIError(400, "the client disconnected")
 
 
 def event_stream(job: Job, events: AsyncIterator[BaseModel]) -> StreamingResponse:
@@ -289,42 +323,103 @@ def authorize(request: Request, key: bytes | None) -> None:
         raise APIError(401, "the API key is wrong", code="invalid_api_key")
 
 
-async def read_body(request: Request, schema: type[Schema], max_body_bytes: int) -> Schema:
-    """The body, bounded, strictly UTF-8, valid JSON, validated against ``schema``."""
+def _too_large(size: str, limits: BodyLimits) -> APIError:
+    return APIError(
+        413,
+        f"the request body has {size}; this server takes at most {limits.max_bytes} bytes "
+        "(see --max-body-bytes)",
+        code="request_too_large",
+    )
+
+
+async def _raw_body(request: Request, limits: BodyLimits) -> bytes:
+    """The body's bytes, at most ``limits.max_bytes``, within ``limits.timeout`` seconds.
+
+    A declared Content-Length over the limit is refused before anything is read. A body
+    without one that runs over is read on and dropped (up to a bound), so that the client,
+    still sending, receives the 413 instead of a reset connection."""
+    declared = request.headers.get("content-length", "").strip()
+    if declared.isdigit() and int(declared) > limits.max_bytes:
+        raise _too_large(f"{declared} bytes", limits)
     size, parts = 0, []
-    declared = request.headers.get("content-length", "")
-    too_big = declared.isdigit() and int(declared) > max_body_bytes
-    # Over the limit, the rest is read and dropped (up to a bound) so that the client,
-    # still sending, receives the 413 instead of a reset connection.
-    async for part in request.stream():
-        size += len(part)
-        too_big = too_big or size > max_body_bytes
-        if not too_big:
-            parts.append(part)
-        if size > 32 * max_body_bytes:
-            break
-    if too_big:
-        shown = f"{declared} bytes" if declared.isdigit() else f"more than {size} bytes"
+    try:
+        async with asyncio.timeout(limits.timeout):
+            async for part in request.stream():
+                size += len(part)
+                if size <= limits.max_bytes:
+                    parts.append(part)
+                elif size > 32 * limits.max_bytes:
+                    break
+    except TimeoutError:
         raise APIError(
-            413,
-            f"the request body has {shown}; this server takes at most {max_body_bytes} "
-            "(see --max-body-bytes)",
-            code="request_too_large",
-        )
-    raw = b"".join(parts)
+            408,
+            f"the request body did not arrive within {limits.timeout:g} s "
+            f"({size} bytes came); send it at once",
+            code="request_timeout",
+        ) from None
+    except ClientDisconnect:  # nobody will read the answer; end without a traceback
+        raise APIError(400, "the client disconnected while sending the body") from None
+    if size > limits.max_bytes:
+        raise _too_large(f"more than {limits.max_bytes} bytes", limits)
+    return b"".join(parts)
+
+
+def _finite(text: str) -> float:
+    """A JSON number as a float, refusing one that overflows to infinity (1e999)."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"the number {text[:40]} is too large for a float")
+    return value
+
+
+def _no_constant(name: str) -> float:
+    raise ValueError(f"{name} is not JSON; send a finite number")
+
+
+def _depth_over(data: Any, limit: int) -> bool:
+    """Whether ``data`` nests lists and objects deeper than ``limit`` (without recursion,
+    so that no depth can overflow the stack)."""
+    stack: list[tuple[Any, int]] = [(data, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if not isinstance(value, dict | list):
+            continue
+        if depth > limit:
+            return True
+        children = value.values() if isinstance(value, dict) else value
+        stack.extend((child, depth + 1) for child in children)
+    return False
+
+
+def parse_json(raw: bytes) -> dict[str, Any]:
+    """A request body as a JSON object: strict UTF-8, finite numbers, bounded nesting."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise APIError(400, f"the request body is not valid UTF-8 (byte {e.start})") from None
+    too_deep = APIError(400, f"the request body nests deeper than {MAX_JSON_DEPTH} levels")
     try:
-        data = json.loads(text)
+        data = json.loads(text, parse_float=_finite, parse_constant=_no_constant)
     except json.JSONDecodeError as e:
         raise APIError(
             400,
             f"the request body is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}",
         ) from None
+    except ValueError as e:  # from _finite or _no_constant
+        raise APIError(400, f"the request body is not valid JSON: {e}") from None
+    except RecursionError:  # the parser's own stack guard
+        raise too_deep from None
     if not isinstance(data, dict):
         raise APIError(400, "the request body must be a JSON object")
+    if _depth_over(data, MAX_JSON_DEPTH):
+        raise too_deep
+    return data
+
+
+async def read_body(request: Request, schema: type[Schema], limits: BodyLimits) -> Schema:
+    """The body, bounded in size and time, strictly UTF-8, valid JSON of bounded depth,
+    validated against ``schema``."""
+    data = parse_json(await _raw_body(request, limits))
     try:
         return schema.model_validate(data)
     except ValidationError as e:
@@ -338,6 +433,82 @@ async def _disconnected(request: Request) -> None:
         message = await request.receive()
         if message["type"] == "http.disconnect":
             return
+
+
+# -- the server ---------------------------------------------------------------------------
+
+
+def head_timeout_protocol(seconds: float) -> type[asyncio.Protocol]:
+    """uvicorn's HTTP protocol, closing a connection whose request head (request line and
+    headers) has not arrived ``seconds`` after the connection opened or, on a kept-alive
+    connection, after the head's first byte. uvicorn itself times out only idle kept-alive
+    connections, so without this a client sending a byte now and then holds a connection
+    and its socket forever (a "slow loris" attack)."""
+    from uvicorn.protocols.http.auto import AutoHTTPProtocol
+
+    class HeadTimeout(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
+        _head_timer: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            super().connection_made(transport)
+            self._head_timer = self.loop.call_later(seconds, self._head_too_slow)
+
+        def data_received(self, data: bytes) -> None:
+            cycle = self.cycle
+            super().data_received(data)
+            if self.cycle is not cycle:  # a request head arrived whole
+                self._stop_head_timer()
+            elif self._head_timer is None and (cycle is None or cycle.response_complete):
+                self._head_timer = self.loop.call_later(seconds, self._head_too_slow)
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._stop_head_timer()
+            super().connection_lost(exc)
+
+        def _stop_head_timer(self) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
+
+        def _head_too_slow(self) -> None:
+            self._head_timer = None
+            if not self.transport.is_closing():
+                self.transport.close()
+
+    return HeadTimeout
+
+
+def server_config(
+    app: FastAPI,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    log_level: str = "info",
+    read_timeout: float = DEFAULT_READ_TIMEOUT,
+) -> Any:
+    """The uvicorn configuration that :func:`serve` runs ``app`` with (tests use it too):
+    request heads bounded in time (:func:`head_timeout_protocol`), idle kept-alive
+    connections closed after 5 s, and 5 s for open streams to end on shutdown."""
+    import uvicorn
+
+    return uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level=log_level,
+        http=head_timeout_protocol(read_timeout),
+        timeout_keep_alive=5,
+        timeout_graceful_shutdown=5,
+    )
+
+
+def default_model_name(source: str) -> str:
+    """The model's id in the API when --model-name is not given: the base name of the file
+    or directory served (never its path, which would tell every client where it lives); a
+    hub id, not a local path, as given."""
+    path = Path(source).expanduser()
+    if not path.exists():
+        return source
+    return path.resolve().name or source
 
 
 # -- the command --------------------------------------------------------------------------
@@ -377,6 +548,7 @@ def serve(
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info",
     quantize: Literal["auto", "none", "bf16", "int8", "int4"] = "auto",
     compile: bool = True,
+    read_timeout: float = DEFAULT_READ_TIMEOUT,
 ) -> None:
     """Serve a model over an OpenAI-compatible HTTP API, with a web chat page at /.
 
@@ -390,7 +562,8 @@ def serve(
         port: the TCP port.
         api_key: requests must send "Authorization: Bearer KEY" (all but /health and the
             page); default: the GPTKIT_API_KEY environment variable, else no key.
-        model_name: the model's id in the API; default: --model as given.
+        model_name: the model's id in the API; default: the base name of --model (a hub
+            id as given).
         max_tokens_limit: the most max_tokens a request may ask for; default: the context.
         max_body_bytes: larger request bodies are refused (413).
         max_batch: at most this many requests decode together.
@@ -402,6 +575,8 @@ def serve(
             quantized GGUF quantized (Q4_* as int4, Q8_0 as int8), none loads it as fp32.
         compile: decode a lone request through torch.compile, once its graph is compiled
             in the background (requests are served eagerly meanwhile).
+        read_timeout: seconds a client has to send a request's head, and again its body;
+            a slower connection is closed (head) or answered 408 (body).
     """
     import uvicorn
 
@@ -414,6 +589,8 @@ def serve(
     ):
         if value is not None and value < 1:
             raise GptkitError(f"{flag} must be at least 1, got {value}")
+    if not read_timeout > 0:
+        raise GptkitError(f"--read-timeout must be positive seconds, got {read_timeout}")
     _check_address(host, port)  # before the model loads, so that a busy port fails fast
     net, tok = load(model, device=device, quantize=quantize)
     if tok is None:
@@ -426,13 +603,14 @@ def serve(
         max_context=max_context,
         compile=compile,
     )
-    name = model_name or model
+    name = model_name or default_model_name(model)
     app = create_app(
         engine,
         name,
         api_key,
         max_body_bytes=max_body_bytes,
         max_tokens_limit=max_tokens_limit,
+        read_timeout=read_timeout,
     )
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         print(
@@ -449,7 +627,7 @@ def serve(
     )
     engine.start()
     try:
-        uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+        uvicorn.Server(server_config(app, host, port, log_level, read_timeout)).run()
     except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C after its graceful shutdown
         pass
     finally:

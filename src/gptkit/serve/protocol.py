@@ -66,6 +66,16 @@ _UNSUPPORTED: dict[str, Any] = {
 
 _SEED_MAX = 2**63 - 1
 
+#: the smallest temperature above 0 that is taken: below it, ``logits / temperature``
+#: overflows float32 (1e-300 is 0 in float32) and sampling meets inf and NaN; 0 is greedy
+MIN_TEMPERATURE = 1e-5
+#: bounds of the multiplicative repetition penalty (CTRL's 1.2 is typical): near 0 it
+#: divides a logit into overflow, as the temperature does
+REPETITION_PENALTY_RANGE = (1e-2, 1e2)
+#: stop strings: at most this many, each at most this long in characters (the text is
+#: searched for them after every token, so their size is work per token for every stream)
+MAX_STOPS, MAX_STOP_CHARS = 4, 512
+
 #: fields that beam search does not apply -> the test of their off value; a request with
 #: ``use_beam_search`` that sets one to anything else is refused
 _NOT_WITH_BEAMS: dict[str, Any] = {
@@ -127,7 +137,9 @@ class ResponseFormat(BaseModel):
 class _SamplingRequest(BaseModel):
     """What completions and chat completions share."""
 
-    model_config = ConfigDict(extra="ignore")
+    # NaN and infinities are refused in every float field (JSON allows neither; Python's
+    # parser reads NaN, Infinity and 1e999)
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
     model: str | None = None
     max_tokens: int | None = Field(default=None, ge=1)
@@ -135,7 +147,9 @@ class _SamplingRequest(BaseModel):
     top_p: float = Field(default=1.0, ge=0.0, le=1.0)
     top_k: int | None = Field(default=None, ge=1)  # an extension (vLLM's)
     min_p: float | None = Field(default=None, ge=0.0, le=1.0)  # an extension (vLLM's)
-    repetition_penalty: float = Field(default=1.0, gt=0.0)  # an extension (vLLM's)
+    repetition_penalty: float = Field(  # an extension (vLLM's)
+        default=1.0, ge=REPETITION_PENALTY_RANGE[0], le=REPETITION_PENALTY_RANGE[1]
+    )
     n: int = Field(default=1, ge=1, le=128)
     stop: str | list[str] | None = None
     seed: int | None = Field(default=None, ge=0, le=_SEED_MAX)
@@ -147,7 +161,7 @@ class _SamplingRequest(BaseModel):
     user: str | None = None
     # Beam search, an extension (vLLM's until v0.6): best_of beams, the best n returned.
     use_beam_search: bool = False
-    length_penalty: float = 1.0
+    length_penalty: float = Field(default=1.0, ge=-10.0, le=10.0)
     early_stopping: bool | Literal["never"] = False
     response_format: ResponseFormat | None = None
 
@@ -165,11 +179,25 @@ class _SamplingRequest(BaseModel):
     def _check_stop(cls, value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
         stop = _one_of(value, handler, "a string or a list of strings")
         stops = [stop] if isinstance(stop, str) else stop or []
-        if len(stops) > 4:
-            raise ValueError(f"at most 4 stop strings are allowed, got {len(stops)}")
+        if len(stops) > MAX_STOPS:
+            raise ValueError(f"at most {MAX_STOPS} stop strings are allowed, got {len(stops)}")
         if any(not s for s in stops):
             raise ValueError("a stop string must not be empty")
+        longest = max(map(len, stops), default=0)
+        if longest > MAX_STOP_CHARS:
+            raise ValueError(
+                f"a stop string may have at most {MAX_STOP_CHARS} characters, got {longest}"
+            )
         return stop
+
+    @field_validator("temperature")
+    @classmethod
+    def _check_temperature(cls, value: float) -> float:
+        if 0 < value < MIN_TEMPERATURE:
+            raise ValueError(
+                f"must be 0 (greedy decoding) or at least {MIN_TEMPERATURE:g}, got {value:g}"
+            )
+        return value
 
     @model_validator(mode="after")
     def _check_best_of(self) -> _SamplingRequest:
