@@ -7,13 +7,24 @@ which ``c`` pass, pass@k is estimated without bias by ``1 - C(n-c, k) / C(n, k)`
 (:func:`pass_at_k`); we decode greedily, one answer per problem, so pass@1 is the fraction
 of problems solved.
 
-Scoring runs code that a model wrote. Each program runs in its own ``python -I`` process in a
-fresh temporary directory, with a minimal environment, no stdin, a wall-clock timeout that
-kills its whole process group and, on POSIX, limits on address space, CPU time and file size.
-That stops accidents (endless loops, runaway memory, stray files), not an attacker: the code
-still runs as this user with this user's files and network. So nothing runs unless asked
-(``execute=True``, ``gptkit eval --execute``), and it belongs in a sandbox such as a
-container or VM without secrets.
+Scoring runs code that a model wrote, so nothing runs unless asked (``execute=True``,
+``gptkit eval --execute``). Each program runs in its own ``python -I`` process in a fresh
+temporary directory, with a minimal environment, no stdin, a wall-clock timeout that kills
+its whole process group and, on POSIX, limits on address space, CPU time and file size. On
+Linux it is also sandboxed as bubblewrap and nsjail do it, with util-linux ``unshare``: its
+own user, mount, network and PID namespaces; every file system read-only but its temporary
+directory (locked by a second user namespace, so the program cannot remount it); no network
+at all; ``RLIMIT_NPROC`` (which the kernel does not apply to root); and everything it
+started dies with it, ``setsid`` or not. It can still read what this user can read (and
+print it into the report), and use CPU and memory up to the limits. Where no sandbox is
+available (not Linux, no ``unshare``, user namespaces disabled) a warning says so and only
+the limits apply: then run evaluation in a container or VM without secrets.
+
+A pass is judged by the parent: the runner reads a random token from an inherited pipe
+before the program runs and writes it to a second pipe only after the tests have returned,
+so an early ``exit(0)``, or a program printing what ``/proc`` shows, does not pass. (Code
+written to cheat can still find the token in its own interpreter's memory; the sandbox
+bounds the harm such code can do, not the score it can claim.)
 
 Program assembly, by how the model was prompted:
 
@@ -29,9 +40,11 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import functools
 import os
 import re
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -205,16 +218,52 @@ def extract_program(prediction: str, reference: Mapping[str, Any], chat: bool) -
 
 # -- running a program ---------------------------------------------------------------------
 
-# Runs in the child before the program: set the limits, run the program under a name other
-# than __main__ (so a reply's `if __name__ == "__main__":` demo does not run, as when the
-# code is exec'd), then print a token the program cannot know, which tells a program that
-# ran to the end from one that called sys.exit(0) or os._exit(0) before its tests.
-# The limits are set here rather than in Popen's preexec_fn, which Python documents as
-# unsafe when the parent has threads (the scorer runs programs from a thread pool).
+# Runs in the child before the program. It reads a token the program cannot know from an
+# inherited pipe (the token is never on a command line, which /proc/self/cmdline shows),
+# on Linux confines itself when asked (below), sets the limits, runs the program under a
+# name other than __main__ (so a reply's `if __name__ == "__main__":` demo does not run, as
+# when the code is exec'd), and writes the token to a second pipe once the program, tests
+# included, has returned: the parent counts a pass only when that pipe holds the token and
+# the exit status is 0, so a program that calls sys.exit(0) or os._exit(0) before its tests
+# fails. The limits are set here rather than in Popen's preexec_fn, which Python documents
+# as unsafe when the parent has threads (the scorer runs programs from a thread pool).
+#
+# Confinement (after `unshare --user --map-root-user --mount --net --pid --fork`, so this
+# is pid 1 of its own PID namespace, "root" of its own user namespace, with no network):
+# every mount is made read-only (mount_setattr, recursively) except a bind mount of the
+# working directory; then a second user and mount namespace is entered, in which the
+# kernel locks those read-only flags, so the program cannot undo them. setuid programs
+# gain nothing (no_new_privs), and RLIMIT_NPROC bounds its processes.
 _RUNNER = """\
 import os, runpy, sys
-program, token = sys.argv[1], sys.argv[2]
-memory, cpu, fsize = (int(v) for v in sys.argv[3:6])
+program, token_fd, result_fd, confine = sys.argv[1], *map(int, sys.argv[2:5])
+memory, cpu, fsize, nproc = map(int, sys.argv[5:9])
+token = os.read(token_fd, 64)
+os.close(token_fd)
+
+def confine_linux(work):
+    import ctypes, struct
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def ok(result, what):
+        if result != 0:
+            raise OSError(ctypes.get_errno(), "sandbox: " + what)
+
+    def setattr_(path, flags, set_, clear):  # mount_setattr(2), Linux >= 5.12
+        attr = struct.pack("QQQQ", set_, clear, 0, 0)
+        ok(libc.syscall(442, -100, path.encode(), flags, attr, len(attr)), "mount_setattr " + path)
+
+    ok(libc.mount(work.encode(), work.encode(), None, 4096 | 16384, None), "bind " + work)
+    setattr_("/", 0x8000, 1, 0)  # AT_RECURSIVE, MOUNT_ATTR_RDONLY on
+    setattr_(work, 0, 0, 1)  # the working directory writable again
+    os.chdir(work)  # the old working directory is the read-only one under the bind mount
+    # No id map is written in the new user namespace (/proc is read-only by now): the
+    # program's ids show as "nobody" there, while its files are still created as this user.
+    ok(libc.unshare(0x10000000 | 0x00020000), "unshare")  # CLONE_NEWUSER | CLONE_NEWNS
+    ok(libc.prctl(38, 1, 0, 0, 0), "no_new_privs")  # PR_SET_NO_NEW_PRIVS
+
+if confine:
+    confine_linux(os.path.dirname(program))
 try:
     import resource
 except ImportError:
@@ -225,7 +274,7 @@ if resource is not None:
         ("RLIMIT_CPU", cpu, cpu + 1),
         ("RLIMIT_FSIZE", fsize, fsize),
         ("RLIMIT_CORE", 0, 0),
-    ]
+    ] + ([("RLIMIT_NPROC", nproc, nproc)] if confine else [])
     for name, soft, hard in limits:
         try:
             resource.setrlimit(getattr(resource, name), (soft, hard))
@@ -234,7 +283,7 @@ if resource is not None:
 sys.argv[:] = [program]
 runpy.run_path(program, run_name="__humaneval__")
 sys.stdout.flush()
-os.write(1, token.encode())
+os.write(result_fd, token)
 """
 
 _SIGNALS = {
@@ -243,6 +292,25 @@ _SIGNALS = {
     "SIGXFSZ": "file size limit",
     "SIGSEGV": "crashed, possibly out of memory",
 }
+PROCESS_LIMIT = 32  # processes (and threads) of one sandboxed program (RLIMIT_NPROC)
+#: the namespaces a sandboxed program runs in (util-linux unshare): its own user (mapped
+#: to this user), mount, network (nothing but a down loopback) and PID namespace, whose
+#: every process dies with its first one (--kill-child: when unshare is killed)
+UNSHARE = (
+    "--user",
+    "--map-root-user",
+    "--mount",
+    "--net",
+    "--pid",
+    "--fork",
+    "--kill-child",
+    "--mount-proc",
+)
+NO_SANDBOX_WARNING = (
+    "warning: no sandbox for generated code here ({why}); programs run as this user with "
+    "only resource limits: they can read and write this user's files and use the network. "
+    "Run evaluation in a container or VM without secrets"
+)
 
 
 def check_script(program: str, reference: Mapping[str, Any]) -> str:
@@ -265,7 +333,8 @@ def _child_env(home: str) -> dict[str, str]:
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
-    """Kill the process and whatever it started (its session is its own process group)."""
+    """Kill the process and whatever it started (its session is its own process group;
+    in the sandbox, the PID namespace dies with its first process as well)."""
     if hasattr(os, "killpg"):
         with contextlib.suppress(ProcessLookupError, PermissionError):  # the group is gone
             os.killpg(proc.pid, signal.SIGKILL)
@@ -296,13 +365,122 @@ def _failure(code: int, stderr: str) -> str:
     return "failed: " + reason[:_REASON_CHARS]
 
 
+def _read_pipe(fd: int, size: int = 4096) -> bytes:
+    """What a pipe holds now, without waiting for writers that may still hold it open."""
+    os.set_blocking(fd, False)
+    try:
+        return os.read(fd, size)
+    except BlockingIOError:
+        return b""
+
+
+def _spawn(
+    source: str,
+    work: str,
+    outputs: tuple[IO[bytes], IO[bytes]],
+    limits: tuple[float, int],
+    confine: bool,
+) -> Run:
+    """Start the runner on ``source`` in ``work``, writing to ``outputs`` (stdout, stderr),
+    under ``limits`` (timeout, memory in MB); the token goes in through a pipe."""
+    timeout, memory_mb = limits
+    out, err = outputs
+    path = Path(work) / "program.py"
+    path.write_text(source, encoding="utf-8")
+    token = secrets.token_hex(16).encode()
+    token_r, token_w = os.pipe()
+    os.write(token_w, token)
+    os.close(token_w)
+    result_r, result_w = os.pipe()
+    mb = 1024 * 1024
+    numbers = [token_r, result_w, int(confine)]
+    numbers += [memory_mb * mb, int(timeout) + 1, FILE_LIMIT_MB * mb, PROCESS_LIMIT]
+    cmd = [sys.executable, "-I", "-X", "utf8", "-c", _RUNNER, str(path)]
+    cmd += [str(v) for v in numbers]
+    if confine:
+        cmd = [shutil.which("unshare") or "unshare", *UNSHARE, "--", *cmd]
+    try:
+        proc = subprocess.Popen(
+            cmd,
+            cwd=work,
+            env=_child_env(work),
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=err,
+            pass_fds=(token_r, result_w),
+            start_new_session=True,  # its own process group, killed as a whole
+        )
+    except BaseException:
+        os.close(result_r)
+        raise
+    finally:
+        os.close(token_r)
+        os.close(result_w)
+    return Run(proc, token, result_r, err)
+
+
+class Run:
+    """A started program: its process, the token it must give back, and its stderr."""
+
+    def __init__(self, proc: subprocess.Popen, token: bytes, result: int, err: IO[bytes]):
+        self.proc, self.token, self.result, self.err = proc, token, result, err
+
+    def judge(self, timeout: float) -> tuple[bool, str]:
+        """Wait, kill what is left, and decide: a pass needs exit status 0 and the token."""
+        try:
+            code = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return False, f"timed out after {timeout:g}s"
+        finally:
+            _kill_group(self.proc)  # on time out, and any child it left running
+            self.proc.wait()
+        if code == 0 and _read_pipe(self.result) == self.token:
+            return True, "passed"
+        return False, _failure(code, _tail(self.err))
+
+    def close(self) -> None:
+        os.close(self.result)
+
+
+@functools.cache
+def sandbox() -> bool:
+    """Whether programs can run confined here (Linux, util-linux ``unshare``, user
+    namespaces allowed, mount_setattr): tried once per process on a program that must
+    pass; when not, a warning says so once and programs run with resource limits only."""
+    why = None
+    if not sys.platform.startswith("linux"):
+        why = f"namespaces are Linux's, this is {sys.platform}"
+    elif shutil.which("unshare") is None:
+        why = "util-linux's unshare is not installed"
+    else:
+        passed, reason = _run("pass", 30.0, MEMORY_LIMIT_MB, confine=True)
+        why = None if passed else f"unshare failed: {reason}"
+    if why is not None:
+        print(NO_SANDBOX_WARNING.format(why=why), file=sys.stderr, flush=True)
+    return why is None
+
+
+def _run(source: str, timeout: float, memory_mb: int, confine: bool) -> tuple[bool, str]:
+    with (
+        tempfile.TemporaryDirectory(prefix="gptkit-run-", ignore_cleanup_errors=True) as work,
+        tempfile.TemporaryFile() as out,
+        tempfile.TemporaryFile() as err,
+    ):
+        run = _spawn(source, work, (out, err), (timeout, memory_mb), confine)
+        try:
+            return run.judge(timeout)
+        finally:
+            run.close()
+
+
 def run_program(
     program: str,
     timeout: float = 10.0,
     reference: Mapping[str, Any] | None = None,
     memory_mb: int = MEMORY_LIMIT_MB,
 ) -> tuple[bool, str]:
-    """Run a Python program in a separate, limited process; did it finish without error?
+    """Run a Python program in a separate, limited, and where possible sandboxed process;
+    did it finish without error?
 
     Args:
         program: Python source.
@@ -319,36 +497,7 @@ def run_program(
     if timeout <= 0:
         raise GptkitError(f"timeout must be positive, got {timeout}")
     source = program if reference is None else check_script(program, reference)
-    token = secrets.token_hex(16)
-    with (
-        tempfile.TemporaryDirectory(prefix="gptkit-run-", ignore_cleanup_errors=True) as work,
-        tempfile.TemporaryFile() as out,
-        tempfile.TemporaryFile() as err,
-    ):
-        path = Path(work) / "program.py"
-        path.write_text(source, encoding="utf-8")
-        mb = 1024 * 1024
-        limits = [memory_mb * mb, int(timeout) + 1, FILE_LIMIT_MB * mb]
-        cmd = [sys.executable, "-I", "-X", "utf8", "-c", _RUNNER, str(path), token]
-        proc = subprocess.Popen(
-            cmd + [str(v) for v in limits],
-            cwd=work,
-            env=_child_env(work),
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=err,
-            start_new_session=True,  # its own process group, killed as a whole
-        )
-        try:
-            code = proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            return False, f"timed out after {timeout:g}s"
-        finally:
-            _kill_group(proc)  # on time out, and any child it left running
-            proc.wait()
-        if code == 0 and _tail(out, len(token)) == token:
-            return True, "passed"
-        return False, _failure(code, _tail(err))
+    return _run(source, timeout, memory_mb, confine=sandbox())
 
 
 # -- scoring -------------------------------------------------------------------------------
