@@ -8,9 +8,17 @@ model), and ``top_k``, ``min_p`` and ``repetition_penalty`` are accepted as exte
 Log-probabilities follow the API's two schemas: chat's ``logprobs.content`` (token, logprob,
 bytes, top_logprobs) and completions' legacy ``tokens``/``token_logprobs``/``top_logprobs``/
 ``text_offset``, where ``echo`` with ``logprobs`` scores the prompt. Parameters that would
-change the answer in ways gptkit does not implement (``tools``, ``logit_bias``, ...) are
-refused with a 400 rather than silently ignored; harmless ones (``user``, ``store``, ...)
-are ignored.
+change the answer in ways gptkit does not implement (``logit_bias``, ``functions``, ...)
+are refused with a 400 rather than silently ignored; harmless ones (``user``, ``store``,
+...) are ignored.
+
+Tool calling follows the API's ``tools`` (function specs: name, description, a JSON Schema of
+``parameters``), ``tool_choice`` ("none", "auto", "required" or a named function) and the
+answer's ``tool_calls`` (``finish_reason`` "tool_calls"); a conversation carries assistant
+``tool_calls`` and ``tool`` messages (``tool_call_id``). A request that breaks the rules (a
+``tool_choice`` without ``tools``, a named function that is not among them, two tools of one
+name, a ``tool`` message answering no earlier call, arguments that are not a JSON object) is
+refused with a 400 naming the field.
 
 Beam search is vLLM's former extension: ``use_beam_search: true`` searches ``best_of`` beams
 (default ``n``) and returns the best ``n``, with ``length_penalty`` and ``early_stopping``. It
@@ -21,6 +29,7 @@ beams are deterministic).
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from typing import Any, Literal
@@ -59,9 +68,8 @@ class ErrorResponse(BaseModel):
 _UNSUPPORTED: dict[str, Any] = {
     "suffix": lambda v: v in (None, ""),
     "logit_bias": lambda v: not v,
-    "tools": lambda v: not v,
     "functions": lambda v: not v,
-    "tool_choice": lambda v: v in (None, "none", "auto"),
+    "function_call": lambda v: v in (None, "none", "auto"),
 }
 
 _SEED_MAX = 2**63 - 1
@@ -287,12 +295,100 @@ class TextPart(BaseModel):
     text: str
 
 
+#: a function's name, as the OpenAI API allows it
+FUNCTION_NAME = r"^[a-zA-Z0-9_-]{1,64}$"
+
+
+class FunctionSpec(BaseModel):
+    """``tools[i].function``: a name, what it does, and a JSON Schema of its arguments."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    name: str = Field(pattern=FUNCTION_NAME)
+    description: str | None = None
+    parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object", "properties": {}})
+    strict: bool | None = None
+
+    @field_validator("parameters")
+    @classmethod
+    def _object_schema(cls, value: dict[str, Any]) -> dict[str, Any]:
+        if value.get("type", "object") != "object":
+            raise ValueError("must be a JSON Schema of type 'object' (the arguments)")
+        return value
+
+
+class ToolSpec(BaseModel):
+    """``tools[i]``: a function the model may call."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["function"]
+    function: FunctionSpec
+
+
+class FunctionName(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    """``tool_choice: {"type": "function", "function": {"name": ...}}``: call this one."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["function"]
+    function: FunctionName
+
+
+class FunctionCall(BaseModel):
+    """A call's function: its name and its arguments as JSON text (the API's form)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    name: str
+    arguments: str
+
+    @field_validator("arguments")
+    @classmethod
+    def _json_object(cls, value: str) -> str:
+        try:
+            args = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise ValueError(
+                f"must be a JSON object as text; it does not parse ({e.msg})"
+            ) from None
+        if not isinstance(args, dict):
+            raise ValueError("must be a JSON object as text")
+        return value
+
+
+class ToolCall(BaseModel):
+    """One call the assistant makes (in a response, and in the history it is sent back)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # assistant: the calls it made
+    tool_call_id: str | None = None  # tool: the call this message answers
+
+    @model_validator(mode="after")
+    def _check_tool_fields(self) -> ChatMessage:
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError(f"only assistant messages carry tool_calls, not {self.role}")
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a tool message needs the 'tool_call_id' of the call it answers")
+        return self
 
     @field_validator("content", mode="wrap")
     @classmethod
@@ -300,15 +396,32 @@ class ChatMessage(BaseModel):
         kinds = 'a string or a list of text parts ({"type": "text", "text": ...}); only text'
         return _one_of(value, handler, kinds + " is understood")
 
-    def as_template_message(self) -> dict[str, str]:
-        """The ``{"role", "content"}`` dict that chat templates read. ``developer`` is the
-        newer name of ``system`` (the OpenAI API reference), so templates see ``system``."""
+    def as_template_message(self) -> dict[str, Any]:
+        """The ``{"role", "content"}`` dict that chat templates read (with ``tool_calls``,
+        arguments as dicts, or ``tool_call_id`` where the message has them, as transformers
+        passes them). ``developer`` is the newer name of ``system`` (the OpenAI API
+        reference), so templates see ``system``."""
         if isinstance(self.content, list):
             content = "".join(part.text for part in self.content)
         else:
             content = self.content or ""
         role = "system" if self.role == "developer" else self.role
-        return {"role": role, "content": content}
+        message: dict[str, Any] = {"role": role, "content": content}
+        if self.tool_calls:
+            message["tool_calls"] = [
+                {
+                    "id": c.id,
+                    "type": "function",
+                    "function": {
+                        "name": c.function.name,
+                        "arguments": json.loads(c.function.arguments),
+                    },
+                }
+                for c in self.tool_calls
+            ]
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
+        return message
 
 
 class ChatCompletionRequest(_SamplingRequest):
@@ -318,6 +431,67 @@ class ChatCompletionRequest(_SamplingRequest):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    tools: list[ToolSpec] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None  # accepted; an answer makes at most one call
+
+    @field_validator("tool_choice", mode="wrap")
+    @classmethod
+    def _check_tool_choice(cls, value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        kinds = '"none", "auto", "required" or {"type": "function", "function": {"name": ...}}'
+        return _one_of(value, handler, kinds)
+
+    @model_validator(mode="after")
+    def _check_tools(self) -> ChatCompletionRequest:
+        names = [t.function.name for t in self.tools or []]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"tools: each function needs a name of its own; {twice} repeat")
+        choice = self.tool_choice
+        if choice not in (None, "none") and not names:
+            raise ValueError("tool_choice needs 'tools' to choose from; send the tools too")
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+            raise ValueError(
+                f"tool_choice names the function '{choice.function.name}', which is not among "
+                f"the tools ({', '.join(names)})"
+            )
+        if self.calls_tools():
+            fmt = self.response_format
+            refused = [
+                name
+                for name, on in (
+                    ("n > 1", self.n > 1),
+                    ("use_beam_search", self.use_beam_search),
+                    ("logprobs", self.logprobs),
+                    ("response_format", fmt is not None and fmt.type != "text"),
+                )
+                if on
+            ]
+            if refused:
+                raise ValueError(
+                    f"tools are not supported together with {', '.join(refused)}; leave "
+                    "them out or set tool_choice to 'none'"
+                )
+        return self._check_tool_messages()
+
+    def _check_tool_messages(self) -> ChatCompletionRequest:
+        called: set[str] = set()
+        for i, m in enumerate(self.messages):
+            called |= {c.id for c in m.tool_calls or []}
+            if m.role == "tool" and m.tool_call_id not in called:
+                raise ValueError(
+                    f"messages[{i}] answers tool_call_id '{m.tool_call_id}', but no earlier "
+                    "assistant message made a call of that id"
+                )
+        return self
+
+    def calls_tools(self) -> bool:
+        """Whether the answer may call a tool (tools given, tool_choice not "none")."""
+        return bool(self.tools) and self.tool_choice != "none"
+
+    def tool_dicts(self) -> list[dict[str, Any]]:
+        """The tools as the chat template reads them (OpenAI's form, as plain dicts)."""
+        return [t.model_dump(exclude_none=True) for t in self.tools or []]
 
     @model_validator(mode="after")
     def _check_top_logprobs(self) -> ChatCompletionRequest:
@@ -345,7 +519,7 @@ def now() -> int:
     return int(time.time())
 
 
-FinishReason = Literal["stop", "length"]
+FinishReason = Literal["stop", "length", "tool_calls"]
 
 
 class Usage(BaseModel):
@@ -412,7 +586,12 @@ class ChatLogprobs(BaseModel):
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] | None = None
+
+    @field_serializer("tool_calls")
+    def _calls(self, calls: list[ToolCall] | None) -> list[dict[str, Any]] | None:
+        return None if calls is None else [c.model_dump() for c in calls]
 
 
 class ChatChoice(BaseModel):
@@ -432,9 +611,25 @@ class ChatCompletion(BaseModel):
     system_fingerprint: str | None = None
 
 
+class FunctionCallDelta(BaseModel):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class ToolCallDelta(BaseModel):
+    """A streamed piece of a call: the first carries its id, type and name, the others
+    pieces of its arguments (the OpenAI API's chunks)."""
+
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: FunctionCallDelta | None = None
+
+
 class Delta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 class ChatChunkChoice(BaseModel):

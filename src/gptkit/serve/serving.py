@@ -11,6 +11,19 @@ vLLM's ``entrypoints/openai/serving_*.py`` are the reference layout. A request b
     Job ─► result(): ChatCompletion | Completion     (usage, finish_reason, logprobs)
     Job ─► chunks(): ChatCompletionChunk | Completion pieces, then an optional usage chunk
 
+A chat request with ``tools`` renders them through the chat template (see
+:mod:`gptkit.tokenizer.chat`: the template's own tool format, else the ``<tool_call>``
+fallback) and answers in up to two stages, as llama.cpp's lazy grammars do::
+
+    "auto":      free text, with <tool_call> as a stop string ─► stopped there? ─┐
+    "required" / a named function ───────────────────────────────────────────────┤
+                 prompt + text + "<tool_call>\n" under the call's JSON Schema ◄──┘
+                 ({"name": <a tool's name>, "arguments": <its parameters>}) ─► tool_calls
+
+so the arguments always satisfy the tool's schema (the structured-output engine of
+:mod:`gptkit.generate.constrain`), while a plain answer is not constrained at all. An answer
+makes at most one call (``parallel_tool_calls`` is accepted and has no effect).
+
 Log-probabilities come from the engine's rows (each :class:`Request` is a core ``Row`` that
 scores its tokens when its SampleConfig's ``logprobs`` is set; a final eos token is left out,
 as it is not part of the text). ``echo`` on completions scores the prompt with one uncached
@@ -27,6 +40,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import json
 import threading
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
@@ -64,13 +78,18 @@ from gptkit.serve.protocol import (
     CompletionRequest,
     Delta,
     FinishReason,
+    FunctionCall,
+    FunctionCallDelta,
     ModelCard,
+    NamedToolChoice,
+    ToolCall,
+    ToolCallDelta,
     TopLogprob,
     Usage,
     new_id,
     now,
 )
-from gptkit.tokenizer.chat import apply_chat_template
+from gptkit.tokenizer.chat import TOOL_CALL_OPEN, apply_chat_template
 
 AnyRequest = ChatCompletionRequest | CompletionRequest
 
@@ -158,6 +177,7 @@ class Job:
     logprobs: int | None = None  # top alternatives per token; None: no logprobs asked for
     echoes: list[Echo] | None = None  # per choice, its prompt given back (completions)
     beams: asyncio.Future[list[Beam]] | None = None  # use_beam_search: the choices to come
+    tools: ToolTurn | None = None  # an answer that may call a tool: its second stage
 
     def cancel(self) -> None:
         for r in self.requests:
@@ -174,6 +194,36 @@ class Echo:
     text: str
     ids: list[int]
     scores: list[TokenLogprob | None]
+
+
+@dataclass
+class ToolTurn:
+    """What a tool-calling answer needs for its call stage: the rendered prompt, the
+    grammar of a call, and the reply's sampling settings."""
+
+    prompt: str
+    grammar: Grammar
+    params: SampleConfig
+    auto: bool  # the model may answer in text; False: the call comes at once
+
+
+def call_schema(tools: list[dict], name: str | None = None) -> dict:
+    """The JSON Schema of one call: ``{"name": <a tool's name>, "arguments": <its
+    parameters>}``, any of the tools (or only ``name``)."""
+    alternatives = [
+        {
+            "type": "object",
+            "properties": {
+                "name": {"const": t["function"]["name"]},
+                "arguments": t["function"]["parameters"],
+            },
+            "required": ["name", "arguments"],
+            "additionalProperties": False,
+        }
+        for t in tools
+        if name in (None, t["function"]["name"])
+    ]
+    return alternatives[0] if len(alternatives) == 1 else {"anyOf": alternatives}
 
 
 def finish_reason(chunk: Chunk) -> Literal["stop", "length"]:
@@ -227,14 +277,20 @@ class Serving:
         """Render the messages with the model's chat template and submit ``n`` choices."""
         self.check_model(body.model)
         messages = [m.as_template_message() for m in body.messages]
+        tools = body.tool_dicts() if body.calls_tools() else None
+        prompt = ""
 
         def encode() -> list[int]:
-            return self.tokenizer.encode_prompt(apply_chat_template(self.tokenizer, messages))
+            nonlocal prompt
+            prompt = apply_chat_template(self.tokenizer, messages, tools=tools)
+            return self.tokenizer.encode_prompt(prompt)
 
         try:  # in a thread: a long prompt must not stall the other streams
             ids = await asyncio.to_thread(encode)
         except GptkitError as e:
             raise ServingError(str(e), param="messages") from None
+        if tools:
+            return self._tool_job(ids, prompt, tools, body)
         job = self._submit(True, [ids], body, "messages")
         job.logprobs = body.alternatives()
         return job
@@ -325,6 +381,158 @@ class Serving:
         except GptkitError as e:
             raise ServingError(f"response_format: {e}", param="response_format") from None
         return grammar
+
+    def call_grammar(self, tools: list[dict], body: ChatCompletionRequest) -> Grammar:
+        """The grammar of a call under ``tool_choice``; each tool's schema is checked
+        first, so that a bad one is a 400 naming it."""
+        for i, tool in enumerate(tools):
+            try:
+                grammar_text(Grammar.of(json_schema=tool["function"]["parameters"]), self.tokenizer)  # type: ignore[arg-type]
+            except GptkitError as e:
+                raise ServingError(
+                    f"tools[{i}].function.parameters ({tool['function']['name']}): {e}",
+                    param=f"tools[{i}].function.parameters",
+                ) from None
+        choice = body.tool_choice
+        name = choice.function.name if isinstance(choice, NamedToolChoice) else None
+        grammar = Grammar.of(json_schema=call_schema(tools, name))
+        assert grammar is not None
+        return grammar
+
+    def _tool_job(
+        self, ids: list[int], prompt: str, tools: list[dict], body: ChatCompletionRequest
+    ) -> Job:
+        """An answer that may call a tool (see the module docstring): with "auto", a free
+        first stage that stops at the call tag; else the call stage at once."""
+        grammar = self.call_grammar(tools, body)
+        params = self.sampling(body, 0)
+        auto = body.tool_choice in (None, "auto")
+        turn = ToolTurn(prompt, grammar, params, auto)
+        job = Job(True, [], len(ids), body.include_usage(), new_id("chatcmpl"), now(), tools=turn)
+        if auto:
+            first = params.replace(stop=(*params.stop, TOOL_CALL_OPEN))
+            job.requests.append(self._submit_one(ids, first, "messages"))
+        return job
+
+    def _submit_one(self, ids: list[int], params: SampleConfig, param: str) -> Request:
+        """One engine request; the engine's refusals as serving errors."""
+        try:
+            return self.engine.submit(ids, params)
+        except PromptTooLong as e:
+            raise ServingError(str(e), param=param, code="context_length_exceeded") from None
+        except (QueueFull, EngineStopped) as e:
+            raise ServerBusy(str(e), code="server_busy") from None
+        except GptkitError as e:
+            raise ServingError(str(e), param=param) from None
+
+    async def _tool_events(self, job: Job) -> AsyncIterator[tuple[str, str | int | None]]:
+        """A tool-calling answer as events: ``("text", piece)`` while it writes, then at
+        most one ``("call", '{"name": ..., "arguments": ...}')``, then ``("end", reason)``
+        and ``("tokens", completion tokens)``."""
+        turn = job.tools
+        assert turn is not None
+        text, used, reason = "", 0, "stop"
+        try:
+            if turn.auto:
+                first = job.requests[0]
+                async for chunk in first:
+                    text += chunk.text
+                    if chunk.text:
+                        yield "text", chunk.text
+                    if chunk.finish_reason is not None:
+                        used, reason = chunk.completion_tokens, finish_reason(chunk)
+                if TOOL_CALL_OPEN not in self.tokenizer.decode(first.generated):
+                    yield "end", reason
+                    yield "tokens", used
+                    return
+            left = turn.params.max_new_tokens - used
+            if left < 1:
+                yield "end", "length"
+                yield "tokens", used
+                return
+            ids = self.tokenizer.encode_prompt(turn.prompt + text + TOOL_CALL_OPEN + "\n")
+            params = turn.params.replace(max_new_tokens=left, grammar=turn.grammar, stop=())
+            call = self._submit_one(ids, params, "messages")
+            job.requests.append(call)
+            body, reason = "", "length"
+            async for chunk in call:
+                body += chunk.text
+                if chunk.finish_reason is not None:
+                    used += chunk.completion_tokens
+                    reason = finish_reason(chunk)
+        except EngineError as e:
+            raise GenerationFailed(str(e)) from None
+        if reason == "stop":  # the grammar completed: a call
+            yield "call", body
+            reason = "tool_calls"
+        yield "end", reason
+        yield "tokens", used
+
+    @staticmethod
+    def _tool_call(body: str) -> ToolCall:
+        call = json.loads(body)
+        arguments = json.dumps(call["arguments"], ensure_ascii=False)
+        fn = FunctionCall(name=call["name"], arguments=arguments)
+        return ToolCall(id=new_id("call"), function=fn)
+
+    async def _tool_reply(self, job: Job) -> ChatCompletion:
+        """The whole answer of a tool-calling job: its text, and its call if it made one."""
+        text, calls, reason, used = "", [], "stop", 0
+        async for kind, value in self._tool_events(job):
+            if kind == "text":
+                text += str(value)
+            elif kind == "call":
+                calls.append(self._tool_call(str(value)))
+            elif kind == "end":
+                reason = value
+            else:
+                used = int(value or 0)
+        message = AssistantMessage(
+            content=text or (None if calls else ""), tool_calls=calls or None
+        )
+        choice = ChatChoice(index=0, message=message, finish_reason=reason)  # type: ignore[arg-type]
+        return ChatCompletion(
+            id=job.id,
+            created=job.created,
+            model=self.model_name,
+            choices=[choice],
+            usage=Usage.of(job.prompt_tokens, used),
+        )
+
+    async def _tool_chunks(self, job: Job) -> AsyncIterator[BaseModel]:
+        """The streamed answer of a tool-calling job: the role, text pieces, the call (its
+        id and name, then its arguments), the finish_reason, and the usage if asked for."""
+        yield self._chat_chunk(
+            job, [ChatChunkChoice(index=0, delta=Delta(role="assistant", content=""))]
+        )
+        used = 0
+        async for kind, value in self._tool_events(job):
+            if kind == "text":
+                yield self._chat_chunk(
+                    job, [ChatChunkChoice(index=0, delta=Delta(content=str(value)))]
+                )
+            elif kind == "call":
+                call = self._tool_call(str(value))
+                head = ToolCallDelta(
+                    index=0,
+                    id=call.id,
+                    type="function",
+                    function=FunctionCallDelta(name=call.function.name, arguments=""),
+                )
+                args = ToolCallDelta(
+                    index=0, function=FunctionCallDelta(arguments=call.function.arguments)
+                )
+                for delta in (head, args):
+                    yield self._chat_chunk(
+                        job, [ChatChunkChoice(index=0, delta=Delta(tool_calls=[delta]))]
+                    )
+            elif kind == "end":
+                end = ChatChunkChoice(index=0, delta=Delta(), finish_reason=value)  # type: ignore[arg-type]
+                yield self._chat_chunk(job, [end])
+            else:
+                used = int(value or 0)
+        if job.include_usage:
+            yield self._chat_chunk(job, [], Usage.of(job.prompt_tokens, used))
 
     def _submit(self, chat: bool, prompts: list[list[int]], body: AnyRequest, param: str) -> Job:
         """``n`` engine requests per prompt, in choice order; all or none are submitted."""
@@ -440,6 +648,8 @@ class Serving:
         """Wait for every choice; the whole response with its usage."""
         if job.beams is not None:
             return await self._beam_reply(job)
+        if job.tools is not None:
+            return await self._tool_reply(job)
         texts: list[list[str]] = [[] for _ in job.requests]
         last: list[Chunk | None] = [None] * len(job.requests)
         try:
@@ -529,6 +739,10 @@ class Serving:
         last; then, when asked for, a chunk with the usage and no choices. With logprobs, a
         chunk carries the scores of the tokens since the last one sent; an echoed prompt
         comes first, one chunk per choice."""
+        if job.tools is not None:
+            async for chunk in self._tool_chunks(job):
+                yield chunk
+            return
         if job.chat:
             for i in range(len(job.requests)):
                 yield self._chat_chunk(
