@@ -5,16 +5,19 @@ files ``gptkit inspect`` writes."""
 
 from __future__ import annotations
 
+import base64
 import html
 import json
 import math
 import re
 import struct
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAMILIES, REPO, tiny_model
+from conftest import FAMILIES, REPO, running_server, tiny_model
 
 from gptkit.checkpoint import save_checkpoint
 from gptkit.cli import main
@@ -205,3 +208,33 @@ def test_smollm2_knows_the_capital_of_france(tmp_path: Path) -> None:
     assert summary["next_token"] == " Paris"
     assert summary["logit_lens"]["top_guess"][-1][-1] == " Paris"
     assert all((tmp_path / name).is_file() for name in FILES)
+
+
+def post_json(url: str, body: dict) -> tuple[int, dict]:
+    request = urllib.request.Request(
+        url, json.dumps(body).encode(), {"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_attention_route_draws_the_answer(chatml_tokenizer: BPETokenizer) -> None:
+    model = tiny_model(chatml_tokenizer.vocab_size, block_size=128, **FAMILIES["llama"])
+    messages = [
+        {"role": "user", "content": "hello"},
+        {"role": "assistant", "content": "hi there"},
+    ]
+    with running_server(model, chatml_tokenizer) as s:
+        status, found = post_json(s.url + "/v1/attention", {"messages": messages})
+        assert status == 200, found
+        answer = len(chatml_tokenizer.encode("hi there", allow_special=False))
+        assert found["answer_tokens"] == answer
+        assert found["context_tokens"] == len(found["tokens"]) > answer
+        png = base64.b64decode(found["image"].removeprefix("data:image/png;base64,"))
+        w, h = draw.answer_figure_size(answer)
+        assert struct.unpack(">II", png[16:24]) == (w * draw.DPI, h * draw.DPI)
+        status, error = post_json(s.url + "/v1/attention", {"messages": messages[:1]})
+        assert status == 400 and "assistant's answer" in error["error"]["message"]

@@ -13,6 +13,7 @@ import html
 import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import BinaryIO
 
 import matplotlib
 
@@ -250,3 +251,35 @@ probability and rank; redder is more surprising.</p>
 """
     path.write_text(page, encoding="utf-8")
     return path
+
+
+def answer_figure_size(rows: int) -> tuple[float, float]:
+    """(width, height) in inches of :func:`draw_answer_attention` for ``rows`` answer tokens."""
+    return 12.0, max(3.5, min(24.0, 1.8 + 0.2 * rows))
+
+
+def draw_answer_attention(
+    target: Path | BinaryIO, weights: np.ndarray, rows: Sequence[str], columns: Sequence[str]
+) -> None:
+    """The web chat's attention map: each answer token (rows) over every token of the
+    conversation (columns), the weights averaged over all layers and heads.
+
+    Args:
+        target: a path or a binary file the PNG goes to.
+        weights: (answer tokens, all tokens) probabilities.
+        rows, columns: the answer's tokens and all tokens, as labels.
+    """
+    with plt.rc_context(_RC):
+        fig, ax = plt.subplots(figsize=answer_figure_size(len(rows)))
+        shown = ax.imshow(weights, cmap="viridis", norm=_SQRT, aspect="auto",
+                          interpolation="nearest")  # fmt: skip
+        _tokens_on_axes(ax, columns, both=False)
+        step = max(1, math.ceil(len(rows) / _TICK_LIMIT))
+        ax.set_yticks(range(0, len(rows), step), list(rows)[::step], fontsize=7)
+        ax.set_xlabel("conversation token (attended to)")
+        ax.set_ylabel("answer token")
+        ax.set_title("attention of the answer, mean of all layers and heads")
+        fig.colorbar(shown, ax=ax, fraction=0.03, pad=0.01, label="weight (sqrt scale)")
+        fig.tight_layout()
+        fig.savefig(target, dpi=DPI, format="png")
+        plt.close(fig)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import copy
 import math
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -101,10 +101,16 @@ def attention_weights(
     return scores.masked_fill(~mask, float("-inf")).softmax(-1)
 
 
-def _run(model: GPT, ids: Tensor | Sequence[int], attention: bool) -> dict[str, Any]:
+def _run(
+    model: GPT,
+    ids: Tensor | Sequence[int],
+    attention: bool,
+    keep: Callable[[Tensor], Tensor] | None = None,
+) -> dict[str, Any]:
     """One forward of ``model`` over ``ids`` through a hooked twin: the logits (T, V), the
     residual stream after every block (L, T, C) and, if ``attention``, the weights
-    (L, nh, T, T)."""
+    (L, nh, T, T), or what ``keep`` makes of each layer's (nh, T, T) weights, stacked (a
+    long text's weights need not all be held at once)."""
     x = _as_ids(model, ids)
     twin = _twin(model)
     assert isinstance(twin, GPT)
@@ -114,7 +120,8 @@ def _run(model: GPT, ids: Tensor | Sequence[int], attention: bool) -> dict[str, 
     def keep_weights(module: nn.Module, args: tuple) -> None:
         h, rope, cache, _, mask = args
         assert cache is None  # inspection runs without a KV cache
-        weights.append(attention_weights(module, h, rope, mask)[0])  # type: ignore[arg-type]
+        layer = attention_weights(module, h, rope, mask)[0]  # type: ignore[arg-type]
+        weights.append(keep(layer) if keep is not None else layer)
 
     def keep_stream(module: nn.Module, args: tuple, out: Tensor) -> None:
         stream.append(out[0].float())

@@ -56,6 +56,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from gptkit.errors import GptkitError
+from gptkit.inspect.chat import answer_attention
 from gptkit.serve.engine import Engine
 from gptkit.serve.protocol import (
     ChatCompletionRequest,
@@ -170,6 +171,20 @@ def _api(serving: Serving, key: bytes | None, limits: BodyLimits) -> APIRouter:
     async def completions(request: Request) -> Response:
         body = await read_body(request, CompletionRequest, limits)
         return await respond(request, serving, await serving.start_completion(body), body.stream)
+
+    @api.post("/attention")
+    async def attention(request: Request) -> JSONResponse:
+        """The web chat's attention map of an answer (:mod:`gptkit.inspect.chat`), computed
+        in a thread on the reference path beside the engine's decoding."""
+        body = await read_body(request, ChatCompletionRequest, limits)
+        serving.check_model(body.model)
+        messages = [m.as_template_message() for m in body.messages]
+        model, tokenizer = serving.engine.model, serving.tokenizer
+        try:
+            found = await asyncio.to_thread(answer_attention, model, tokenizer, messages)
+        except GptkitError as e:
+            raise APIError(400, str(e), param="messages") from None
+        return JSONResponse(found)
 
     return api
 
