@@ -13,11 +13,8 @@ Reports, and exits 1 unless both goals hold:
   slower than ``--stall`` seconds, and every line of the server's log that is an error or a
   traceback;
 - RSS growth of the server process (goal < 5%): from its resident memory after the warm-up
-  to the end, sampled every 5 s from /proc (Linux). The warm-up lasts until every client
-  has finished two requests, and at least a tenth of the run: by then the KV-cache pool
-  has grown to the longest rows (it doubles as rows need it) and the allocator holds its
-  working set, so what grows afterwards is what a leak would grow. The RSS is printed
-  once a minute too, so a plateau and a slope can be told apart.
+  (the first tenth of the run, at least one full round of requests) to the end, sampled
+  every 5 s from /proc (Linux).
 
     python bench/soak.py --minutes 5                   # SmolLM2 from `make models`
     python bench/soak.py --model PATH --streams 8 --minutes 1
@@ -59,8 +56,6 @@ class Tally:
     tokens: int = 0  # text chunks received
     errors: list[str] = field(default_factory=list)
     rss: list[tuple[float, int]] = field(default_factory=list)  # (seconds, kB)
-    rounds: dict[int, int] = field(default_factory=dict)  # client -> requests finished
-    warm_at: float | None = None  # seconds into the run when the warm-up ended
 
     def error(self, what: str) -> None:
         if len(self.errors) < 1000:
@@ -186,13 +181,9 @@ async def read_events(reader: asyncio.StreamReader, leave_after: int | None, tal
 
 
 async def client(
-    port: int, i: int, times: tuple[float, float], tally: Tally, args: argparse.Namespace
+    port: int, seed: int, until: float, tally: Tally, args: argparse.Namespace
 ) -> None:
-    """Client ``i``: requests one after another until the run ends; the warm-up ends once
-    every client has finished two, and a tenth of the run has passed."""
-    start, until = times
-    rng = random.Random(args.seed * 1000 + i)
-    tally.rounds[i] = 0
+    rng = random.Random(seed)
     while time.monotonic() < until:
         try:
             await asyncio.wait_for(one_request(port, rng, tally, args), args.stall)
@@ -200,10 +191,6 @@ async def client(
             tally.error(f"no reply within {args.stall} s")
         except (OSError, ValueError, KeyError) as e:
             tally.error(f"{type(e).__name__}: {e}")
-        tally.rounds[i] += 1
-        now = time.monotonic() - start
-        if tally.warm_at is None and min(tally.rounds.values()) >= 2:
-            tally.warm_at = max(now, (until - start) * 0.1)
 
 
 async def sample_rss(pid: int, start: float, until: float, tally: Tally) -> None:
@@ -216,17 +203,16 @@ async def sample_rss(pid: int, start: float, until: float, tally: Tally) -> None
 async def soak(port: int, pid: int, args: argparse.Namespace, tally: Tally) -> None:
     start = time.monotonic()
     until = start + args.minutes * 60
-    clients = [client(port, i, (start, until), tally, args) for i in range(args.streams)]
+    clients = [client(port, args.seed * 1000 + i, until, tally, args) for i in range(args.streams)]
     await asyncio.gather(sample_rss(pid, start, until, tally), *clients)
 
 
 def report(tally: Tally, args: argparse.Namespace, wall: float) -> bool:
     """Print the summary; True when both goals hold."""
-    warm = tally.warm_at if tally.warm_at is not None else float("inf")
+    warm = max(args.minutes * 60 * 0.1, 30)
     after = [kb for t, kb in tally.rss if t >= warm] or [tally.rss[-1][1]]
     base, end, peak = after[0], tally.rss[-1][1], max(kb for _, kb in tally.rss)
     growth = (end - base) / base * 100
-    minutes = {int(t // 60): kb for t, kb in tally.rss}  # the last sample of each minute
     print(f"model: {args.model}; {args.streams} streams for {wall / 60:.1f} min")
     print(
         f"requests: {tally.requests} sent, {tally.completed} completed, {tally.left} left by "
@@ -235,10 +221,6 @@ def report(tally: Tally, args: argparse.Namespace, wall: float) -> bool:
     print(f"errors: {len(tally.errors)} (goal 0)")
     for e in tally.errors[:20]:
         print(f"  {e}")
-    print("server RSS by minute (MiB): " + " ".join(f"{kb / 1024:.0f}" for kb in minutes.values()))
-    if tally.warm_at is None:
-        print("the warm-up did not end (a client finished fewer than two requests): run longer")
-        return False
     print(
         f"server RSS: {tally.rss[0][1] / 1024:.0f} MiB at start, {base / 1024:.0f} MiB after "
         f"the {warm:.0f} s warm-up, {end / 1024:.0f} MiB at the end (peak "

@@ -265,6 +265,10 @@ class TrainConfig(_JsonMixin):
     """distillation: the weight of the KL term (1 - alpha weighs the LM loss)"""
     distill_top_k: int = 0
     """distillation: match the teacher's k most likely tokens only; 0: the whole vocabulary"""
+    tensorboard: str | None = None
+    """write TensorBoard scalars and histograms to this directory (pip install tensorboard)"""
+    histogram_every: int = 100
+    """with tensorboard: steps between weight and gradient histograms (0: none)"""
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "grad_accum", "eval_batches", "log_every", "keep_checkpoints"):
@@ -316,6 +320,7 @@ class TrainConfig(_JsonMixin):
             f"distill_alpha must be in [0, 1], got {self.distill_alpha}",
         )
         _check(self.distill_top_k >= 0, "distill_top_k must not be negative")
+        _check(self.histogram_every >= 0, "histogram_every must not be negative")
 
     @property
     def lr_decay_steps(self) -> int:

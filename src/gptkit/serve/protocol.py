@@ -74,9 +74,8 @@ _UNSUPPORTED: dict[str, Any] = {
 
 _SEED_MAX = 2**63 - 1
 
-#: the smallest temperature and top_p above 0 that are taken: below it, ``logits /
-#: temperature`` overflows float32 (1e-300 is 0 in float32) and a top_p that is 0 in
-#: float32 drops every token, so sampling meets inf and NaN; 0 is greedy for both
+#: the smallest temperature above 0 that is taken: below it, ``logits / temperature``
+#: overflows float32 (1e-300 is 0 in float32) and sampling meets inf and NaN; 0 is greedy
 MIN_TEMPERATURE = 1e-5
 #: bounds of the multiplicative repetition penalty (CTRL's 1.2 is typical): near 0 it
 #: divides a logit into overflow, as the temperature does
@@ -199,7 +198,7 @@ class _SamplingRequest(BaseModel):
             )
         return stop
 
-    @field_validator("temperature", "top_p")
+    @field_validator("temperature")
     @classmethod
     def _check_temperature(cls, value: float) -> float:
         if 0 < value < MIN_TEMPERATURE:

@@ -40,6 +40,7 @@ from gptkit.errors import GptkitError
 from gptkit.files import atomic_path, atomic_write_text, list_checkpoints, step_dir
 from gptkit.model.lora import has_lora, merge_lora
 from gptkit.train import distributed
+from gptkit.train.board import Board, flops_per_token, peak_flops
 from gptkit.train.objectives import autocast, batch_loss
 from gptkit.train.optim import lr_at
 from gptkit.train.setup import Objective, Request, Run, setup
@@ -148,7 +149,7 @@ def _loop(run: Run, progress: bool, merge: bool) -> dict[str, Any]:
     tally = _Tally(saved_step=run.step if run.request.resume else None)
     with metrics, _sigint_flag() as flag:
         while run.step < cfg.max_steps:
-            lr, tokens, seconds = _step(run)
+            lr, tokens, seconds = _step(run, metrics.board)
             tok_s = tally.add(tokens, seconds)
             if run.step % cfg.log_every == 0 or run.step == cfg.max_steps:
                 row = {"step": run.step, "loss": run.last_loss, "lr": lr}
@@ -170,9 +171,10 @@ def _loop(run: Run, progress: bool, merge: bool) -> dict[str, Any]:
     return _finish(run, tally, metrics, summary, merge)
 
 
-def _step(run: Run) -> tuple[float, int, float]:
+def _step(run: Run, board: Board | None = None) -> tuple[float, int, float]:
     """One optimizer step: ``grad_accum`` micro-batches under autocast (gradients synced
-    across ranks on the last), clipping, the optimizer at the schedule's learning rate.
+    across ranks on the last), clipping, the optimizer at the schedule's learning rate;
+    ``board`` sees the gradients before they are freed.
     Advances ``run.step`` and sets ``run.last_loss`` (the mean over micro-batches and ranks);
     returns the learning rate, the tokens of all ranks, and the seconds taken."""
     t0 = time.perf_counter()
@@ -190,8 +192,12 @@ def _step(run: Run) -> tuple[float, int, float]:
                 loss = batch_loss(run.step_fn, batch, run.request.lm_weight)
             (loss / cfg.grad_accum).backward()
         loss_sum += loss.detach()
+    norm = None
     if cfg.grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip)
+        norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip)
+    # FSDP's shards are not whole on rank 0 (the board's only rank): no norm, no histograms
+    if board is not None and not cfg.fsdp and board.wants_gradients(run.step + 1, cfg.log_every):
+        board.gradients(run.step + 1, run.model, norm)
     run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
     run.step += 1
@@ -316,22 +322,38 @@ class _Metrics:
                 self.path.unlink()
         self.file = open(self.path if self.is_main else os.devnull, "a")  # noqa: SIM115
         self.last_plot = time.perf_counter()
+        self.board = _board(run) if self.is_main else None
 
     def __enter__(self) -> _Metrics:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.file.close()
+        if self.board is not None:
+            self.board.close()
 
     def log(self, row: dict[str, Any]) -> None:
         self.file.write(json.dumps(row) + "\n")
         self.file.flush()
+        if self.board is not None:
+            self.board.log(row)
 
     def plot(self, done: bool) -> None:
         """Redraw loss.png (rank 0): at the end, else at most every 30 s (it costs ~1 s)."""
         if self.is_main and (done or time.perf_counter() - self.last_plot > 30):
             plot_losses(self.path, self.png)
             self.last_plot = time.perf_counter()
+
+
+def _board(run: Run) -> Board | None:
+    """The run's TensorBoard writer (``--tensorboard DIR``), or None."""
+    cfg = run.train_cfg
+    if cfg.tensorboard is None:
+        return None
+    seq_len = cfg.seq_len or run.model_cfg.block_size
+    flops = flops_per_token(run.model_cfg, seq_len, run.model.num_params(embeddings=False))
+    first = run.step if run.request.resume else 0
+    return Board(cfg.tensorboard, flops, peak_flops(run.device), cfg.histogram_every, first)
 
 
 def plot_losses(metrics_path: Path, png_path: Path) -> None:
