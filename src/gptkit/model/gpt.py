@@ -18,7 +18,7 @@ implementations are chosen there. Read top-down: leaf modules first, :class:`GPT
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, NamedTuple, overload
 
 import torch
 import torch.nn.functional as F
@@ -218,6 +218,14 @@ class Block(nn.Module):
         return self.norm_2(self.drop.residual(x, self.mlp(x)))
 
 
+class LMOutput(NamedTuple):
+    """``model(ids, labels=ids)``: the loss and the logits, by name or as ``loss, logits``
+    (transformers' ``CausalLMOutput`` unpacks the same way)."""
+
+    loss: Tensor
+    logits: Tensor
+
+
 class GPT(nn.Module):
     """``model(ids)`` -> logits ``(B, T, V)``; ``model(ids, cache=KVCache(...))`` decodes
     incrementally. ``hidden`` gives the final hidden states for task heads."""
@@ -376,18 +384,51 @@ class GPT(nn.Module):
             cache.length += T
         return self.norm_f(x) if self.norm_f is not None else x
 
+    @overload
+    def forward(
+        self,
+        idx: Tensor,
+        cache: KVCache | None = ...,
+        segments: Tensor | None = ...,
+        only: Tensor | None = ...,
+        labels: None = ...,
+    ) -> Tensor: ...
+    @overload
+    def forward(
+        self,
+        idx: Tensor,
+        cache: KVCache | None = ...,
+        segments: Tensor | None = ...,
+        only: Tensor | None = ...,
+        *,
+        labels: Tensor,
+    ) -> LMOutput: ...
     def forward(
         self,
         idx: Tensor,
         cache: KVCache | None = None,
         segments: Tensor | None = None,
         only: Tensor | None = None,
-    ) -> Tensor:
+        labels: Tensor | None = None,
+    ) -> Tensor | LMOutput:
         """Logits (B, T, V) for token ids (B, T); with ``only``, a bool (B, T) mask, the
         logits (N, V) of its N selected positions alone (fine-tuning scores the completion
-        tokens only, and the head over a large vocabulary costs as much as many layers)."""
+        tokens only, and the head over a large vocabulary costs as much as many layers).
+
+        With ``labels`` (B, T), as transformers' causal LMs take them (``model(ids,
+        labels=ids)``): ``LMOutput(loss, logits)``, the loss the mean cross-entropy of
+        ``labels[:, 1:]`` given positions ``:-1`` (shifted here; -100 marks a label to skip).
+        """
         h = self.hidden(idx, cache, segments)
-        return self.lm_head(h if only is None else h[only])
+        logits = self.lm_head(h if only is None else h[only])
+        if labels is None:
+            return logits
+        if only is not None:
+            raise GptkitError("labels= scores every position; it cannot be combined with only=")
+        loss = F.cross_entropy(
+            logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100
+        )
+        return LMOutput(loss, logits)
 
     def classify(self, idx: Tensor, last: Tensor, segments: Tensor | None = None) -> Tensor:
         """Label logits (B, K): the head applied to the hidden state at index ``last[b]`` of
