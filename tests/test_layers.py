@@ -31,6 +31,7 @@ LAYERS = {
     "inspect": 7,
     "serve": 8,
     "cli": 9,
+    "pipeline": 9,
     "demo": 9,
     "__main__": 9,
     "__init__": 9,

@@ -19,6 +19,7 @@ from gptkit.data.prepare import prepare
 from gptkit.errors import GptkitError
 from gptkit.generate import classify, generate, stream
 from gptkit.model import GPT
+from gptkit.pipeline import pipeline
 from gptkit.tokenizer import load_tokenizer
 from gptkit.train import finetune, train
 
@@ -33,6 +34,7 @@ __all__ = [
     "generate",
     "load",
     "load_tokenizer",
+    "pipeline",
     "prepare",
     "stream",
     "train",
