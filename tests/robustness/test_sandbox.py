@@ -10,6 +10,7 @@ checked instead.
 
 from __future__ import annotations
 
+import os
 import socket
 import time
 import uuid
@@ -150,6 +151,14 @@ def test_setsid_grandchild_does_not_outlive_the_run() -> None:
     while processes_with(marker) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert processes_with(marker) == []
+
+
+@needs_sandbox
+@pytest.mark.skipif(os.geteuid() == 0, reason="the kernel does not apply RLIMIT_NPROC to root")
+def test_processes_are_limited() -> None:
+    attack = "import subprocess\nprocs = [subprocess.Popen(['sleep', '5']) for _ in range(100)]\n"
+    passed, reason = run_program(attack)
+    assert not passed and "Resource temporarily unavailable" in reason, reason
 
 
 def test_without_a_sandbox_a_warning_and_the_old_limits(
