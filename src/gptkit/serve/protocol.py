@@ -20,6 +20,11 @@ answer's ``tool_calls`` (``finish_reason`` "tool_calls"); a conversation carries
 name, a ``tool`` message answering no earlier call, arguments that are not a JSON object) is
 refused with a 400 naming the field.
 
+Numbers are bounded where sampling would break: no NaN or infinity anywhere; temperature and
+top_p 0 or at least :data:`MIN_TEMPERATURE`; the repetition penalty within
+:data:`REPETITION_PENALTY_RANGE`; at most :data:`MAX_STOPS` stop strings of at most
+:data:`MAX_STOP_CHARS` characters (the server also bounds the body's size and nesting).
+
 Beam search is vLLM's former extension: ``use_beam_search: true`` searches ``best_of`` beams
 (default ``n``) and returns the best ``n``, with ``length_penalty`` and ``early_stopping``. It
 is refused (400) with ``stream`` (the best beams are known only at the end) and with a
@@ -74,8 +79,9 @@ _UNSUPPORTED: dict[str, Any] = {
 
 _SEED_MAX = 2**63 - 1
 
-#: the smallest temperature above 0 that is taken: below it, ``logits / temperature``
-#: overflows float32 (1e-300 is 0 in float32) and sampling meets inf and NaN; 0 is greedy
+#: the smallest temperature and top_p above 0 that are taken: below it, ``logits /
+#: temperature`` overflows float32 (1e-300 is 0 in float32) and a top_p that is 0 in
+#: float32 drops every token, so sampling meets inf and NaN; 0 is greedy for both
 MIN_TEMPERATURE = 1e-5
 #: bounds of the multiplicative repetition penalty (CTRL's 1.2 is typical): near 0 it
 #: divides a logit into overflow, as the temperature does
@@ -198,9 +204,9 @@ class _SamplingRequest(BaseModel):
             )
         return stop
 
-    @field_validator("temperature")
+    @field_validator("temperature", "top_p")
     @classmethod
-    def _check_temperature(cls, value: float) -> float:
+    def _zero_or_not_tiny(cls, value: float) -> float:
         if 0 < value < MIN_TEMPERATURE:
             raise ValueError(
                 f"must be 0 (greedy decoding) or at least {MIN_TEMPERATURE:g}, got {value:g}"
