@@ -629,6 +629,8 @@ def _root(
 
 def build_app() -> typer.Typer:
     """Every verb of the command line."""
+    from gptkit.compress.distill import distill
+    from gptkit.compress.prune import prune_cmd
     from gptkit.data.dialogue import sgd_data_cmd
     from gptkit.data.prepare import prepare
     from gptkit.demo import demo
@@ -648,6 +650,12 @@ def build_app() -> typer.Typer:
         _add_verb(app, name, fn, _function_flags(fn, (), {}))
     _add_verb(app, "train", train, _train_flags((), model_fields, None))
     app.add_typer(_finetune_app(), name="finetune")
+    # distill: its own flags, then train's but for the student's source and the teacher's
+    own = ("data", "out", "resume", "progress", "preset", "init_from", "objective", "labels",
+           "lm_weight", "pack", "chat", "val_data")  # fmt: skip
+    taken = {"teacher", "distill_temperature", "distill_alpha", "distill_top_k"}
+    flags = [p for p in _train_flags(own, model_fields, None) if p.name not in taken]
+    _add_verb(app, "distill", distill, [*_function_flags(distill, (), {}), *flags])
     for name, fn in (
         ("classify", classify_cmd),
         ("sft-data", sft_data_cmd),
@@ -656,6 +664,7 @@ def build_app() -> typer.Typer:
         ("chat", chat_cmd),
         ("export", export_cmd),
         ("quantize", quantize_cmd),
+        ("prune", prune_cmd),
         ("eval", evaluate_model),
         ("inspect", inspect_cmd),
         ("serve", serve),

@@ -9,6 +9,7 @@ the public face of both, and the home of the algorithms that transform models: p
 """
 
 from gptkit.checkpoint import is_quantized, load_quantized, save_quantized
+from gptkit.compress.distill import distill
 from gptkit.compress.prune import (
     METHODS,
     block_linears,
@@ -24,6 +25,7 @@ __all__ = [
     "QuantConfig",
     "block_linears",
     "calibration_ids",
+    "distill",
     "is_quantized",
     "load_quantized",
     "prune",

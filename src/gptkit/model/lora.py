@@ -25,6 +25,12 @@ An adapter directory (:func:`save_adapter`, :func:`load_adapter`)::
                             "base_model": {ModelConfig fields of the model it was trained on},
                             "weights_sha256": hash of adapter.safetensors}
 
+QLoRA (Dettmers et al. 2023): :meth:`LoRALinear.quantize_base` swaps the frozen base for a
+quantized layer of :mod:`gptkit.model.quant` (which computes the input's gradient through
+the dequantized weight); the state dict still shows ``weight``/``bias``, dequantized, so
+checkpoints and adapters are the same files, and merging folds the update into the
+dequantized weight.
+
 Each file is written atomically, the tensors first; the config, written last, names the
 tensors' hash, so a pair torn by a killed process is detected on load.
 """
@@ -92,7 +98,11 @@ class LoRALinear(nn.Module):
 
     ``weight`` and ``bias`` are the wrapped layer's own Parameters (not copies), under the
     same names. ``merge()`` folds ``scale · B A`` into ``weight`` and drops the adapter.
+    After :meth:`quantize_base`, ``base`` is a quantized layer that computes the frozen
+    product instead, and ``weight`` is None.
     """
+
+    base: nn.Module | None
 
     def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0):
         super().__init__()
@@ -112,9 +122,24 @@ class LoRALinear(nn.Module):
         # the wrapped layer starts as the base layer exactly.
         nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
         self.merged = False
+        self.base = None
+        self._register_state_dict_hook(_plain_base_state)
+
+    def quantize_base(self, quantized: nn.Module) -> None:
+        """Compute the frozen product with ``quantized`` (a layer of
+        :mod:`gptkit.model.quant` holding this layer's weight and bias) from now on."""
+        self.base = quantized
+        self.weight = None
+        self.register_parameter("bias", None)
+
+    def base_weight(self) -> Tensor:
+        """The frozen weight (out × in), dequantized if the base is quantized."""
+        if self.base is not None:
+            return self.base.dequantized()  # type: ignore[operator]
+        return self.weight
 
     def forward(self, x: Tensor) -> Tensor:
-        y = F.linear(x, self.weight, self.bias)
+        y = self.base(x) if self.base is not None else F.linear(x, self.weight, self.bias)
         if self.merged:
             return y
         assert self.lora_a is not None and self.lora_b is not None
@@ -132,6 +157,11 @@ class LoRALinear(nn.Module):
         """Fold the update into ``weight`` and drop ``lora_a``/``lora_b`` (idempotent)."""
         if self.merged:
             return
+        if self.base is not None:  # a quantized base: the sum goes into a dequantized weight
+            bias = self.base.bias
+            self.weight = nn.Parameter(self.base_weight().float(), requires_grad=False)
+            self.bias = nn.Parameter(bias.detach().clone(), False) if bias is not None else None
+            self.base = None
         merged = self.weight.float() + self.delta_weight()
         self.weight.copy_(merged.to(self.weight.dtype))
         self.lora_a = None
@@ -144,6 +174,21 @@ class LoRALinear(nn.Module):
             f"bias={self.bias is not None}, rank={self.rank}, alpha={self.alpha}, "
             f"merged={self.merged}"
         )
+
+
+def _plain_base_state(
+    module: LoRALinear, state: dict[str, Tensor], prefix: str, metadata: Any
+) -> None:
+    """State dict hook: a quantized base appears as the plain ``weight`` and ``bias`` it
+    stands for (dequantized, fp32), so checkpoints of QLoRA runs are ordinary ones."""
+    base = module.base
+    if base is None:
+        return
+    for key in [k for k in state if k.startswith(prefix + "base.")]:
+        del state[key]
+    state[prefix + "weight"] = module.base_weight()
+    if base.bias is not None:
+        state[prefix + "bias"] = base.bias.detach()
 
 
 def _matches(name: str, target: str) -> bool:

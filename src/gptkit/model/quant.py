@@ -66,7 +66,7 @@ from torch import Tensor, nn
 from gptkit.config import _JsonMixin
 from gptkit.errors import GptkitError
 from gptkit.model.gpt import GPT
-from gptkit.model.lora import has_lora
+from gptkit.model.lora import LoRALinear, has_lora
 
 MODES = ("bf16", "int8", "int4")
 #: what the output head may be: a mode, dynamic int8, or "none" (left as it is)
@@ -195,13 +195,37 @@ class QuantLinear(nn.Module):
     def _matmul(self, x: Tensor) -> Tensor:
         raise NotImplementedError
 
+    def dequantized(self) -> Tensor:
+        """The fp32 weight (N, K) this layer computes with."""
+        raise NotImplementedError
+
     def forward(self, x: Tensor) -> Tensor:
-        y = self._matmul(x.reshape(-1, self.in_features))  # (B*T, N)
+        x2d = x.reshape(-1, self.in_features)
+        if x.requires_grad and torch.is_grad_enabled():  # LoRA below: the input needs a grad
+            y = _FrozenMatmul.apply(x2d, self)
+        else:
+            y = self._matmul(x2d)  # (B*T, N)
         y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
         return y + self.bias if self.bias is not None else y
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, {self.mode}"
+
+
+class _FrozenMatmul(torch.autograd.Function):
+    """``layer._matmul(x)`` with a gradient for x alone, ``dy · W`` on the dequantized
+    weight (the int4 and int8 kernels have no derivative; the weight is frozen): what lets
+    LoRA adapters below a quantized layer learn (QLoRA, Dettmers et al. 2023)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, layer: QuantLinear) -> Tensor:
+        ctx.layer, ctx.dtype = layer, x.dtype
+        return layer._matmul(x).to(x.dtype)  # cast here: the gradient then comes unrounded
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        w = ctx.layer.dequantized()  # (N, K), rebuilt per call rather than kept in memory
+        return (grad.float() @ w).to(ctx.dtype), None
 
 
 # oneDNN's matmul on a weight it has laid out in its own blocked format ahead of time:
@@ -280,6 +304,9 @@ class BF16Linear(QuantLinear):
         super().__setstate__(state)
         self.prepare()
 
+    def dequantized(self) -> Tensor:
+        return self.weight.float()
+
     def _matmul(self, x: Tensor) -> Tensor:
         x = x.to(torch.bfloat16)
         if self.packed is not None and x.device.type == "cpu" and not x.requires_grad:
@@ -305,6 +332,9 @@ class Int8Linear(QuantLinear):
 
     def prepare(self) -> None:
         self.register_buffer("scale_bf16", self.scale.bfloat16(), persistent=False)
+
+    def dequantized(self) -> Tensor:
+        return self.weight.float() * self.scale[:, None]  # the scale is bf16-exact
 
     def _matmul(self, x: Tensor) -> Tensor:
         x = x.to(torch.bfloat16).contiguous()
@@ -382,6 +412,10 @@ class Int4Linear(QuantLinear):
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.cpu(), 1)
         self.register_buffer("packed", packed.to(self.weight.device), persistent=False)
         self.register_buffer("padded_scales", sz.contiguous(), persistent=False)
+
+    def dequantized(self) -> Tensor:
+        q = _unpack_nibbles(self.weight)
+        return dequantize_int4(q, self.scales_and_zeros, self.group_size)
 
     def _matmul(self, x: Tensor) -> Tensor:
         x = x.to(torch.bfloat16).contiguous()
@@ -476,4 +510,26 @@ def quantized_skeleton(model: GPT, config: QuantConfig) -> GPT:
         with torch.device("cpu"):
             new = layer.empty(linear.in_features, linear.out_features, bias, config)
         _set_module(model, path, new)
+    return model
+
+
+def quantize_base(model: GPT, mode: str, group_size: int = 32) -> GPT:
+    """QLoRA (Dettmers et al. 2023): quantize, in place, the frozen base weight under each
+    LoRA adapter to ``mode`` (int8 or int4); the adapters stay in full precision and train.
+    Layers without an adapter stay as they are. Returns ``model``.
+
+    The model's state dict still shows each adapted layer's base as a plain fp32 ``weight``
+    (dequantized; see :meth:`LoRALinear.quantize_base`), so a checkpoint of it loads
+    anywhere, and quantizing that weight again gives the same integers back.
+    """
+    if not has_lora(model):
+        raise GptkitError("quantize_base wants a LoRA model; apply_lora first (or quantize)")
+    if mode not in ("int8", "int4"):
+        raise GptkitError(f"QLoRA quantizes the base to int8 or int4, not {mode!r}")
+    config = QuantConfig(mode, group_size, lm_head="none")
+    for module in model.modules():
+        if isinstance(module, LoRALinear) and module.base is None and not module.merged:
+            linear = nn.Linear(module.in_features, module.out_features, False, device="meta")
+            linear.weight, linear.bias = module.weight, module.bias
+            module.quantize_base(LAYERS[mode].from_linear(linear, config))
     return model

@@ -5,7 +5,11 @@
 - ``sft``: the same cross-entropy over fine-tuning examples whose prompt tokens carry no
   loss (labels ``IGNORE``), optionally packed several to a row;
 - ``classify``: GPT-1's fine-tuning objective (Radford et al. 2018, section 3.2), the label
-  cross-entropy at each row's extract token plus λ times the next-token loss.
+  cross-entropy at each row's extract token plus λ times the next-token loss;
+- distillation: the LM objective's windows with a teacher's temperature-softened
+  distribution beside each (Hinton et al. 2015, "Distilling the Knowledge in a Neural
+  Network"): ``alpha · T² · KL(p_T ‖ q_T) + (1 - alpha) · CE``, the T² keeping the soft
+  term's gradients on the scale of the hard one's as T grows.
 
 Each objective gives the loop an :class:`ObjectiveData`: a sampler of training batches and
 a validation that scores the model into a metrics row. :func:`batch_loss` tells the
@@ -78,7 +82,9 @@ def batch_loss(
     - ``(ids, targets, segments)``: the same over packed examples;
     - ``(ids, targets, labels, last)``: GPT-1's fine-tuning objective, the label
       cross-entropy at each row's extract token plus ``lm_weight`` (λ) times the
-      next-token loss on the same text.
+      next-token loss on the same text;
+    - ``(ids, targets, teacher_logp, teacher_idx, settings)``: distillation
+      (:func:`distill_loss`, ``settings`` = [temperature, alpha]; see :class:`TeacherSampler`).
     """
     if len(batch) in (2, 3):
         x, y = batch[:2]
@@ -89,6 +95,10 @@ def batch_loss(
         # SFT masks its prompts: the head runs on the scored positions alone (the mean over
         # them is what ignore_index gives)
         return F.cross_entropy(model(x, only=scored, **kw).float(), y[scored])
+    if len(batch) == 5:  # distillation (classification batches hold 4 or 6 tensors)
+        x, y, teacher_logp, teacher_idx, settings = batch
+        temperature, alpha = settings.tolist()
+        return distill_loss(model(x), y, teacher_logp, teacher_idx, temperature, alpha)
     x, y, labels, last = batch
     h = model.hidden(x)  # (B, T, C)
     logits = model.cls_head(h[torch.arange(x.shape[0], device=x.device), last])
@@ -96,6 +106,84 @@ def batch_loss(
     if lm_weight > 0:
         loss = loss + lm_weight * _cross_entropy(model.lm_head(h), y)
     return loss
+
+
+def distill_loss(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    teacher_logp: torch.Tensor,
+    teacher_idx: torch.Tensor,
+    temperature: float,
+    alpha: float,
+) -> torch.Tensor:
+    """``alpha · T² · KL(p_T ‖ q_T) + (1 - alpha) · CE(logits, targets)``, the KL averaged
+    over positions.
+
+    Args:
+        logits: the student's logits (B, T, V).
+        targets: next tokens (B, T).
+        teacher_logp: the teacher's log-probabilities at temperature T: (B, T, V), or
+            (B, T, k) over its k most likely tokens (renormalized over them).
+        teacher_idx: (B, T, k) the vocabulary ids of those k tokens; empty for the whole
+            vocabulary.
+        temperature: T, dividing both models' logits.
+        alpha: the weight of the soft term.
+    """
+    V = logits.size(-1)
+    flat = logits.float().reshape(-1, V)
+    logq = F.log_softmax(flat / temperature, dim=-1)  # (N, V)
+    logp = teacher_logp.float().reshape(-1, teacher_logp.size(-1))  # (N, V) or (N, k)
+    if teacher_idx.numel():  # top-k: the student's log-probabilities of the teacher's tokens
+        logq = logq.gather(-1, teacher_idx.reshape(-1, teacher_idx.size(-1)))
+    kl = (logp.exp() * (logp - logq)).sum(-1).mean()
+    loss = alpha * temperature**2 * kl
+    if alpha < 1:
+        loss = loss + (1 - alpha) * F.cross_entropy(flat, targets.reshape(-1))
+    return loss
+
+
+class TeacherSampler:
+    """LM batches with the teacher's soft targets beside them: ``next()`` draws ``(x, y)``
+    from ``inner`` and runs the frozen teacher on ``x`` in inference mode (under the run's
+    autocast), giving the 5-tensor batch :func:`batch_loss` reads as distillation. The
+    teacher is deterministic, so the state is the inner sampler's and a resumed run sees
+    the same soft targets."""
+
+    def __init__(
+        self,
+        inner: Any,
+        teacher: GPT,
+        temperature: float,
+        alpha: float,
+        top_k: int,
+        device: torch.device,
+        precision: str,
+    ) -> None:
+        self.inner, self.teacher, self.top_k = inner, teacher.eval(), top_k
+        self.device, self.precision = device, precision
+        self.settings = torch.tensor([float(temperature), float(alpha)])
+
+    @torch.inference_mode()
+    def _soft_targets(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with autocast(self.device, self.precision):
+            logits = self.teacher(x.to(self.device)).float()  # (B, T, V)
+        T = float(self.settings[0])
+        if self.top_k:
+            values, idx = logits.topk(self.top_k, dim=-1)  # (B, T, k)
+            return F.log_softmax(values / T, dim=-1), idx
+        return F.log_softmax(logits / T, dim=-1), torch.empty(0, dtype=torch.long)
+
+    def next(self) -> tuple[torch.Tensor, ...]:
+        x, y = self.inner.next()
+        logp, idx = self._soft_targets(x)
+        # clones made outside inference mode: autograd may save them for the backward pass
+        return x, y, logp.clone(), idx.clone(), self.settings.clone()
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.inner.load_state_dict(state)
 
 
 # -- scoring held-out data -------------------------------------------------------------------
@@ -233,6 +321,21 @@ def sft_data(
         make_val = lambda: ExampleSampler(val_ex, batch_size, shuffle=False)
         eval_batches = min(eval_batches, math.ceil(len(val_ex) / batch_size))
     return ObjectiveData(sampler, _validate_loss(make_val, eval_batches, device, precision))
+
+
+def distill_data(
+    lm: ObjectiveData,
+    teacher: GPT,
+    temperature: float,
+    alpha: float,
+    top_k: int,
+    device: torch.device,
+    precision: str,
+) -> ObjectiveData:
+    """The LM objective's data with the teacher's soft targets on every training batch;
+    validation stays the student's own next-token loss (comparable with plain training)."""
+    sampler = TeacherSampler(lm.sampler, teacher, temperature, alpha, top_k, device, precision)
+    return ObjectiveData(sampler, lm.validate)
 
 
 def classify_data(

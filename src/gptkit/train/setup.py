@@ -2,9 +2,11 @@
 
 :func:`setup` checks the request, builds the configs (a preset, the flags, or the model a run
 starts from), the model (fresh, ``--init-from`` any source ``gptkit.load`` takes, or the
-newest checkpoint of ``--resume``), the objective's data, the optimizer and, on resume, the
-saved optimizer moments, sampler position and RNG state, so that a resumed run continues
-with exactly the losses an uninterrupted one would have. The result is a :class:`Run` the
+newest checkpoint of ``--resume``), the objective's data (with a teacher's soft targets when
+distilling), the optimizer and, on resume, the saved optimizer moments, sampler position and
+RNG state, so that a resumed run continues with exactly the losses an uninterrupted one
+would have. With ``quantize`` and LoRA the frozen base is quantized under the adapters
+(QLoRA, Dettmers et al. 2023). The result is a :class:`Run` the
 loop (:mod:`gptkit.train.loop`) steps.
 
 Under ``torchrun`` this runs once per process (see :mod:`gptkit.train.distributed`).
@@ -28,10 +30,17 @@ from gptkit.errors import GptkitError
 from gptkit.files import latest_checkpoint
 from gptkit.model import GPT
 from gptkit.model.lora import apply_lora, has_lora
+from gptkit.model.quant import quantize_base
 from gptkit.tokenizer import Tokenizer, load_tokenizer
 from gptkit.train import distributed
 from gptkit.train.distributed import Ranks
-from gptkit.train.objectives import ObjectiveData, classify_data, lm_data, sft_data
+from gptkit.train.objectives import (
+    ObjectiveData,
+    classify_data,
+    distill_data,
+    lm_data,
+    sft_data,
+)
 from gptkit.train.optim import make_optimizer
 
 MODEL_FIELDS = {f.name for f in dataclasses.fields(ModelConfig)}
@@ -169,17 +178,19 @@ def setup(req: Request) -> Run:
     torch.manual_seed(train_cfg.seed)  # before any weights are drawn: a fresh model, a head
     model = _model(req, model, model_cfg)
     labelled = _labelled(req, model, tokenizer) if req.objective == "classify" else None
-    _adapt(req, model, source)
+    _adapt(req, model, source, train_cfg)
     model = model.to(device)
     model.train()
     train_module = distributed.wrap(
         model, ranks, device, train_cfg.fsdp, train_cfg.activation_checkpointing
     )
     optimizer = make_optimizer(model, train_cfg)
+    window = _window(train_cfg, model.config.block_size)
     data = _objective_data(
-        req, shards, tokenizer, labelled, model.config.block_size, train_cfg, ranks, device,
-        precision,
-    )  # fmt: skip
+        req, shards, tokenizer, labelled, window, train_cfg, ranks, device, precision
+    )
+    if train_cfg.teacher is not None:
+        data = _with_teacher(req, data, tokenizer, train_cfg, device, precision)
     run = Run(
         req, model, train_module, train_module, optimizer, data, tokenizer, model.config,
         train_cfg, ranks, device, precision,
@@ -351,15 +362,65 @@ def _labelled(req: Request, model: GPT, tokenizer: Tokenizer) -> tuple[list, lis
     return train_ex, val_ex
 
 
-def _adapt(req: Request, model: GPT, source: str | Path | None) -> None:
-    """With --lora-rank, LoRA adapters on the targeted layers (kept on resume); a new
-    classification head always trains in full."""
+def _adapt(req: Request, model: GPT, source: str | Path | None, cfg: TrainConfig) -> None:
+    """With --lora-rank, LoRA adapters on the targeted layers (kept on resume), over a base
+    quantized to ``cfg.quantize`` if set (a checkpoint stores the base dequantized, so a
+    resumed run quantizes it again); a new classification head always trains in full."""
     if req.lora_rank > 0 and not has_lora(model):
         apply_lora(model, req.lora_rank, req.lora_alpha, req.lora_dropout, req.lora_targets)
     elif req.lora_rank > 0 and not req.resume:
         raise GptkitError(f"{source} already carries LoRA adapters; merge them first")
+    if cfg.quantize is not None:
+        if not has_lora(model):
+            raise GptkitError(
+                f"--quantize {cfg.quantize} keeps a frozen base quantized under LoRA adapters; "
+                "pass --lora-rank R as well (full fine-tuning needs full-precision weights)"
+            )
+        quantize_base(model, cfg.quantize)
     if has_lora(model) and model.cls_head is not None:
         model.cls_head.requires_grad_(True)
+
+
+def _window(cfg: TrainConfig, block_size: int) -> int:
+    """Tokens per training window: ``seq_len``, at most the model's context."""
+    if cfg.seq_len is not None and cfg.seq_len > block_size:
+        raise GptkitError(
+            f"--seq-len {cfg.seq_len} exceeds the model's context ({block_size}); lower it"
+        )
+    return cfg.seq_len or block_size
+
+
+def _with_teacher(
+    req: Request,
+    data: ObjectiveData,
+    tokenizer: Tokenizer,
+    cfg: TrainConfig,
+    device: torch.device,
+    precision: str,
+) -> ObjectiveData:
+    """Distillation: the frozen teacher (any source ``gptkit.load`` takes, full precision,
+    on the run's device), checked to share the student's tokenizer, scoring every batch."""
+    if req.objective != "lm":
+        raise GptkitError(
+            f"distillation trains on token shards (objective lm), not {req.objective}; pass a "
+            "`gptkit prepare` directory as --data"
+        )
+    teacher, teacher_tok = load(cfg.teacher, quantize=None)  # type: ignore[arg-type]
+    if teacher_tok is None or teacher_tok.hash != tokenizer.hash:
+        theirs = "none" if teacher_tok is None else f"{type(teacher_tok).__name__} "
+        theirs += "" if teacher_tok is None else f"{teacher_tok.vocab_size} tokens"
+        raise GptkitError(
+            f"the teacher {cfg.teacher} and the student must share one tokenizer: the "
+            f"student's data uses {type(tokenizer).__name__} of {tokenizer.vocab_size} tokens "
+            f"(hash {tokenizer.hash[:12]}), the teacher has {theirs}; prepare the data with "
+            f"`gptkit prepare ... --tokenizer {cfg.teacher}`"
+        )
+    teacher.requires_grad_(False)
+    teacher = teacher.to(device).eval()
+    return distill_data(
+        data, teacher, cfg.distill_temperature, cfg.distill_alpha, cfg.distill_top_k, device,
+        precision,
+    )  # fmt: skip
 
 
 def _objective_data(
