@@ -2,12 +2,18 @@
 
 Everything gptkit writes (shards, meta.json, checkpoints, metrics) goes to a temporary name in
 the same directory and is renamed into place once complete; ``os.replace`` is atomic on
-POSIX and Windows, so a killed process leaves either the old file or the new one.
+POSIX and Windows, so a killed process leaves either the old file or the new one (and, at
+worst, a temporary that :func:`remove_stale_temps` clears on the next start).
+
+A checkpoint directory also carries ``manifest.json``: the sha256 of every other file in it
+(as Hugging Face's ``huggingface_hub`` and OCI image manifests pin each blob), so a flipped
+bit is caught on load instead of generating quietly (:func:`verify_manifest`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -17,8 +23,15 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from gptkit.errors import GptkitError
+
 CHECKPOINTS = "checkpoints"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+# What atomic_dir leaves when killed: ".step-0000500.<random>.tmp" (being built) and
+# ".step-0000500.old" (the previous copy, between its two renames).
+_STALE = re.compile(r"^\.step-\d+\.(.+\.tmp|old)$")
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = "gptkit.manifest/1"
 
 
 def _umask() -> int:
@@ -110,3 +123,102 @@ def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
     found = list_checkpoints(run_dir)
     return found[-1][1] if found else None
+
+
+def remove_stale_temps(run_dir: str | Path) -> list[Path]:
+    """Delete the temporary checkpoint directories a killed save left in ``run_dir``; call
+    it when a run starts (never while one of its saves may be under way). Returns them."""
+    root = Path(run_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    stale = [d for d in root.iterdir() if _STALE.match(d.name) and d.is_dir()]
+    for d in stale:
+        shutil.rmtree(d, ignore_errors=True)
+    return stale
+
+
+# -- integrity -------------------------------------------------------------------------------
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_manifest(directory: Path) -> None:
+    """Write ``manifest.json``: the sha256 of every file in ``directory`` (call it last)."""
+    files = sorted(p.name for p in directory.iterdir() if p.is_file() and p.name != MANIFEST)
+    sums = {name: sha256_file(directory / name) for name in files}
+    atomic_write_json(directory / MANIFEST, {"format": MANIFEST_FORMAT, "sha256": sums})
+
+
+def read_manifest(directory: Path) -> dict[str, str] | None:
+    """The file -> sha256 table of ``directory``'s manifest; None when it has none (a
+    checkpoint written before manifests existed)."""
+    path = directory / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise GptkitError(f"{path} is corrupted ({e}); the checkpoint is damaged") from None
+    data = data if isinstance(data, dict) else {}
+    sums = data.get("sha256")
+    if (
+        data.get("format") != MANIFEST_FORMAT
+        or not isinstance(sums, dict)
+        or not all(isinstance(k, str) and isinstance(v, str) for k, v in sums.items())
+        or not all(Path(k).name == k and k not in (".", "..") for k in sums)  # no paths out
+    ):
+        raise GptkitError(f"{path} is not a gptkit manifest; the checkpoint is damaged")
+    return sums
+
+
+def verify_manifest(
+    directory: Path, names: list[str] | None = None, skip: tuple[str, ...] = ()
+) -> None:
+    """Check files of ``directory`` against its manifest (when it has one): ``names`` (default:
+    every file the manifest lists) less ``skip``. A listed file must exist and have its
+    sha256; a file the manifest does not list (written by hand, later) is not checked."""
+    sums = read_manifest(directory)
+    if sums is None:
+        return
+    for name in sums if names is None else names:
+        if name not in sums or name in skip:
+            continue
+        path = directory / name
+        if not path.is_file():
+            raise GptkitError(f"{path} is missing; the checkpoint is incomplete")
+        if sha256_file(path) != sums[name]:
+            raise GptkitError(
+                f"{path} does not match the sha256 in {MANIFEST}: it is truncated or "
+                "corrupted; use an earlier checkpoint (or load with verify=False to skip this)"
+            )
+
+
+# -- logs ------------------------------------------------------------------------------------
+
+
+def read_jsonl_rows(path: Path) -> list[dict[str, Any]]:
+    """The JSON object rows of a log such as ``metrics.jsonl``; a partial last line (what a
+    killed writer leaves) is skipped, a damaged line before it is an error."""
+    if not path.exists():
+        return []
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    rows = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            row = None
+        if not isinstance(row, dict):
+            if n == len(lines):
+                break  # cut off mid-write
+            raise GptkitError(f"{path} line {n} is not a JSON object; delete or fix that line")
+        rows.append(row)
+    return rows

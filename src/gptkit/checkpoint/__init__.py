@@ -70,7 +70,9 @@ def resolve_checkpoint(source: str | Path) -> Path:
     )
 
 
-def _read(path: Path, device: str | torch.device) -> tuple[GPT, Tokenizer | None, str | None]:
+def _read(
+    path: Path, device: str | torch.device, verify: bool = True
+) -> tuple[GPT, Tokenizer | None, str | None]:
     """Model and tokenizer of a local source, as stored, and a GGUF file's weight type (the
     type its blocks' matrices are stored in, before they were dequantized; else None)."""
     if path.is_file():
@@ -82,11 +84,11 @@ def _read(path: Path, device: str | torch.device) -> tuple[GPT, Tokenizer | None
 
         return read_gguf(path, device)
     if is_quantized(path):
-        return *load_quantized(path, device), None
+        return *load_quantized(path, device, verify), None
     if not is_native(path) and is_hf_dir(path):
         return *load_hf_dir(path, device), None
     directory = resolve_checkpoint(path)
-    model, tokenizer = load_checkpoint(directory, device)
+    model, tokenizer = load_checkpoint(directory, device, verify)
     if tokenizer is None:
         warnings.warn(f"{directory} has no tokenizer files; tokenizer is None", stacklevel=3)
     return model, tokenizer, None
@@ -131,6 +133,7 @@ def load(
     *,
     quantize: str | None = "auto",
     dtype: str | torch.dtype | None = None,
+    verify: bool = True,
 ) -> tuple[GPT, Tokenizer | None]:
     """``model, tokenizer = load(source)`` for any model gptkit runs: ``gptkit.load``.
 
@@ -153,6 +156,9 @@ def load(
         dtype: cast the floating weights ("float32", "bfloat16", "float16" or a torch
             dtype) before any quantization; None keeps them as stored (GGUF and HF weights
             load as fp32).
+        verify: check a gptkit checkpoint's files against the sha256 sums in its
+            ``manifest.json`` (about a second per GB; False skips it). Every source's sizes,
+            shapes and values (no NaN or infinity) are checked either way.
 
     Returns:
         The model in eval mode and the tokenizer; the tokenizer is None (with a warning)
@@ -164,7 +170,7 @@ def load(
     if quantize not in (None, "auto"):
         QuantConfig(quantize)  # a bad mode name fails before the (slow) load
     path = resolve(source)
-    model, tokenizer, weight_type = _read(path, device or "cpu")
+    model, tokenizer, weight_type = _read(path, device or "cpu", verify)
     stored = quantization(model)
     if quantize == "auto":
         quantize = None if stored else _kept_as(path, weight_type, torch.device(device or "cpu"))

@@ -28,6 +28,8 @@ permuted within each head::
 from __future__ import annotations
 
 import collections
+import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -36,16 +38,18 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 from gguf import (
+    GGML_QUANT_SIZES,
     GGML_QUANT_VERSION,
     GGMLQuantizationType,
     GGUFReader,
+    GGUFValueType,
     GGUFWriter,
     Keys,
     LlamaFileType,
 )
 from gguf.quants import dequantize, quantize
 
-from gptkit.checkpoint.native import model_from_state
+from gptkit.checkpoint.native import checked_config, model_from_state, refuse_non_finite
 from gptkit.checkpoint.quantized import require_float
 from gptkit.config import ModelConfig
 from gptkit.errors import GptkitError
@@ -260,13 +264,24 @@ def _to_interleaved(w: torch.Tensor, n_head: int) -> torch.Tensor:
 # -- reading ----------------------------------------------------------------------------
 
 
-class _Reader(GGUFReader):
-    """gguf-py's reader, with its one hot spot moved off ``np.memmap``.
+# The fewest bytes one metadata key/value and one tensor description can take: a count
+# larger than what is left of the file divided by these is a lie, refused before a loop.
+_MIN_KV_BYTES = 8 + 1 + 4 + 1  # key length, a 1-byte key, value type, a 1-byte value
+_MIN_TENSOR_INFO_BYTES = 8 + 1 + 4 + 8 + 4 + 8  # name length, name, n_dims, 1 dim, type, offset
+_MAX_DIMS = 4  # GGML_MAX_DIMS
 
-    The reader slices its memory map twice per metadata string, and slicing a memmap runs
-    Python code (``memmap.__array_finalize__``) each time; a vocabulary of ~50k tokens and
-    ~50k merges makes that 2.5 s for SmolLM2. The same slices of a plain ndarray view of the
-    map cost 0.7 s; values and tensor data are unchanged (tests compare with GGUFReader).
+
+class _Reader(GGUFReader):
+    """gguf-py's reader, made safe for hostile files and with its hot spot off ``np.memmap``.
+
+    Safety: every read is checked against the file's end, and every count (keys, tensors,
+    array items) against the bytes left, before the reader loops over it; gguf-py trusts
+    them, so an array count of 2⁴⁰ made it loop for hours.
+
+    Speed: the reader slices its memory map twice per metadata string, and slicing a memmap
+    runs Python code (``memmap.__array_finalize__``) each time; a vocabulary of ~50k tokens
+    and ~50k merges makes that 2.5 s for SmolLM2. The same slices of a plain ndarray view of
+    the map cost 0.7 s; values and tensor data are unchanged (tests compare with GGUFReader).
     """
 
     def _get(
@@ -276,9 +291,73 @@ class _Reader(GGUFReader):
         if plain is None:
             plain = self.__dict__["_plain"] = self.data.view(np.ndarray)
         dtype, count = np.dtype(dtype), int(count)
+        if offset < 0 or count < 0 or offset + dtype.itemsize * count > len(plain):
+            raise ValueError(
+                f"a read of {count} x {dtype.itemsize} bytes at offset {offset} runs past the "
+                f"end of the file ({len(plain)} bytes)"
+            )
         arr = plain[offset : offset + dtype.itemsize * count].view(dtype)[:count]
         order = self.byte_order if override_order is None else override_order
         return arr.view(arr.dtype.newbyteorder(order))
+
+    def _left(self, offset: int) -> int:
+        return len(self.data) - offset
+
+    def _get_field_parts(self, orig_offs: int, raw_type: int) -> Any:
+        if raw_type == GGUFValueType.ARRAY:
+            item_type = int(self._get(orig_offs, np.uint32)[0])
+            count = int(self._get(orig_offs + 4, np.uint64)[0])
+            scalar = self.gguf_scalar_to_np.get(GGUFValueType(item_type))
+            least = np.dtype(scalar).itemsize if scalar is not None else 8  # string: its length
+            if count * least > self._left(orig_offs + 12):
+                raise ValueError(f"an array of {count} items does not fit in the file")
+        return super()._get_field_parts(orig_offs, raw_type)
+
+    def _build_fields(self, offs: int, count: int) -> int:
+        if int(count) * _MIN_KV_BYTES > self._left(offs):
+            raise ValueError(f"{int(count)} metadata keys do not fit in the file")
+        return super()._build_fields(offs, count)
+
+    def _build_tensor_info(self, offs: int, count: int) -> Any:
+        if int(count) * _MIN_TENSOR_INFO_BYTES > self._left(offs):
+            raise ValueError(f"{int(count)} tensor descriptions do not fit in the file")
+        return super()._build_tensor_info(offs, count)
+
+
+def _check_layout(reader: GGUFReader, origin: str) -> None:
+    """The tensors' data as llama.cpp's ``gguf_init_from_file`` requires it: each at most 4-D
+    with whole quantization blocks per row, its byte size type x shape, and the tensors packed
+    in order, each at the aligned end of the one before, inside the file. A flipped type or
+    an offset into another tensor breaks the chain and is refused here."""
+    expected, end = 0, 0
+    for t in reader.tensors:
+        dims = [int(d) for d in t.field.parts[3]]
+        block, type_size = GGML_QUANT_SIZES[t.tensor_type]
+        if not 1 <= len(dims) <= _MAX_DIMS or min(dims) < 1 or dims[0] % block:
+            raise GptkitError(
+                f"{origin}: tensor {t.name} has shape {dims}, which is not a valid "
+                f"{t.tensor_type.name} tensor; the file is corrupted"
+            )
+        n_bytes = math.prod(dims) // block * type_size
+        offset = int(t.field.parts[5][0])
+        if offset != expected:
+            raise GptkitError(
+                f"{origin}: tensor {t.name} starts at data offset {offset}, expected {expected} "
+                f"(tensors must be packed in order, {reader.alignment}-byte aligned, without "
+                "overlap); the file is corrupted"
+            )
+        end = reader.data_offset + offset + n_bytes
+        if end > len(reader.data):
+            raise GptkitError(
+                f"{origin}: tensor {t.name} ends at byte {end}, past the end of the file "
+                f"({len(reader.data)} bytes); the file is truncated"
+            )
+        expected = offset + -(-n_bytes // reader.alignment) * reader.alignment
+    if end and len(reader.data) > reader.data_offset + expected:
+        raise GptkitError(
+            f"{origin}: {len(reader.data) - reader.data_offset - expected} bytes follow the "
+            "last tensor; a tensor's type or shape does not match its data (corrupted file)"
+        )
 
 
 def _open(path: Path) -> GGUFReader:
@@ -298,6 +377,7 @@ def _open(path: Path) -> GGUFReader:
             f"{path} is truncated or corrupted ({e}); download or export it again"
         ) from None
     reader.origin = str(path)  # for messages
+    _check_layout(reader, str(path))
     return reader
 
 
@@ -336,6 +416,11 @@ def _read_config(
                 f"{origin}: {template.format(arch=name)} holds one value per layer "
                 f"({value[:4]}...); gptkit needs the same value for every layer"
             )
+        if value is not None and not isinstance(value, int | float):
+            raise GptkitError(
+                f"{origin}: {template.format(arch=name)} is {value!r}, not a number; the file "
+                "is corrupted"
+            )
         if value is not None:
             values[field] = _float(value) if isinstance(value, float) else int(value)
     if "token_embd.weight" not in tensors:
@@ -367,15 +452,17 @@ def _read_config(
     bias = arch.bias
     if bias is None:
         bias = any(t.startswith("blk.") and t.endswith(".bias") for t in tensors)
-    try:
-        return ModelConfig(
-            **values,
-            **arch.switches,
-            bias=bias,
-            tie_embeddings="output.weight" not in tensors,
+    config = checked_config(
+        {**values, **arch.switches, "bias": bias, "tie_embeddings": "output.weight" not in tensors},
+        origin,
+    )
+    blocks = {int(m.group(1)) for t in tensors if (m := re.match(r"blk\.(\d+)\.", t))}
+    if blocks != set(range(config.n_layer)):
+        raise GptkitError(
+            f"{origin}: {Keys.LLM.BLOCK_COUNT.format(arch=name)} is {config.n_layer} but the "
+            f"file holds tensors of {len(blocks)} blocks; the file is inconsistent"
         )
-    except GptkitError as e:
-        raise GptkitError(f"{origin}: {e}") from None
+    return config
 
 
 def _dequantize(tensor: Any) -> np.ndarray:
@@ -516,6 +603,7 @@ def read_gguf(path: str | Path, device: str | torch.device = "cpu") -> GGUFModel
     with torch.device("meta"):
         model = GPT(config)
     state = _read_state(model, arch, tensors, origin)
+    refuse_non_finite(state, origin)
     model = model_from_state(config, state, device, origin)
     return GGUFModel(model, tokenizer, _weight_type(tensors))
 

@@ -35,7 +35,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from gptkit.checkpoint.native import model_from_state
+from gptkit.checkpoint.native import checked_config, model_from_state, refuse_non_finite
 from gptkit.checkpoint.quantized import require_float
 from gptkit.config import ModelConfig
 from gptkit.errors import GptkitError
@@ -383,8 +383,14 @@ def config_from_hf(cfg: dict[str, Any]) -> ModelConfig:
         out.update(_FROM_HF_EXTRA.get(fam.model_type, lambda c: {})(cfg))
     except KeyError as e:
         raise GptkitError(f"{fam.model_type} config.json lacks {e.args[0]!r}") from None
+    except (TypeError, ValueError, ZeroDivisionError) as e:
+        raise GptkitError(
+            f"{fam.model_type} config.json holds a value of the wrong type or size ({e})"
+        ) from None
+    if not isinstance(out["dropout"], int | float | None):
+        raise GptkitError(f"{fam.model_type} config.json: dropout {out['dropout']!r} is no number")
     out["dropout"] = float(out["dropout"] or 0.0)
-    return ModelConfig(**out)
+    return checked_config(out, f"{fam.model_type} config.json")
 
 
 def _mismatch(fam: Family, config: ModelConfig) -> list[str]:
@@ -615,6 +621,29 @@ def _read_file(path: Path) -> dict[str, Tensor]:
     return state
 
 
+def _shard_files(d: Path, index: str) -> list[Path]:
+    """The shard files an index names, each confined to ``d``: a name that resolves outside
+    the directory (``../``, an absolute path, a symlink out) is refused, never read."""
+    try:
+        weight_map = json.loads((d / index).read_text())["weight_map"]
+        names = sorted(set(weight_map.values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise GptkitError(f"{d / index} is not a shard index ({e})") from None
+    root, out = d.resolve(), []
+    for name in names:
+        if not isinstance(name, str) or not name:
+            raise GptkitError(f"{d / index} lists a shard name {name!r} that is not a file name")
+        path = (d / name).resolve()
+        if not path.is_relative_to(root):
+            raise GptkitError(
+                f"{d / index} lists {name!r}, which is outside {d}; refusing to read it"
+            )
+        if not path.is_file():
+            raise GptkitError(f"{d / index} lists {name}, which is missing")
+        out.append(path)
+    return out
+
+
 def read_hf_weights(directory: str | Path) -> dict[str, Tensor]:
     """All tensors of a Hugging Face directory: one file, or shards named by an index."""
     d = Path(directory)
@@ -622,15 +651,9 @@ def read_hf_weights(directory: str | Path) -> dict[str, Tensor]:
         if (d / single).is_file():
             return _read_file(d / single)
         if (d / index).is_file():
-            try:
-                weight_map = json.loads((d / index).read_text())["weight_map"]
-            except (OSError, ValueError, KeyError, TypeError) as e:
-                raise GptkitError(f"{d / index} is not a shard index ({e})") from None
             state: dict[str, Tensor] = {}
-            for shard in sorted(set(weight_map.values())):
-                if not (d / shard).is_file():
-                    raise GptkitError(f"{d / index} lists {shard}, which is missing")
-                state.update(_read_file(d / shard))
+            for shard in _shard_files(d, index):
+                state.update(_read_file(shard))
             return state
     raise GptkitError(
         f"{d} has no weights: expected {SAFETENSORS}, {SAFETENSORS_INDEX} with its shards, "
@@ -674,6 +697,7 @@ def load_hf_dir(
     config = config_from_hf(hf_cfg)
     origin = str(directory)
     state = from_hf(read_hf_weights(directory), fam, config, origin)
+    refuse_non_finite(state, origin)
     model = model_from_state(config, state, device, origin)
     tokenizer = None
     if _find_tokenizer(directory) is not None:

@@ -10,6 +10,7 @@ A quantized checkpoint directory is self-describing, like a native one::
                          scales under the layers' own names ("blocks.0.attn.qkv.weight",
                          "...scales_and_zeros"), everything else as it was (fp32)
       tokenizer.json     (+ tokenizer_config.json)
+      manifest.json      the sha256 of every other file, checked on load
 
 Only portable tensors are stored: int4 values two per byte in a plain row-major layout, not
 the CPU kernel's tiled layout (which depends on the CPU), so loading re-packs them; a load
@@ -27,9 +28,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from gptkit.config import ModelConfig
+from gptkit.checkpoint.native import checked_config, refuse_non_finite
 from gptkit.errors import GptkitError, shape_mismatch
-from gptkit.files import atomic_dir, atomic_write_json
+from gptkit.files import atomic_dir, atomic_write_json, verify_manifest, write_manifest
 from gptkit.model import GPT
 from gptkit.model.gpt import sinusoidal_table
 from gptkit.model.quant import QuantConfig, quantization, quantized_skeleton
@@ -81,19 +82,23 @@ def save_quantized(directory: str | Path, model: GPT, tokenizer: Tokenizer | Non
         save_file(_stored_state(model), str(tmp / WEIGHTS), metadata={"format": "pt"})
         if tokenizer is not None:
             tokenizer.save(tmp)
+        write_manifest(tmp)
     return directory
 
 
 def load_quantized(
-    directory: str | Path, device: str | torch.device = "cpu"
+    directory: str | Path, device: str | torch.device = "cpu", verify: bool = True
 ) -> tuple[GPT, Tokenizer | None]:
-    """Model (eval mode, quantized as it was saved) and tokenizer of a quantized checkpoint."""
+    """Model (eval mode, quantized as it was saved) and tokenizer of a quantized checkpoint;
+    ``verify`` checks its files against the sha256 sums of its ``manifest.json``."""
     directory = Path(directory)
+    if verify:
+        verify_manifest(directory)
     try:
         data = json.loads((directory / CONFIG).read_text())
-        config = ModelConfig.from_dict(data["model"])
+        config = checked_config(data["model"], str(directory / CONFIG))
         qconfig = QuantConfig.from_dict(data["quantization"])
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise GptkitError(f"{directory / CONFIG} is unreadable ({e}); re-quantize") from None
     try:
         state = load_file(str(directory / WEIGHTS))
@@ -101,17 +106,18 @@ def load_quantized(
         raise GptkitError(
             f"{directory / WEIGHTS} is missing, truncated or corrupted ({e}); re-quantize"
         ) from None
+    refuse_non_finite(state, str(directory / WEIGHTS))
     with torch.device("meta"):
         model = GPT(config)
     quantized_skeleton(model, qconfig)
-    model = model.to_empty(device=device)
     tied = config.tie_embeddings and isinstance(model.lm_head, torch.nn.Linear)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     if tied:
         expected.pop("lm_head.weight", None)
     problem = shape_mismatch(expected, {k: tuple(v.shape) for k, v in state.items()})
-    if problem:
+    if problem:  # checked on the meta device, before memory is allocated for the model
         raise GptkitError(f"weights in {directory / WEIGHTS} do not fit its config ({problem})")
+    model = model.to_empty(device=device)
     model.load_state_dict(state, strict=False)  # re-packs each quantized layer (its hook)
     if tied:
         model.lm_head.weight = model.wte.weight

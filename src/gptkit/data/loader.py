@@ -11,11 +11,17 @@ Data parallelism: every rank holds the same generator and draws the same *global
 ``rank·B .. rank·B + B - 1``). The ranks' batches are disjoint parts of one global batch, so
 N ranks with ``batch_size=B`` see exactly the rows one process sees with ``batch_size=N·B``,
 and the generator's state (equal on every rank) resumes under any number of ranks.
+
+``meta.json`` is checked field by field before it is used, each shard's ``file`` must name a
+file inside the directory (a ``"../../etc/passwd"`` is refused, never read), and a shard's
+ids must lie inside the vocabulary (checked once on load, rather than an IndexError deep in
+training).
 """
 
 from __future__ import annotations
 
 import base64
+import binascii
 import json
 from pathlib import Path
 from typing import Any
@@ -45,9 +51,43 @@ def read_meta(directory: str | Path) -> dict[str, Any]:
         meta = json.loads(path.read_text())
     except ValueError as e:
         raise GptkitError(f"{path} is corrupted ({e}); prepare the data again") from None
-    if meta.get("format") != FORMAT:
-        raise GptkitError(f"{path} is not gptkit shard metadata (format {meta.get('format')!r})")
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        what = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise GptkitError(f"{path} is not gptkit shard metadata (format {what!r})")
+    _check_meta(meta, path)
     return meta
+
+
+def _count(value: Any, positive: bool = False) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= int(positive)
+
+
+def _check_meta(meta: dict[str, Any], path: Path) -> None:
+    """The fields training reads, each of the right type (a hand-edited or damaged file
+    fails here in one line, not with a KeyError later)."""
+
+    def need(ok: bool, what: str) -> None:
+        if not ok:
+            raise GptkitError(f"{path}: {what}; prepare the data again")
+
+    need(meta.get("dtype") in DTYPES, f"dtype {meta.get('dtype')!r} is not one of {list(DTYPES)}")
+    need(_count(meta.get("vocab_size"), positive=True), "vocab_size is not a positive integer")
+    need(isinstance(meta.get("tokenizer_hash"), str), "tokenizer_hash is missing")
+    eos = meta.get("eos_id")
+    need(eos is None or (_count(eos) and eos < meta["vocab_size"]), "eos_id is not a token id")
+    splits = meta.get("splits")
+    need(isinstance(splits, dict) and bool(splits), "splits is missing")
+    for name, split in splits.items():
+        shards = split.get("shards") if isinstance(split, dict) else None
+        need(isinstance(shards, list), f"split {name!r} has no shard list")
+        need(_count(split.get("tokens")), f"split {name!r} has no token count")
+        for shard in shards:
+            need(
+                isinstance(shard, dict)
+                and isinstance(shard.get("file"), str)
+                and _count(shard.get("tokens")),
+                f'a shard of split {name!r} is not {{"file": name, "tokens": count}}',
+            )
 
 
 class TokenShards:
@@ -61,20 +101,43 @@ class TokenShards:
         self.eos_id: int | None = self.meta.get("eos_id")
         self.tokenizer_hash: str = self.meta["tokenizer_hash"]
 
+    def _shard_path(self, file: str) -> Path:
+        """A shard's file, which must resolve inside the directory (symlinks followed)."""
+        path = (self.directory / file).resolve()
+        if not path.is_relative_to(self.directory.resolve()):
+            raise GptkitError(
+                f"{self.directory / META} names shard file {file!r}, which is outside "
+                f"{self.directory}; refusing to read it (prepare the data again)"
+            )
+        return path
+
     def split(self, name: str) -> list[np.ndarray]:
         if name not in self.meta["splits"]:
             raise GptkitError(f"{self.directory} has no {name!r} split")
         arrays = []
         for shard in self.meta["splits"][name]["shards"]:
-            path = self.directory / shard["file"]
+            path = self._shard_path(shard["file"])
             itemsize = np.dtype(self.dtype).itemsize
             if not path.is_file() or path.stat().st_size != shard["tokens"] * itemsize:
                 raise GptkitError(
                     f"shard {path} is missing or has the wrong size; prepare the data again"
                 )
             if shard["tokens"]:
-                arrays.append(np.memmap(path, dtype=self.dtype, mode="r"))
+                arrays.append(self._checked_ids(np.memmap(path, dtype=self.dtype, mode="r"), path))
         return arrays
+
+    def _checked_ids(self, tokens: np.ndarray, path: Path) -> np.ndarray:
+        """``tokens``, once every id is known to be inside the vocabulary (one pass over
+        the map, in blocks so a large shard is never copied whole)."""
+        top, step = 0, 1 << 24
+        for i in range(0, len(tokens), step):
+            top = max(top, int(tokens[i : i + step].max()))
+        if top >= self.vocab_size:
+            raise GptkitError(
+                f"shard {path} holds token id {top}, outside the vocabulary of "
+                f"{self.vocab_size}; the shard is damaged (prepare the data again)"
+            )
+        return tokens
 
     def num_tokens(self, name: str) -> int:
         return int(self.meta["splits"][name]["tokens"])
@@ -136,5 +199,15 @@ class BatchSampler:
         return {"generator": base64.b64encode(self.gen.get_state().numpy().tobytes()).decode()}
 
     def load_state_dict(self, state: dict[str, str]) -> None:
-        raw = np.frombuffer(base64.b64decode(state["generator"]), dtype=np.uint8).copy()
-        self.gen.set_state(torch.from_numpy(raw))
+        try:
+            raw = np.frombuffer(base64.b64decode(state["generator"], validate=True), np.uint8)
+        except (KeyError, TypeError, ValueError, binascii.Error):
+            raw = np.zeros(0, np.uint8)
+        if raw.size != self.gen.get_state().numel():
+            raise GptkitError(
+                "the saved data sampler state is damaged; resume from another checkpoint"
+            )
+        try:
+            self.gen.set_state(torch.from_numpy(raw.copy()))
+        except RuntimeError as e:
+            raise GptkitError(f"the saved data sampler state is refused ({e})") from None

@@ -26,6 +26,7 @@ from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
 
 from gptkit.errors import GptkitError
 from gptkit.tokenizer.base import EOT, Tokenizer
+from gptkit.tokenizer.chat import pick_template
 
 try:
     from gptkit.tokenizer import _fastbpe
@@ -155,7 +156,18 @@ class _FastBPE:
 
 def _token_text(raw: Any) -> str | None:
     """tokenizer_config.json writes a token as its text or as {"content": text, ...}."""
-    return raw.get("content") if isinstance(raw, dict) else raw
+    text = raw.get("content") if isinstance(raw, dict) else raw
+    return text if isinstance(text, str) else None
+
+
+def _read_tokenizer_config(path: Path) -> dict[str, Any]:
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise GptkitError(f"{path} is corrupted ({e}); restore or delete it") from None
+    if not isinstance(cfg, dict):
+        raise GptkitError(f"{path} is not a JSON object; restore or delete it")
+    return cfg
 
 
 class BPETokenizer(Tokenizer):
@@ -243,9 +255,12 @@ class BPETokenizer(Tokenizer):
         eos, template, bos, add_bos = EOT, None, None, False
         cfg_path = path.with_name("tokenizer_config.json")
         if cfg_path.exists():
-            cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+            cfg = _read_tokenizer_config(cfg_path)
             eos = _token_text(cfg.get("eos_token", eos))
-            template = cfg.get("chat_template")
+            try:
+                template = pick_template(cfg.get("chat_template"))
+            except GptkitError as e:
+                raise GptkitError(f"{cfg_path}: {e}") from None
             bos = _token_text(cfg.get("bos_token"))
             add_bos = bool(cfg.get("add_bos_token", False))
         out = cls(tok, eos, template)

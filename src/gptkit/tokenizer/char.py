@@ -95,4 +95,22 @@ class CharTokenizer(Tokenizer):
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> CharTokenizer:
-        return cls(data["chars"], data.get("special_tokens", [EOT]), data.get("eos_token", EOT))
+        """The tokenizer a ``tokenizer.json`` of type ``gptkit.char`` describes (checked:
+        ``chars`` a list of distinct single characters, special tokens non-empty text)."""
+        chars, special = data.get("chars"), data.get("special_tokens", [EOT])
+        eos = data.get("eos_token", EOT)
+
+        def texts(v: Any) -> bool:
+            return isinstance(v, list) and all(isinstance(c, str) and c for c in v)
+
+        if not texts(chars) or len(set(chars)) != len(chars):
+            raise GptkitError(
+                "the character tokenizer has no valid 'chars' (a list of distinct single "
+                "characters); the tokenizer.json is damaged"
+            )
+        if not texts(special) or (eos is not None and not isinstance(eos, str)):
+            raise GptkitError(
+                "the character tokenizer's special_tokens or eos_token are not text; the "
+                "tokenizer.json is damaged"
+            )
+        return cls(chars, special, eos)

@@ -6,6 +6,14 @@ extension, a ``tojson`` filter and ``raise_exception`` / ``strftime_now`` helper
 variables ``messages``, ``add_generation_prompt``, ``bos_token`` and ``eos_token``. A model
 without a template (gptkit's own pretrained ones) gets ChatML.
 
+Templates come from model files, so they are treated as hostile: ``{% include %}``,
+``{% import %}`` and ``{% extends %}`` are refused (there is nothing to load them from),
+a template that is not text is refused, and rendering stops with a GptkitError after
+:data:`RENDER_SECONDS` or past an output size (checked at every call, item lookup and output
+chunk), with ``*`` and ``**`` bounded so one expression cannot allocate gigabytes. The list
+of named templates that ``tokenizer_config.json`` may hold (transformers' form, e.g.
+``default`` and ``tool_use``) is accepted by :func:`pick_template`.
+
 Tool calling follows transformers' convention: the OpenAI-style ``tools`` list goes to the
 template as ``tools``, assistant messages carry ``tool_calls`` (``{"id", "type": "function",
 "function": {"name", "arguments": dict}}``) and tool results are ``{"role": "tool",
@@ -25,11 +33,13 @@ from __future__ import annotations
 
 import json
 import re
+import threading
+import time
 from datetime import datetime
 from functools import lru_cache
 from typing import Any
 
-from jinja2 import TemplateError, meta
+from jinja2 import TemplateError, meta, nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from gptkit.errors import GptkitError
@@ -45,6 +55,80 @@ CHATML = (
 
 Message = dict[str, str]
 
+#: the longest a template may render, and its output's size beyond 4x its input
+RENDER_SECONDS, RENDER_EXTRA_CHARS = 2.0, 1 << 20
+_LOADS = (nodes.Include, nodes.Import, nodes.FromImport, nodes.Extends)
+
+
+def pick_template(template: Any, tools: bool = False) -> str | None:
+    """The template text from what a tokenizer file holds: text, or transformers' list of
+    ``{"name", "template"}`` (or a name -> text mapping), from which ``tool_use`` is taken
+    when tools are given and ``default`` otherwise."""
+    if template is None or isinstance(template, str):
+        return template
+    named = template
+    if isinstance(template, list):
+        if not all(isinstance(t, dict) and "name" in t and "template" in t for t in template):
+            raise GptkitError(
+                'the chat template is a list, but not of {"name", "template"} objects; '
+                "fix tokenizer_config.json"
+            )
+        named = {t["name"]: t["template"] for t in template}
+    if not isinstance(named, dict):
+        raise GptkitError(
+            f"the chat template is a {type(template).__name__}, not text; fix the tokenizer file"
+        )
+    for name in ("tool_use", "default") if tools else ("default",):
+        if isinstance(named.get(name), str):
+            return named[name]
+    raise GptkitError(
+        f"the chat templates are named {sorted(map(str, named))}; none is 'default' text"
+    )
+
+
+class _Budget(threading.local):
+    deadline = float("inf")
+
+
+_BUDGET = _Budget()
+
+
+def _in_time() -> None:
+    if time.monotonic() > _BUDGET.deadline:
+        raise GptkitError(
+            f"the chat template ran longer than {RENDER_SECONDS:g} s; it is broken or hostile"
+        )
+
+
+class _Env(ImmutableSandboxedEnvironment):
+    """The sandbox, with a clock checked at every call and lookup and ``*`` / ``**`` bounded
+    (jinja2 leaves both unbounded: ``'a' * 10**10`` would allocate 10 GB)."""
+
+    intercepted_binops = frozenset({"*", "**"})
+
+    def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:
+        _in_time()
+        return super().call(__context, __obj, *args, **kwargs)
+
+    def getitem(self, obj: Any, argument: Any) -> Any:
+        _in_time()
+        return super().getitem(obj, argument)
+
+    def getattr(self, obj: Any, attribute: str) -> Any:
+        _in_time()
+        return super().getattr(obj, attribute)
+
+    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+        _in_time()
+        if operator == "**" and isinstance(right, int) and abs(right) > 256:
+            raise GptkitError(f"the chat template raises to the power {right}; refused")
+        if operator == "*":
+            seq, n = (left, right) if isinstance(right, int) else (right, left)
+            sized = isinstance(seq, str | list | tuple) and isinstance(n, int)
+            if sized and len(seq) * n > RENDER_EXTRA_CHARS:
+                raise GptkitError("the chat template builds a huge sequence; refused")
+        return super().call_binop(context, operator, left, right)
+
 
 def _raise(message: str) -> None:
     raise GptkitError(f"the chat template refused the conversation: {message}")
@@ -52,18 +136,48 @@ def _raise(message: str) -> None:
 
 @lru_cache(maxsize=16)
 def _compile(template: str) -> Any:
-    env = ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
-    )
+    if not isinstance(template, str):
+        raise GptkitError(f"the chat template is a {type(template).__name__}, not text")
+    env = _Env(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
     env.filters["tojson"] = lambda x, indent=None, **kw: json.dumps(
         x, ensure_ascii=False, indent=indent
     )
     env.globals["raise_exception"] = _raise
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
     try:
+        if any(True for _ in env.parse(template).find_all(_LOADS)):
+            raise GptkitError(
+                "the chat template includes, imports or extends another template; a chat "
+                "template must be self-contained"
+            )
         return env.from_string(template)
-    except TemplateError as e:
+    except (TemplateError, RecursionError) as e:
         raise GptkitError(f"the chat template does not parse ({e})") from None
+
+
+def _render(compiled: Any, limit: int, **variables: Any) -> str:
+    """Render under the clock and the output limit (the chunks are counted as they come)."""
+    _BUDGET.deadline = time.monotonic() + RENDER_SECONDS
+    parts, size = [], 0
+    try:
+        for chunk in compiled.generate(**variables):
+            _in_time()
+            size += len(chunk)
+            if size > limit:
+                raise GptkitError(
+                    f"the chat template's output passed {limit:,} characters; it is broken "
+                    "or hostile"
+                )
+            parts.append(chunk)
+    except GptkitError:
+        raise
+    except (TemplateError, TypeError, ValueError, ArithmeticError, LookupError) as e:
+        raise GptkitError(f"the chat template failed to render ({e})") from None
+    except (AttributeError, RecursionError, MemoryError) as e:
+        raise GptkitError(f"the chat template failed to render ({type(e).__name__})") from None
+    finally:
+        _BUDGET.deadline = float("inf")
+    return "".join(parts)
 
 
 def render_chat(
@@ -80,6 +194,7 @@ def render_chat(
     go to a template that reads ``tools``; any other template gets them in the fallback
     format of :func:`tool_messages`.
     """
+    template = pick_template(template, bool(tools))  # text, or a list of named templates
     has_tools = bool(tools) or any(_is_tool_turn(m) for m in messages)
     if has_tools and not template_reads_tools(template or CHATML):
         messages = tool_messages(messages, tools)  # type: ignore[arg-type]
@@ -89,7 +204,9 @@ def render_chat(
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
             raise GptkitError(f"message {i} needs a 'role' and a 'content'")
     try:
-        return _compile(template or CHATML).render(
+        return _render(
+            _compile(template or CHATML),
+            4 * len(json.dumps(messages, default=str)) + RENDER_EXTRA_CHARS,
             messages=messages,
             add_generation_prompt=add_generation_prompt,
             bos_token=bos_token or "",

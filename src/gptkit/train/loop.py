@@ -37,7 +37,14 @@ from tqdm.auto import tqdm
 from gptkit.checkpoint import save_checkpoint
 from gptkit.checkpoint.native import rng_state
 from gptkit.errors import GptkitError
-from gptkit.files import atomic_path, atomic_write_text, list_checkpoints, step_dir
+from gptkit.files import (
+    atomic_path,
+    atomic_write_text,
+    list_checkpoints,
+    read_jsonl_rows,
+    remove_stale_temps,
+    step_dir,
+)
 from gptkit.model.lora import has_lora, merge_lora
 from gptkit.train import distributed
 from gptkit.train.board import Board, flops_per_token, peak_flops
@@ -139,6 +146,8 @@ def _loop(run: Run, progress: bool, merge: bool) -> dict[str, Any]:
     """Step ``run`` to ``max_steps`` (or its target loss, or Ctrl-C), logging, validating
     and saving on schedule; returns the summary."""
     cfg = run.train_cfg
+    if run.ranks.is_main:  # what a save killed in an earlier run left behind
+        remove_stale_temps(run.request.out)
     metrics = _Metrics(run)
     summary = _summary(run)
     bar = tqdm(
@@ -363,7 +372,7 @@ def plot_losses(metrics_path: Path, png_path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    rows = read_jsonl_rows(metrics_path)
     train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
     val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
@@ -385,12 +394,13 @@ def _trim_metrics(path: Path, last_step: int) -> None:
     """On resume, drop metrics a killed run logged after its last checkpoint."""
     if not path.exists():
         return
-    keep = [
-        ln
-        for ln in path.read_text().splitlines()
-        if ln.strip() and json.loads(ln)["step"] <= last_step
-    ]
-    atomic_write_text(path, "".join(ln + "\n" for ln in keep))
+    keep = [row for row in read_jsonl_rows(path) if _before(row, last_step)]
+    atomic_write_text(path, "".join(json.dumps(row) + "\n" for row in keep))
+
+
+def _before(row: dict[str, Any], last_step: int) -> bool:
+    step = row.get("step")
+    return isinstance(step, int | float) and step <= last_step
 
 
 @contextlib.contextmanager
