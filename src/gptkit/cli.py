@@ -634,6 +634,7 @@ def build_app() -> typer.Typer:
     from gptkit.data.dialogue import sgd_data_cmd
     from gptkit.data.prepare import prepare
     from gptkit.demo import demo
+    from gptkit.eval.recommend import recommend_cmd, recommend_data_cmd
     from gptkit.eval.run import evaluate_model
     from gptkit.inspect.run import inspect_cmd
     from gptkit.serve.app import serve
@@ -666,6 +667,8 @@ def build_app() -> typer.Typer:
         ("quantize", quantize_cmd),
         ("prune", prune_cmd),
         ("eval", evaluate_model),
+        ("recommend", recommend_cmd),
+        ("recommend-data", recommend_data_cmd),
         ("inspect", inspect_cmd),
         ("serve", serve),
         ("presets", presets_cmd),

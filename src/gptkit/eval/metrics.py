@@ -22,6 +22,7 @@ from __future__ import annotations
 import re
 import string
 import unicodedata
+from collections import Counter
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from decimal import Decimal, InvalidOperation
 from functools import lru_cache
@@ -227,6 +228,29 @@ def exact_match(predictions: Sequence[str], references: Sequence[Reference]) -> 
     return hits / len(predictions)
 
 
+def _f1(prediction: str, reference: str) -> float:
+    pred, ref = normalize_answer(prediction).split(), normalize_answer(reference).split()
+    same = sum((Counter(pred) & Counter(ref)).values())
+    if same == 0:  # SQuAD v1.1's rule: no common token (two empty answers included) is 0
+        return 0.0
+    precision, recall = same / len(pred), same / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+def token_f1(predictions: Sequence[str], references: Sequence[Reference]) -> float:
+    """SQuAD's token F1 (Rajpurkar et al., 2016): the harmonic mean of the precision and
+    recall of a prediction's words (a bag, after :func:`normalize_answer`) against each
+    reference's, the best reference per example, averaged over examples."""
+    _check_lengths(predictions, references)
+    if not predictions:
+        return 0.0
+    total = sum(
+        max((_f1(pred, r) for r in _ref_list(ref)), default=0.0)
+        for pred, ref in zip(predictions, references, strict=True)
+    )
+    return total / len(predictions)
+
+
 # A number: digits with optional thousands groups ("1,234,567") or plain digits, an optional
 # decimal part, and a minus sign unless it follows a word ("5-3" is 5 and 3). "1,2,3" is
 # three numbers, not 123.
@@ -298,6 +322,7 @@ MetricFn = Callable[[Sequence[str], Sequence[Any]], dict[str, float]]
 #: metric name -> function of (predictions, references) returning named scores
 GENERATION_METRICS: Mapping[str, MetricFn] = {
     "exact_match": lambda p, r: {"exact_match": exact_match(p, r)},
+    "f1": lambda p, r: {"f1": token_f1(p, r)},
     "gsm8k": lambda p, r: {"exact_match": gsm8k_accuracy(p, r)},
     "bleu": lambda p, r: {"bleu": bleu(p, r)},
     "bleu_zh": lambda p, r: {"bleu": bleu(p, r, tokenize="zh")},

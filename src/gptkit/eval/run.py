@@ -39,6 +39,7 @@ from gptkit.eval.classification import CLASSIFICATION_TASKS, classification_eval
 from gptkit.eval.code import HumanEvalScorer, require_execute
 from gptkit.eval.examples import Example, find_data
 from gptkit.eval.metrics import GENERATION_METRICS
+from gptkit.eval.recommend import movielens_eval
 from gptkit.eval.tasks import TASKS, default_data
 from gptkit.files import atomic_write_json
 from gptkit.generate import generate
@@ -55,6 +56,8 @@ TaskName = Literal[
     "self_instruct",
     "humaneval",
     "sgd",
+    "movielens",
+    "nq_open",
     "sst2",
     "sms_spam",
     "classify",
@@ -388,7 +391,10 @@ def evaluate_model(
             (ROUGE-1/2/L), self_instruct (ROUGE-L), humaneval (Python functions; pass@1 by
             running each problem's tests on the program, which needs --execute), sgd
             (service-desk turns of Schema-Guided Dialogue: tool-call exact match, argument
-            F1, false calls, reply BLEU and ROUGE-L).
+            F1, false calls, reply BLEU and ROUGE-L), movielens (each user's last rating
+            predicted from the rest: HR@10 and NDCG@10 over the full catalogue, beside the
+            most-popular and co-occurrence baselines), nq_open (closed-book questions, few-shot:
+            exact match and token F1 against any gold answer).
         data: the data file (or directory); default the task's file under $GPTKIT_DATA or
             shared/data (see gptkit.eval.examples.find_data).
         limit: evaluate only the first N examples.
@@ -435,6 +441,9 @@ def evaluate_model(
         result |= {k: out[k] for k in ("metrics", "n", "labels", "confusion_matrix")}
         result["settings"] = {"limit": limit, "method": out["method"]}
         result["predictions"] = out["predictions"]
+    elif task == "movielens":
+        out = movielens_eval(net, tok, path, limit, batch_size=batch_size, progress=progress)
+        result |= {k: out[k] for k in ("metrics", "n", "settings", "predictions")}
     elif task == "text":
         scores = perplexity(net, tok, path, block_size, stride, batch_size, progress)
         result["metrics"] = {k: scores[k] for k in ("loss", "perplexity", "bits_per_byte")}

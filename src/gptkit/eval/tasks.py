@@ -29,6 +29,8 @@ from gptkit.eval.examples import (
     row_strings,
 )
 from gptkit.eval.metrics import gsm8k_reference_answer
+from gptkit.eval.qa import read_nq_open
+from gptkit.eval.recommend import read_movielens
 from gptkit.eval.tools import read_sgd
 
 # -- the readers ---------------------------------------------------------------------------
@@ -221,6 +223,12 @@ TASKS: dict[str, Task] = {
         ),
         # a held-out SGD file (gptkit sgd-data --exclude dialogues_010.json trains without it)
         Task("sgd", read_sgd, "customer_support/dialogues_010.json", ("sgd",), ("\n\n",), 96),
+        # every user's last rating; ranked by gptkit.eval.recommend.movielens_eval, not decoded
+        Task("movielens", read_movielens, "movielens/u.data", ("hr@10", "ndcg@10"), ("\n",), 32),
+        # scored on NQ-open.dev.jsonl; fine-tune on the EfficientQA file and dev past --limit
+        Task(
+            "nq_open", read_nq_open, "nq_open/NQ-open.dev.jsonl", ("exact_match", "f1"), ("\n",), 16
+        ),
     ]
 }
 
