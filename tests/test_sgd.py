@@ -114,7 +114,7 @@ def test_tools_follow_the_schema(sgd: Path) -> None:
     params = tools["ReserveRestaurant"]["parameters"]
     assert params["required"] == ["restaurant_name", "location", "time"]
     assert params["properties"]["number_of_seats"]["enum"] == ["1", "2", "3", "4", "5", "6"]
-    assert "enum" not in params["properties"]["location"]
+    assert params["properties"]["location"] == {"type": "string"}
 
 
 def test_rows_train_on_calls_and_replies(sgd: Path, chatml_tokenizer) -> None:
@@ -124,7 +124,7 @@ def test_rows_train_on_calls_and_replies(sgd: Path, chatml_tokenizer) -> None:
     assert all(r["messages"][1]["role"] == "user" for r in rows)
     text = "".join(m["content"] for r in rows for m in r["messages"] if m["role"] == "assistant")
     assert '<tool_call>\n{"name": "ReserveRestaurant"' in text
-    row = next(r for r in rows if "<tool_call>" in json.dumps(r))
+    row = next(r for r in rows if any("<tool_call>" in m["content"] for m in r["messages"][1:]))
     ex = encode_example(chatml_tokenizer, row)
     learned = chatml_tokenizer.decode([t for t in ex.labels if t >= 0])
     assert "<tool_call>" in learned and "<tool_response>" not in learned  # results: no loss
@@ -148,3 +148,21 @@ def test_eval_examples_at_every_assistant_turn(sgd: Path) -> None:
     assert "<tool_response>" in after["messages"][-1]["content"]
     assert all(e["messages"][-1]["role"] == "user" for e in ex)
     assert "<tools>" in ex[0]["messages"][0]["content"]
+
+
+def test_service_desk_fake_backend(sgd: Path) -> None:
+    import importlib.util
+
+    from conftest import REPO
+
+    from gptkit.data.dialogue import read_schema
+
+    spec = importlib.util.spec_from_file_location("desk", REPO / "recipes" / "service_desk.py")
+    desk_module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(desk_module)
+    desk = desk_module.FakeServices(read_schema(sgd / "schema.json"), ["Restaurants_2"])
+    assert {t["function"]["name"] for t in desk.tools} == {"ReserveRestaurant", "FindRestaurants"}
+    (record,) = desk.call("ReserveRestaurant", {"restaurant_name": "Sino", "location": "San Jose"})
+    assert record["restaurant_name"] == "Sino" and record["location"] == "San Jose"
+    assert record["has_seating_outdoors"] == "True"  # a categorical slot: its first value
+    assert desk.call("Nope", {}) == [{"error": "no such method Nope"}]

@@ -31,8 +31,8 @@ from typing import Any
 from gptkit.errors import GptkitError
 from gptkit.tokenizer.chat import Message, tool_messages
 
-WINDOW = 8  # messages of history in a prompt or a training piece (bounds its length)
-RESULTS = 2  # service results shown to the model per call (SGD lists up to 10)
+WINDOW = 6  # messages of history in a prompt or a training piece (bounds its length)
+RESULTS = 1  # service results shown to the model per call (SGD lists up to 10)
 SYSTEM = "You are a service desk assistant. Help the user with the services below."
 
 
@@ -57,20 +57,22 @@ def read_schema(path: str | Path) -> dict[str, dict[str, Any]]:
         raise GptkitError(f"{path} is not an SGD schema ({e}); check the file") from None
 
 
-def service_tools(service: dict[str, Any]) -> list[dict[str, Any]]:
-    """A service's intents as OpenAI function tools (parameters: the intent's slots)."""
+def service_tools(service: dict[str, Any], slot_descriptions: bool = False) -> list[dict[str, Any]]:
+    """A service's intents as OpenAI function tools: parameters are the intent's slots
+    (strings; a categorical slot's values as an ``enum``). The slots' descriptions are left
+    out unless asked for: their names say as much, and the prompt is half as long."""
     slots = {s["name"]: s for s in service["slots"]}
     tools = []
     for intent in service["intents"]:
-        names = [*intent["required_slots"], *intent["optional_slots"]]
         props = {}
-        for n in names:
-            prop: dict[str, Any] = {"type": "string", "description": slots[n]["description"]}
+        for n in [*intent["required_slots"], *intent["optional_slots"]]:
+            prop: dict[str, Any] = {"type": "string"}
+            if slot_descriptions:
+                prop["description"] = slots[n]["description"]
             if slots[n]["is_categorical"] and slots[n]["possible_values"]:
                 prop["enum"] = list(slots[n]["possible_values"])
             props[n] = prop
         params = {"type": "object", "properties": props, "required": intent["required_slots"]}
-        params["additionalProperties"] = False
         fn = {"name": intent["name"], "description": intent["description"], "parameters": params}
         tools.append({"type": "function", "function": fn})
     return tools

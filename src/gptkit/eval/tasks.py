@@ -222,7 +222,7 @@ TASKS: dict[str, Task] = {
             384,
         ),
         # a held-out SGD file (gptkit sgd-data --exclude dialogues_010.json trains without it)
-        Task("sgd", read_sgd, "customer_support/dialogues_010.json", ("sgd",), ("\n\n",), 96),
+        Task("sgd", read_sgd, "customer_support/dialogues_010.json", ("sgd",), ("\n\n",), 80),
         # every user's last rating; ranked by gptkit.eval.recommend.movielens_eval, not decoded
         Task("movielens", read_movielens, "movielens/u.data", ("hr@10", "ndcg@10"), ("\n",), 32),
         # scored on NQ-open.dev.jsonl; fine-tune on the EfficientQA file and dev past --limit
