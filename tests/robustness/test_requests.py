@@ -120,7 +120,7 @@ def http(
 #: sampling fields -> values each must refuse (the ones that blow up sampling first)
 BAD_VALUES: dict[str, list[Any]] = {
     "temperature": [1e-300, 5e-324, 1e-39, 1e-6, -1e-300, -1, 2.0001, 1e300, "hot", [], {}],
-    "top_p": [-1e-300, -0.1, 1.5, 1e300, "x", [0.5]],
+    "top_p": [1e-300, 5e-324, 1e-6, -1e-300, -0.1, 1.5, 1e300, "x", [0.5]],
     "top_k": [0, -1, 1.5, -(10**400), "many", [5]],
     "min_p": [-1e-300, -1, 1.01, 1e300, {}],
     "repetition_penalty": [0, 1e-300, 5e-324, 1e-3, -1, 1e300, 1e3, "x"],
@@ -387,6 +387,38 @@ def test_model_id_is_the_base_name(tmp_path: Any) -> None:
     assert default_model_name("HuggingFaceTB/SmolLM2-135M") == "HuggingFaceTB/SmolLM2-135M"
 
 
+#: values at the edges of what is accepted: each must be served, none may fail sampling
+EDGES: list[dict[str, Any]] = [
+    {"temperature": 1e-5},
+    {"temperature": 2.0},
+    {"temperature": 2.0, "top_p": 1e-5},
+    {"top_p": 0},
+    {"top_k": 1},
+    {"top_k": 10**400},
+    {"min_p": 5e-324},
+    {"min_p": 1.0},
+    {"repetition_penalty": 0.01},
+    {"repetition_penalty": 100},
+    {"repetition_penalty": 0.01, "temperature": 1e-5},
+    {"presence_penalty": 2, "frequency_penalty": -2},
+    {"presence_penalty": -2, "frequency_penalty": 2, "temperature": 1e-5},
+    {"seed": 2**63 - 1, "n": 3},
+    {"logprobs": True, "top_logprobs": 20},
+    {"stop": ["s" * MAX_STOP_CHARS] * 4},
+    {"use_beam_search": True, "best_of": 2, "length_penalty": 10},
+    {"use_beam_search": True, "best_of": 2, "length_penalty": -10},
+]
+
+
+@pytest.mark.parametrize("fields", EDGES, ids=[",".join(map(str, e)) for e in EDGES])
+def test_edge_values_are_served(server: SimpleNamespace, fields: dict[str, Any]) -> None:
+    failed = server.engine.stats.failed
+    body = json.dumps(BASE_CHAT | {"max_tokens": 8} | fields).encode()
+    status, reply = exchange(server.port, http("POST", CHAT, body))
+    assert status == 200, reply[:300]
+    assert server.engine.stats.failed == failed
+
+
 def test_normal_request_served_afterwards_and_no_errors_logged(server: SimpleNamespace) -> None:
     """Run last: after every case above, the server still answers, and logged no error."""
     for route, base in ((CHAT, BASE_CHAT), (COMPLETIONS, BASE_COMPLETION)):
@@ -401,24 +433,31 @@ def test_normal_request_served_afterwards_and_no_errors_logged(server: SimpleNam
 
 
 def test_stop_hold_back_equals_the_plain_search() -> None:
-    """The Detokenizer holds back the longest end of the text that could begin a stop
-    string; its rfind jumps must find what checking every prefix finds."""
+    """The Detokenizer releases text up to the longest end that could begin a stop string,
+    and cuts at the first stop string; its failure-table bookkeeping must agree with
+    checking every prefix of every stop string on the whole text."""
     import random
 
     from gptkit.generate.core import Detokenizer
 
-    def plain(text: str, stops: list[str]) -> int:
-        held = 0
-        for s in stops:
-            held = max(
-                [held]
-                + [k for k in range(1, min(len(s) - 1, len(text)) + 1) if text.endswith(s[:k])]
-            )
-        return held
+    class Letters:  # id i decodes to one letter
+        def decode(self, ids: list[int]) -> str:
+            return "".join("abc"[i] for i in ids)
+
+    def plain_held(text: str, stops: list[str]) -> int:
+        ends = [k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])]
+        return max(ends, default=0)
 
     rng = random.Random(0)
-    detok = Detokenizer.__new__(Detokenizer)
-    for _ in range(5000):
+    for _ in range(2000):
         stops = ["".join(rng.choices("ab", k=rng.randint(1, 8))) for _ in range(rng.randint(1, 4))]
-        detok.stop, detok.text = tuple(stops), "".join(rng.choices("abc", k=rng.randint(0, 12)))
-        assert detok._held() == plain(detok.text, stops), (detok.text, stops)
+        detok = Detokenizer(Letters(), stops)  # type: ignore[arg-type]
+        text, released = "", ""
+        for token in rng.choices(range(3), k=rng.randint(1, 16)):
+            released += detok.push(token)
+            text += "abc"[token]
+            hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+            if hits:
+                assert detok.stopped and detok.text == text[: min(hits)]
+                break
+            assert released == text[: len(text) - plain_held(text, stops)], (text, stops)

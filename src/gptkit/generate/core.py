@@ -264,7 +264,10 @@ class Detokenizer:
     Text is held back while it ends in an unfinished UTF-8 character (a byte-level decoder
     shows U+FFFD for it) or in a prefix of a stop string. Decoding re-reads only the ids since
     the last released boundary (plus one earlier stretch for context, for decoders that treat
-    a leading space specially), never the whole continuation.
+    a leading space specially), never the whole continuation. A stop string is searched for
+    in the text's tail only, and the prefix of each that the text ends in is followed as the
+    text grows, with Knuth-Morris-Pratt's failure table: work per new character, not per
+    prefix of every stop string on every token.
     """
 
     def __init__(self, tokenizer: Tokenizer, stop: Sequence[str] = ()):
@@ -273,6 +276,8 @@ class Detokenizer:
         self.tokenizer = tokenizer
         self.stop = tuple(stop)
         self._longest_stop = max((len(s) for s in self.stop), default=0)
+        self._tables = [_failure_table(s) for s in self.stop]
+        self._matched = [0] * len(self.stop)  # per stop string: its prefix the text ends in
         self.ids: list[int] = []
         self._prefix = 0  # ids[_prefix:_read] were decoded last time, for context
         self._read = 0  # ids[:_read] are in self.text
@@ -306,6 +311,7 @@ class Detokenizer:
     def _add(self, new: str, final: bool) -> str:
         start = max(0, len(self.text) - self._longest_stop + 1)
         self.text += new
+        self._follow(new)
         if new and self.stop:
             hits = [i for i in (self.text.find(s, start) for s in self.stop) if i >= 0]
             if hits:
@@ -316,22 +322,32 @@ class Detokenizer:
         self._released = max(self._released, end)
         return piece
 
-    def _held(self) -> int:
-        """Length of the longest end of the text that could begin a stop string.
+    def _follow(self, new: str) -> None:
+        """Advance, over ``new``, the length of each stop string's prefix that the text ends
+        in (a full match is found by the search in :meth:`_add`)."""
+        for j, (stop, table) in enumerate(zip(self.stop, self._tables, strict=True)):
+            k = self._matched[j]
+            for ch in new:
+                if k == len(stop):
+                    k = table[k - 1]
+                while k and stop[k] != ch:
+                    k = table[k - 1]
+                k += stop[k] == ch
+            self._matched[j] = k
 
-        Only prefixes of a stop string that end in the text's last character can match,
-        so the search jumps between those (``rfind``) instead of slicing every prefix: a
-        long stop string costs a scan of itself per token, not its length squared."""
-        text, held = self.text, 0
-        if not text:
-            return 0
-        last = text[-1]
-        for s in self.stop:
-            k = min(len(s) - 1, len(text))
-            while k > held:
-                k = s.rfind(last, 0, k) + 1  # the longest such prefix up to k characters
-                if k > held and text.endswith(s[:k]):
-                    held = k
-                    break
-                k -= 1
-        return held
+    def _held(self) -> int:
+        """Length of the longest end of the text that could begin a stop string."""
+        pairs = zip(self._matched, self.stop, strict=True)
+        return max((min(k, len(s) - 1) for k, s in pairs), default=0)
+
+
+def _failure_table(s: str) -> list[int]:
+    """Knuth-Morris-Pratt's table: entry i is the length of the longest proper prefix of
+    ``s[: i + 1]`` that is also a suffix of it."""
+    table, k = [0] * len(s), 0
+    for i in range(1, len(s)):
+        while k and s[i] != s[k]:
+            k = table[k - 1]
+        k += s[i] == s[k]
+        table[i] = k
+    return table
