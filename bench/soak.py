@@ -10,11 +10,14 @@ Reports, and exits 1 unless both goals hold:
 
 - errors (goal 0): a status other than 200, an error event inside a stream, a stream that
   ends without ``data: [DONE]`` although the client stayed, a connection failure, a reply
-  slower than ``--stall`` seconds, and every line of the server's log that is an error or a
-  traceback;
+  stalled for ``--stall`` seconds (no line of a stream, or no non-streamed reply), and
+  every line of the server's log that is an error or a traceback;
 - RSS growth of the server process (goal < 5%): from its resident memory after the warm-up
-  (the first tenth of the run, at least one full round of requests) to the end, sampled
-  every 5 s from /proc (Linux).
+  to the end, sampled every 5 s from /proc (Linux). The warm-up lasts until every client
+  has finished a request, and at least a tenth of the run: by then the KV-cache pool
+  has grown to the longest rows (it doubles as rows need it) and the allocator holds its
+  working set, so what grows afterwards is what a leak would grow. The RSS is printed
+  once a minute too, so a plateau and a slope can be told apart.
 
     python bench/soak.py --minutes 5                   # SmolLM2 from `make models`
     python bench/soak.py --model PATH --streams 8 --minutes 1
@@ -56,6 +59,8 @@ class Tally:
     tokens: int = 0  # text chunks received
     errors: list[str] = field(default_factory=list)
     rss: list[tuple[float, int]] = field(default_factory=list)  # (seconds, kB)
+    rounds: dict[int, int] = field(default_factory=dict)  # client -> requests finished
+    warm_at: float | None = None  # seconds into the run when the warm-up ended
 
     def error(self, what: str) -> None:
         if len(self.errors) < 1000:
@@ -139,7 +144,7 @@ async def one_request(
             await asyncio.sleep(rng.random() * 2)  # leave before the reply is ready
             tally.left += 1
             return
-        status = await reader.readline()
+        status = await asyncio.wait_for(reader.readline(), args.stall)
         if b" 200 " not in status:
             tally.error(
                 f"status {status.decode(errors='replace').strip()}: {await reader.read(300)!r}"
@@ -148,19 +153,22 @@ async def one_request(
         while (await reader.readline()) not in (b"\r\n", b""):
             pass  # the headers
         if not stream:
-            reply = json.loads(await reader.read())
+            reply = json.loads(await asyncio.wait_for(reader.read(), args.stall))
             tally.tokens += reply["usage"]["completion_tokens"]
             tally.completed += 1
             return
-        await read_events(reader, leave_after, tally)
+        await read_events(reader, leave_after, tally, args.stall)
     finally:
         writer.close()  # on purpose or at the end: the server sees the socket go
 
 
-async def read_events(reader: asyncio.StreamReader, leave_after: int | None, tally: Tally) -> None:
-    """The SSE events of one stream (chunked transfer encoding), until [DONE] or leaving."""
+async def read_events(
+    reader: asyncio.StreamReader, leave_after: int | None, tally: Tally, stall: float
+) -> None:
+    """The SSE events of one stream (chunked transfer encoding), until [DONE] or leaving;
+    each line must come within ``stall`` seconds."""
     seen = 0
-    async for raw in reader:
+    while raw := await asyncio.wait_for(reader.readline(), stall):
         line = raw.strip()
         if not line.startswith(b"data: "):
             continue
@@ -181,16 +189,24 @@ async def read_events(reader: asyncio.StreamReader, leave_after: int | None, tal
 
 
 async def client(
-    port: int, seed: int, until: float, tally: Tally, args: argparse.Namespace
+    port: int, i: int, times: tuple[float, float], tally: Tally, args: argparse.Namespace
 ) -> None:
-    rng = random.Random(seed)
+    """Client ``i``: requests one after another until the run ends; the warm-up ends once
+    every client has finished one, and a tenth of the run has passed."""
+    start, until = times
+    rng = random.Random(args.seed * 1000 + i)
+    tally.rounds[i] = 0
     while time.monotonic() < until:
         try:
-            await asyncio.wait_for(one_request(port, rng, tally, args), args.stall)
+            await one_request(port, rng, tally, args)
         except TimeoutError:
-            tally.error(f"no reply within {args.stall} s")
+            tally.error(f"the server sent nothing for {args.stall:g} s")
         except (OSError, ValueError, KeyError) as e:
             tally.error(f"{type(e).__name__}: {e}")
+        tally.rounds[i] += 1
+        now = time.monotonic() - start
+        if tally.warm_at is None and min(tally.rounds.values()) >= 1:
+            tally.warm_at = max(now, (until - start) * 0.1)
 
 
 async def sample_rss(pid: int, start: float, until: float, tally: Tally) -> None:
@@ -203,16 +219,17 @@ async def sample_rss(pid: int, start: float, until: float, tally: Tally) -> None
 async def soak(port: int, pid: int, args: argparse.Namespace, tally: Tally) -> None:
     start = time.monotonic()
     until = start + args.minutes * 60
-    clients = [client(port, args.seed * 1000 + i, until, tally, args) for i in range(args.streams)]
+    clients = [client(port, i, (start, until), tally, args) for i in range(args.streams)]
     await asyncio.gather(sample_rss(pid, start, until, tally), *clients)
 
 
 def report(tally: Tally, args: argparse.Namespace, wall: float) -> bool:
     """Print the summary; True when both goals hold."""
-    warm = max(args.minutes * 60 * 0.1, 30)
+    warm = tally.warm_at if tally.warm_at is not None else float("inf")
     after = [kb for t, kb in tally.rss if t >= warm] or [tally.rss[-1][1]]
     base, end, peak = after[0], tally.rss[-1][1], max(kb for _, kb in tally.rss)
     growth = (end - base) / base * 100
+    minutes = {int(t // 60): kb for t, kb in tally.rss}  # the last sample of each minute
     print(f"model: {args.model}; {args.streams} streams for {wall / 60:.1f} min")
     print(
         f"requests: {tally.requests} sent, {tally.completed} completed, {tally.left} left by "
@@ -221,6 +238,10 @@ def report(tally: Tally, args: argparse.Namespace, wall: float) -> bool:
     print(f"errors: {len(tally.errors)} (goal 0)")
     for e in tally.errors[:20]:
         print(f"  {e}")
+    print("server RSS by minute (MiB): " + " ".join(f"{kb / 1024:.0f}" for kb in minutes.values()))
+    if tally.warm_at is None:
+        print("the warm-up did not end (a client finished no request): run longer")
+        return False
     print(
         f"server RSS: {tally.rss[0][1] / 1024:.0f} MiB at start, {base / 1024:.0f} MiB after "
         f"the {warm:.0f} s warm-up, {end / 1024:.0f} MiB at the end (peak "
@@ -236,7 +257,7 @@ def main() -> None:
     ap.add_argument("--streams", type=int, default=32)
     ap.add_argument("--max-tokens", type=int, default=96, help="the most a request asks for")
     ap.add_argument("--disconnect", type=float, default=0.3, help="share of clients leaving")
-    ap.add_argument("--stall", type=float, default=300.0, help="seconds before a reply errs")
+    ap.add_argument("--stall", type=float, default=600.0, help="seconds of silence that err")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--server-arg", action="append", default=[], help="passed to serve")
     args = ap.parse_args()
