@@ -109,6 +109,11 @@ class ModelConfig(_JsonMixin):
     # final token's hidden state. Empty: no head.
     labels: tuple[str, ...] = ()
     """a classification head's label names (GPT-1 fine-tuning); empty: no head"""
+    # GPT-1's input transformations (Radford et al. 2018, Fig. 1): how the head's examples
+    # were encoded, with start/delimiter/extract tokens (gptkit.data.tasks); None: the texts
+    # closed by the end-of-sequence token, no added tokens.
+    task_format: Literal["single", "pair", "similarity", "choice"] | None = None
+    """the classification head's input format: single, pair, similarity or choice"""
     # Structured pruning (gptkit.compress.prune) drops whole heads and keeps their width, so
     # a pruned model's heads may no longer be n_embd / n_head wide.
     head_dim: int | None = None
@@ -134,6 +139,14 @@ class ModelConfig(_JsonMixin):
         _check(
             len(set(self.labels)) == len(self.labels) and all(self.labels),
             f"labels must be distinct, non-empty names, got {list(self.labels)}",
+        )
+        _check(
+            self.task_format in (None, "single", "pair", "similarity", "choice"),
+            f"task_format must be single, pair, similarity or choice, got {self.task_format!r}",
+        )
+        _check(
+            self.task_format is None or bool(self.labels),
+            "task_format describes a classification head's input; the model has no head",
         )
         _check(
             self.pos_emb != "rope" or self.head_size % 2 == 0,
@@ -249,6 +262,10 @@ class TrainConfig(_JsonMixin):
     """under torchrun, shard weights, gradients and optimizer state (FSDP2)"""
     activation_checkpointing: bool = False
     """recompute each block's activations in backward"""
+    format: Literal["single", "pair", "similarity", "choice"] | None = None
+    """classify: GPT-1's input format (start/delimiter/extract tokens added and trained):
+    single text, pair (premise $ hypothesis), similarity (both orders, added) or choice
+    (context $ answer, softmax over answers); None: texts closed by the end-of-sequence token"""
     target_loss: float | None = None
     """stop once the validation loss is at or below this"""
     seq_len: int | None = None

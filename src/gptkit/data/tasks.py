@@ -22,9 +22,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tokenizers import Tokenizer as HFTokenizer
 
 from gptkit.errors import GptkitError
 from gptkit.tokenizer.base import Tokenizer
+from gptkit.tokenizer.bpe import BPETokenizer
+from gptkit.tokenizer.char import CharTokenizer
 from gptkit.tokenizer.chat import Message, render_chat
 
 IGNORE = -100  # the label of a position without loss (torch's cross_entropy ignore_index)
@@ -284,24 +287,75 @@ class PackedSampler(ExampleSampler):
 
 
 # -- classification ------------------------------------------------------------------------
+#
+# GPT-1 (Radford et al. 2018, section 3.3 and Figure 1) turns every task into token sequences
+# the pretrained model reads, framed by three tokens added to the vocabulary and trained:
+#
+#   single      <s> text <e>                      -> head(h_e)
+#   pair        <s> premise $ hypothesis <e>      -> head(h_e)
+#   similarity  <s> a $ b <e>   and   <s> b $ a <e>  -> head(h_e1 + h_e2)   (no order)
+#   choice      <s> context $ answer_k <e>, k = 1..K -> one score each, softmax over the K
+#
+# (<s> start, $ delimiter, <e> extract). Without a format (``None``), the text(s) are closed
+# by the end-of-sequence token a pretrained model already knows, and no token is added.
+
+FORMATS: tuple[str, ...] = ("single", "pair", "similarity", "choice")
+START, DELIM, EXTRACT = "<|gpt1_start|>", "<|gpt1_delim|>", "<|gpt1_extract|>"
+TASK_TOKENS: tuple[str, ...] = (START, DELIM, EXTRACT)
+CHOICE_HEAD: tuple[str, ...] = ("score",)  # a choice head's one output: each answer's score
 
 
 @dataclass(frozen=True)
 class Labelled:
-    """One classification example: its ids (ending with the extract token) and label index."""
+    """One classification example: its ids (ending with the extract token) and label index;
+    ``others`` holds the further sequences of a multi-sequence format (similarity: the other
+    order; choice: the other answers, ``ids`` being the first), and ``label`` is then the
+    index of the right answer among :attr:`views`."""
 
     ids: list[int]
     label: int
+    others: tuple[list[int], ...] = ()
+
+    @property
+    def views(self) -> tuple[list[int], ...]:
+        return (self.ids, *self.others)
+
+
+def check_format(fmt: str | None) -> None:
+    """A clear error for an unknown input format."""
+    if fmt is not None and fmt not in FORMATS:
+        raise GptkitError(f"unknown format {fmt!r}; choose from {list(FORMATS)}")
+
+
+def with_task_tokens(tokenizer: Tokenizer) -> Tokenizer:
+    """``tokenizer`` with GPT-1's start, delimiter and extract tokens after its own ids
+    (every other id unchanged); the same tokenizer when it has them already."""
+    missing = [t for t in TASK_TOKENS if t not in tokenizer.special_tokens]
+    if not missing:
+        return tokenizer
+    if isinstance(tokenizer, CharTokenizer):
+        specials = [*tokenizer.special_tokens, *missing]
+        return CharTokenizer(tokenizer.chars, specials, tokenizer.eos_token)
+    if isinstance(tokenizer, BPETokenizer):
+        # a copy: the caller's tokenizer (and its cached encoders) stays as it was
+        inner = HFTokenizer.from_str(tokenizer._tok.to_str())
+        inner.add_special_tokens(missing)
+        out = BPETokenizer(inner, tokenizer.eos_token, tokenizer.chat_template)
+        out.bos_token, out.add_bos = tokenizer.bos_token, tokenizer.add_bos
+        return out
+    raise GptkitError(f"cannot add GPT-1's task tokens to a {type(tokenizer).__name__}")
 
 
 def read_labelled(path: str | Path) -> Iterator[tuple[str, list[str], str | None]]:
     """``(where, texts, label)`` per example of a classification file.
 
-    A ``.jsonl`` row is ``{"text": ..., "label": ...}``, with ``"text_b"`` for text pairs
-    (``label`` may be a name or an integer, and may be absent in files to predict). Any
-    other file is tab-separated, ``label<TAB>text`` or ``label<TAB>text<TAB>text_b``, one
-    example per line; a first line whose first field is ``label`` is a header and skipped
-    (SST-2's ``.tsv`` files and the SMS spam collection read as they ship).
+    A ``.jsonl`` row is ``{"text": ..., "label": ...}``, with ``"text_b"`` for text pairs or
+    ``"choices": [...]`` for multiple choice (then ``texts`` is the context followed by the
+    choices, and ``label`` the index of the right one). ``label`` may be a name or an
+    integer, and may be absent in files to predict. Any other file is tab-separated,
+    ``label<TAB>text`` or ``label<TAB>text<TAB>text_b``, one example per line; a first line
+    whose first field is ``label`` is a header and skipped (SST-2's ``.tsv`` files and the
+    SMS spam collection read as they ship).
     """
     path = Path(path)
     if path.suffix == ".jsonl":
@@ -312,10 +366,27 @@ def read_labelled(path: str | Path) -> Iterator[tuple[str, list[str], str | None
             if isinstance(label, str) and not label.strip():
                 raise GptkitError(f"{where}: empty 'label'; every example needs one")
             texts = [_text(row, "text", where)]
+            if "text_b" in row and "choices" in row:
+                raise GptkitError(f"{where}: a row has 'text_b' or 'choices', not both")
             if "text_b" in row:
                 texts.append(_text(row, "text_b", where))
+            if "choices" in row:
+                texts += _choices(row, where)
             yield where, texts, None if label is None else str(label)
         return
+    yield from _read_tsv(path)
+
+
+def _choices(row: dict[str, Any], where: str) -> list[str]:
+    choices = row["choices"]
+    if not isinstance(choices, list) or len(choices) < 2:
+        raise GptkitError(f"{where}: 'choices' must be a list of at least two answers")
+    if not all(isinstance(c, str) and c.strip() for c in choices):
+        raise GptkitError(f"{where}: every choice must be non-empty text")
+    return choices
+
+
+def _read_tsv(path: Path) -> Iterator[tuple[str, list[str], str | None]]:
     if not path.is_file():
         raise GptkitError(f"data file {path} does not exist; check the path")
     with open(path, encoding="utf-8") as f:
@@ -341,8 +412,19 @@ def read_labelled(path: str | Path) -> Iterator[tuple[str, list[str], str | None
             yield where, texts, label
 
 
+def _fit(parts: list[list[int]], budget: int, max_len: int) -> list[list[int]]:
+    """``parts`` cut to ``budget`` tokens in all: the longest loses its tail first."""
+    if budget < len(parts):
+        raise GptkitError(f"a context of {max_len} tokens is too short to classify text")
+    parts = [list(p) for p in parts]
+    while sum(map(len, parts)) > budget:
+        longest = max(range(len(parts)), key=lambda i: len(parts[i]))
+        parts[longest] = parts[longest][: len(parts[longest]) - 1]
+    return parts
+
+
 def encode_texts(tokenizer: Tokenizer, texts: list[str], max_len: int) -> list[int]:
-    """GPT-1's input form: ``[bos] text [delim text_b] extract``.
+    """The input form without added tokens: ``[bos] text [delim text_b] extract``.
 
     The delimiter and the extract token are the tokenizer's end-of-sequence token (a token
     every pretrained model knows as a boundary); the head reads the hidden state at the
@@ -352,16 +434,54 @@ def encode_texts(tokenizer: Tokenizer, texts: list[str], max_len: int) -> list[i
     mark = [eos] if eos is not None else tokenizer.encode("\n")
     bos = [tokenizer.bos_id] if tokenizer.add_bos and tokenizer.bos_id is not None else []
     parts = [tokenizer.encode(t, allow_special=False) for t in texts]
-    budget = max_len - len(bos) - len(mark) * len(parts)
-    if budget < len(parts):
-        raise GptkitError(f"a context of {max_len} tokens is too short to classify text")
-    while sum(map(len, parts)) > budget:
-        longest = max(range(len(parts)), key=lambda i: len(parts[i]))
-        parts[longest] = parts[longest][: len(parts[longest]) - 1]
+    parts = _fit(parts, max_len - len(bos) - len(mark) * len(parts), max_len)
     ids = list(bos)
     for p in parts:
         ids += p + mark
     return ids
+
+
+def _framed(tok: Tokenizer, texts: list[str], max_len: int) -> list[int]:
+    """``<s> texts[0] $ texts[1] ... <e>`` (see the table above), cut to ``max_len``."""
+    start, delim, extract = (tok.special_tokens[t] for t in TASK_TOKENS)
+    parts = [tok.encode(t, allow_special=False) for t in texts]
+    parts = _fit(parts, max_len - len(parts) - 1, max_len)
+    ids = [start]
+    for i, p in enumerate(parts):
+        ids += [*p, delim if i < len(parts) - 1 else extract]
+    return ids
+
+
+def encode_views(
+    tokenizer: Tokenizer, texts: list[str], fmt: str | None, max_len: int, where: str = "input"
+) -> list[list[int]]:
+    """The sequences one example becomes in format ``fmt`` (see the table above): one for
+    single and pair, both orders for similarity, one per answer for choice (``texts`` is
+    then the context followed by the answers)."""
+    check_format(fmt)
+    if fmt is None:
+        return [encode_texts(tokenizer, texts, max_len)]
+    if any(t not in tokenizer.special_tokens for t in TASK_TOKENS):
+        raise GptkitError(
+            f"format {fmt!r} needs GPT-1's task tokens in the tokenizer; fine-tune with "
+            f"`gptkit finetune classify --format {fmt}`, which adds them"
+        )
+    wanted = {"single": "one text", "pair": "two texts", "similarity": "two texts"}
+    n = {"single": 1, "pair": 2, "similarity": 2}.get(fmt)
+    if n is not None and len(texts) != n:
+        raise GptkitError(
+            f"{where}: format {fmt!r} takes {wanted[fmt]} per example, got {len(texts)}"
+        )
+    if fmt == "choice" and len(texts) < 3:
+        raise GptkitError(
+            f"{where}: format 'choice' takes a context and at least two choices (a .jsonl "
+            'row with "text" and "choices")'
+        )
+    if fmt == "similarity":
+        return [_framed(tokenizer, texts, max_len), _framed(tokenizer, texts[::-1], max_len)]
+    if fmt == "choice":
+        return [_framed(tokenizer, [texts[0], answer], max_len) for answer in texts[1:]]
+    return [_framed(tokenizer, texts, max_len)]
 
 
 def resolve_label(label: str, labels: tuple[str, ...], where: str) -> int:
@@ -382,9 +502,12 @@ def load_labelled(
     tokenizer: Tokenizer,
     max_len: int,
     labels: tuple[str, ...] | None = None,
+    fmt: str | None = None,
 ) -> tuple[list[Labelled], tuple[str, ...]]:
-    """Every example of a classification file (see :func:`read_labelled`), encoded, and
-    the label names: ``labels`` when given, else the distinct labels of the file, sorted."""
+    """Every example of a classification file (see :func:`read_labelled`), encoded in
+    format ``fmt`` (:func:`encode_views`), and the head's names: ``labels`` when given,
+    else the distinct labels of the file, sorted (for ``choice``, :data:`CHOICE_HEAD`:
+    the label indexes the example's choices)."""
     rows = []
     for where, texts, label in read_labelled(path):
         if label is None:
@@ -392,17 +515,32 @@ def load_labelled(
         rows.append((where, texts, label))
     if not rows:
         raise GptkitError(f"{path} holds no examples")
+    if fmt == "choice":
+        return [_choice_example(tokenizer, *row, max_len) for row in rows], CHOICE_HEAD
     if not labels:
         found = {label for _, _, label in rows}
         key = (lambda s: int(s)) if all(s.isdigit() for s in found) else (lambda s: s)
         labels = tuple(sorted(found, key=key))
     if len(labels) < 2:
         raise GptkitError(f"{path}: classification needs at least two labels, got {list(labels)}")
-    out = [
-        Labelled(encode_texts(tokenizer, texts, max_len), resolve_label(label, labels, where))
-        for where, texts, label in rows
-    ]
+    out = []
+    for where, texts, label in rows:
+        first, *others = encode_views(tokenizer, texts, fmt, max_len, where)
+        out.append(Labelled(first, resolve_label(label, labels, where), tuple(others)))
     return out, labels
+
+
+def _choice_example(
+    tokenizer: Tokenizer, where: str, texts: list[str], label: str, max_len: int
+) -> Labelled:
+    first, *others = encode_views(tokenizer, texts, "choice", max_len, where)
+    names = tuple(str(i) for i in range(len(texts) - 1))
+    if label not in names:
+        raise GptkitError(
+            f"{where}: the label of a choice row is the index of the right choice "
+            f"(0 to {len(names) - 1}), got {label!r}"
+        )
+    return Labelled(first, int(label), tuple(others))
 
 
 class LabelledSampler(ExampleSampler):
@@ -410,8 +548,7 @@ class LabelledSampler(ExampleSampler):
     grouped by length within windows of 32 batches (then the batches are shuffled), which
     cuts most padding while keeping batches random.
 
-    ``next()`` gives ids (B, T), next-token targets for the auxiliary LM loss (B, T), the
-    label indices (B,) and the index of each row's extract token (B,).
+    ``next()`` gives what :func:`collate_labelled` gives.
     """
 
     def _new_epoch(self) -> None:
@@ -432,14 +569,22 @@ class LabelledSampler(ExampleSampler):
 
 
 def collate_labelled(batch: list[Labelled]) -> tuple[torch.Tensor, ...]:
-    """Right-padded ids, LM targets, labels and extract-token indices of ``batch``."""
-    T = max(len(ex.ids) for ex in batch)
-    x = torch.zeros(len(batch), T, dtype=torch.long)
-    y = torch.full((len(batch), T), IGNORE, dtype=torch.long)
-    for i, ex in enumerate(batch):
-        n = len(ex.ids)
-        x[i, :n] = torch.tensor(ex.ids)
-        y[i, : n - 1] = torch.tensor(ex.ids[1:])
+    """Right-padded ids (N, T), LM targets (N, T), labels (B,) and extract-token indices
+    (N,) of ``batch``: one row per sequence, so N = B when every example is one sequence
+    (single, pair), and then these four are the whole batch. Examples of several sequences
+    (similarity, choice) add ``owner`` (N,), the example each row belongs to, and ``slot``
+    (N,), the row's index among that example's :attr:`Labelled.views`."""
+    rows = [ids for ex in batch for ids in ex.views]
+    T = max(len(r) for r in rows)
+    x = torch.zeros(len(rows), T, dtype=torch.long)
+    y = torch.full((len(rows), T), IGNORE, dtype=torch.long)
+    for i, r in enumerate(rows):
+        x[i, : len(r)] = torch.tensor(r)
+        y[i, : len(r) - 1] = torch.tensor(r[1:])
     labels = torch.tensor([ex.label for ex in batch])
-    last = torch.tensor([len(ex.ids) - 1 for ex in batch])
-    return x, y, labels, last
+    last = torch.tensor([len(r) - 1 for r in rows])
+    if len(rows) == len(batch):
+        return x, y, labels, last
+    owner = torch.tensor([b for b, ex in enumerate(batch) for _ in ex.views])
+    slot = torch.tensor([k for ex in batch for k in range(len(ex.views))])
+    return x, y, labels, last, owner, slot

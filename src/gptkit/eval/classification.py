@@ -1,7 +1,9 @@
 """Classification evaluation: accuracy, macro-F1 and the confusion matrix of a labelled file.
 
 A model with a classification head (``gptkit finetune classify``) is scored through the
-head. A model without one is scored zero-shot, which gives the base-model figure a
+head; a head trained with ``--format choice`` picks one of each row's ``choices`` (Radford et
+al. 2018, Fig. 1), and is scored by accuracy over the right answers' positions. A model
+without one is scored zero-shot, which gives the base-model figure a
 fine-tuned head is compared with: each label name is a possible answer to a question about
 the text, and the label whose tokens the model finds most probable after the question wins
 (the log-likelihood ranking lm-eval-harness uses for multiple choice).
@@ -149,6 +151,8 @@ def classification_eval(
     """
     spec = CLASSIFICATION_TASKS.get(task or "")
     head = model.cls_head is not None and bool(model.config.labels)
+    if head and model.config.task_format == "choice":
+        return _choice_eval(model, tokenizer, path, limit, batch_size, progress)
     names = tuple(labels or (model.config.labels if head else ()) or (spec.labels if spec else ()))
     if not names:
         raise GptkitError(
@@ -201,5 +205,49 @@ def classification_eval(
         "predictions": [
             {"id": r[0], "reference": r[2], "prediction": p, "probs": pr}
             for r, p, pr in zip(rows, predicted, probs, strict=True)
+        ],
+    }
+
+
+def _choice_eval(
+    model: GPT,
+    tokenizer: Tokenizer,
+    path: str | Path,
+    limit: int | None,
+    batch_size: int,
+    progress: bool,
+) -> dict[str, Any]:
+    """:func:`classification_eval` for a choice head: rows are a context, its choices and
+    the index of the right one; the "labels" are the choices' positions."""
+    rows = []
+    for where, texts, label in read_labelled(path):
+        if len(texts) < 3 or label is None or not label.isdigit() or int(label) >= len(texts) - 1:
+            raise GptkitError(
+                f'{where}: a multiple-choice row needs "text", "choices" (two or more) '
+                'and "label", the index of the right choice'
+            )
+        rows.append((where, texts, int(label)))
+        if limit is not None and len(rows) >= limit:
+            break
+    if not rows:
+        raise GptkitError(f"{path} holds no examples")
+    t0 = time.perf_counter()
+    out = classify(
+        model, tokenizer, [r[1][0] for r in rows], batch_size=batch_size, progress=progress,
+        choices=[r[1][1:] for r in rows],
+    )  # fmt: skip
+    names = tuple(str(k) for k in range(max(len(r[1]) - 1 for r in rows)))
+    predicted, gold = [str(o["label"]) for o in out], [str(r[2]) for r in rows]
+    scores = classification_scores(predicted, gold, names)
+    return {
+        "metrics": {"accuracy": scores["accuracy"], "macro_f1": scores["macro_f1"]},
+        "labels": list(names),
+        "confusion_matrix": scores["confusion_matrix"],
+        "n": len(rows),
+        "method": "head (choice)",
+        "seconds": time.perf_counter() - t0,
+        "predictions": [
+            {"id": r[0], "reference": g, "prediction": p, "probs": o["probs"]}
+            for r, g, p, o in zip(rows, gold, predicted, out, strict=True)
         ],
     }

@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from gptkit.data.loader import BatchSampler, TokenShards
 from gptkit.data.tasks import (
@@ -38,6 +39,7 @@ from gptkit.data.tasks import (
     collate_labelled,
     load_examples,
     split_examples,
+    with_task_tokens,
 )
 from gptkit.model import GPT
 from gptkit.tokenizer import Tokenizer
@@ -82,7 +84,8 @@ def batch_loss(
     - ``(ids, targets, segments)``: the same over packed examples;
     - ``(ids, targets, labels, last)``: GPT-1's fine-tuning objective, the label
       cross-entropy at each row's extract token plus ``lm_weight`` (λ) times the
-      next-token loss on the same text;
+      next-token loss on the same text, and ``(ids, targets, labels, last, owner, slot)``
+      the same for examples of several sequences (:func:`head_logits`);
     - ``(ids, targets, teacher_logp, teacher_idx, settings)``: distillation
       (:func:`distill_loss`, ``settings`` = [temperature, alpha]; see :class:`TeacherSampler`).
     """
@@ -99,13 +102,72 @@ def batch_loss(
         x, y, teacher_logp, teacher_idx, settings = batch
         temperature, alpha = settings.tolist()
         return distill_loss(model(x), y, teacher_logp, teacher_idx, temperature, alpha)
-    x, y, labels, last = batch
-    h = model.hidden(x)  # (B, T, C)
-    logits = model.cls_head(h[torch.arange(x.shape[0], device=x.device), last])
-    loss = F.cross_entropy(logits.float(), labels)
+    x, y, labels, last, *views = batch
+    h = model.hidden(x)  # (N, T, C): one row per sequence
+    loss = F.cross_entropy(head_logits(model, h, last, *views).float(), labels)
     if lm_weight > 0:
         loss = loss + lm_weight * _cross_entropy(model.lm_head(h), y)
     return loss
+
+
+def head_logits(
+    model: torch.nn.Module,
+    h: torch.Tensor,
+    last: torch.Tensor,
+    owner: torch.Tensor | None = None,
+    slot: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The classification head's logits (B, K) from hidden states ``h`` (N, T, C) read at
+    each row's extract token ``last`` (N,). Without ``owner`` each row is an example (N = B).
+    With it, rows of one example are combined as GPT-1 does (Radford et al. 2018, 3.3):
+    similarity adds the two orders' states before the head; choice scores each answer's
+    row (a one-output head) and sets the score at ``slot`` among its example's K answers
+    (-inf where an example has fewer), for a softmax over the choices."""
+    feats = h[torch.arange(h.shape[0], device=h.device), last]  # (N, C)
+    if owner is None or slot is None:
+        return model.cls_head(feats)
+    B = len(owner.unique_consecutive())
+    if model.config.task_format == "choice":
+        scores = model.cls_head(feats)[:, 0]  # (N,)
+        out = scores.new_full((B, int(slot.max()) + 1), float("-inf"))
+        out[owner, slot] = scores
+        return out
+    summed = feats.new_zeros(B, feats.shape[1]).index_add_(0, owner, feats)  # (B, C)
+    return model.cls_head(summed)
+
+
+def add_task_tokens(model: GPT, tokenizer: Tokenizer) -> Tokenizer:
+    """GPT-1's start, delimiter and extract tokens (Radford et al. 2018, 3.3) in
+    ``tokenizer`` and in ``model``, whose embedding (and untied output head) gains a row,
+    drawn like the model's own initial weights, for each id it lacks; its other rows are
+    untouched. Returns the tokenizer with the tokens (the one a checkpoint then carries)."""
+    tok = with_task_tokens(tokenizer)
+    V, old = tok.vocab_size, model.config.vocab_size
+    if old >= V:  # a padded vocabulary has rows to spare
+        return tok
+    w = model.wte.weight
+    wte = nn.Embedding(V, w.shape[1], device=w.device, dtype=w.dtype)
+    with torch.no_grad():
+        nn.init.normal_(wte.weight, 0.0, model.config.init_std)
+        wte.weight[:old] = w
+    model.wte = wte
+    if model.config.tie_embeddings:
+        model.lm_head.weight = model.wte.weight
+    else:
+        head = nn.Linear(w.shape[1], V, bias=False, device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            nn.init.normal_(head.weight, 0.0, model.config.init_std)
+            head.weight[:old] = model.lm_head.weight
+        model.lm_head = head
+    model.config = model.config.replace(vocab_size=V)
+    return tok
+
+
+def set_task_head(model: GPT, labels: tuple[str, ...], fmt: str | None) -> None:
+    """A fresh classification head over ``labels`` for input format ``fmt``, which the
+    model's config records (checkpoints carry it, so classifying encodes as training did)."""
+    model.add_classifier(labels)
+    model.config = model.config.replace(task_format=fmt)
 
 
 def distill_loss(
@@ -197,17 +259,22 @@ def label_scores(
     device: torch.device,
     precision: str = "fp32",
 ) -> dict[str, Any]:
-    """Label loss, accuracy and the predicted probabilities over ``examples`` (Labelled)."""
+    """Label loss, accuracy and the predicted probabilities over ``examples`` (Labelled;
+    for the choice format, over each example's choices, 0 past its last)."""
     was_training = model.training
     model.eval()
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].ids))
-    probs = torch.zeros(len(examples), len(model.config.labels))
+    choice = model.config.task_format == "choice"
+    K = max(len(ex.views) for ex in examples) if choice else len(model.config.labels)
+    probs = torch.zeros(len(examples), K)
     for b in range(0, len(order), batch_size):
         idx = order[b : b + batch_size]
-        x, _, _, last = collate_labelled([examples[i] for i in idx])
+        x, _, _, last, *views = collate_labelled([examples[i] for i in idx])
         with autocast(device, precision):
-            logits = model.classify(x.to(device), last.to(device))
-        probs[idx] = logits.float().softmax(-1).cpu()
+            h = model.hidden(x.to(device))
+            logits = head_logits(model, h, last.to(device), *(v.to(device) for v in views))
+        p = logits.float().softmax(-1).cpu()
+        probs[idx, : p.shape[1]] = p
     model.train(was_training)
     gold = torch.tensor([ex.label for ex in examples])
     loss = F.nll_loss(probs.clamp_min(1e-12).log(), gold).item()

@@ -25,7 +25,7 @@ from gptkit.checkpoint import load, read_train_state
 from gptkit.checkpoint.native import set_rng_state
 from gptkit.config import ModelConfig, TrainConfig, get_preset
 from gptkit.data.loader import TokenShards
-from gptkit.data.tasks import load_labelled, split_examples
+from gptkit.data.tasks import check_format, load_labelled, split_examples
 from gptkit.errors import GptkitError
 from gptkit.files import latest_checkpoint
 from gptkit.model import GPT
@@ -36,9 +36,11 @@ from gptkit.train import distributed
 from gptkit.train.distributed import Ranks
 from gptkit.train.objectives import (
     ObjectiveData,
+    add_task_tokens,
     classify_data,
     distill_data,
     lm_data,
+    set_task_head,
     sft_data,
 )
 from gptkit.train.optim import make_optimizer
@@ -177,7 +179,9 @@ def setup(req: Request) -> Run:
     precision = resolve_precision(train_cfg.precision, device)
     torch.manual_seed(train_cfg.seed)  # before any weights are drawn: a fresh model, a head
     model = _model(req, model, model_cfg)
-    labelled = _labelled(req, model, tokenizer) if req.objective == "classify" else None
+    labelled = None
+    if req.objective == "classify":
+        tokenizer, labelled = _labelled(req, model, tokenizer, train_cfg.format)
     _adapt(req, model, source, train_cfg)
     model = model.to(device)
     model.train()
@@ -342,24 +346,36 @@ def _model(req: Request, model: GPT | None, model_cfg: ModelConfig) -> GPT:
     return new
 
 
-def _labelled(req: Request, model: GPT, tokenizer: Tokenizer) -> tuple[list, list]:
-    """Classification: the training and validation examples (the last 5% of the data
-    unless --val-data), and ``model`` given a head for their labels if it has none."""
+def _labelled(
+    req: Request, model: GPT, tokenizer: Tokenizer, fmt: str | None
+) -> tuple[Tokenizer, tuple[list, list]]:
+    """Classification: the tokenizer (with GPT-1's task tokens for a --format, rows for
+    which the model's embedding gains), the training and validation examples (the last 5%
+    of the data unless --val-data), and ``model`` given a head for their labels and format
+    if it has none."""
+    check_format(fmt)
+    if fmt == "choice" and req.labels:
+        raise GptkitError(
+            "--labels does not apply to --format choice (a label is the index of the right "
+            "choice); drop it"
+        )
+    if fmt is not None:
+        tokenizer = add_task_tokens(model, tokenizer)
     block = model.config.block_size
     names = tuple(n.strip() for n in req.labels.split(",")) if req.labels else model.config.labels
-    train_ex, names = load_labelled(req.data, tokenizer, block, names or None)
+    train_ex, names = load_labelled(req.data, tokenizer, block, names or None, fmt)
     if req.val_data:
-        val_ex = load_labelled(req.val_data, tokenizer, block, names)[0]
+        val_ex = load_labelled(req.val_data, tokenizer, block, names, fmt)[0]
     else:
         train_ex, val_ex = split_examples(train_ex)
-    if model.config.labels != names:
+    if (model.config.labels, model.config.task_format) != (names, fmt):
         if req.resume:
             raise GptkitError(
                 f"the run in {req.out} classifies {list(model.config.labels)}, not "
                 f"{list(names)}; drop --labels or start a new run"
             )
-        model.add_classifier(names)
-    return train_ex, val_ex
+        set_task_head(model, names, fmt)
+    return tokenizer, (train_ex, val_ex)
 
 
 def _adapt(req: Request, model: GPT, source: str | Path | None, cfg: TrainConfig) -> None:
