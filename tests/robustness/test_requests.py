@@ -267,6 +267,8 @@ def http_cases() -> Iterator[tuple[str, bytes]]:
     """Unknown routes and methods, and broken framing."""
     ok = json.dumps(BASE_CHAT).encode()
     yield "get-chat", http("GET", CHAT)
+    for i, bad in enumerate([b"{", nested(100_000).encode(), b'{"messages": []}', b"[]"]):
+        yield f"attention-{i}", http("POST", "/v1/attention", bad)  # the web chat's map
     yield "put-chat", http("PUT", CHAT, ok)
     yield "delete-models", http("DELETE", "/v1/models")
     yield "unknown-route", http("POST", "/v1/embeddings", ok)
