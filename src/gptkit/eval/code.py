@@ -538,6 +538,7 @@ class HumanEvalScorer:
         self, chat: bool, execute: bool = False, timeout: float = 10.0, workers: int | None = None
     ):
         require_execute(execute)
+        sandbox()  # tried once, before the workers start (a warning now if there is none)
         if timeout <= 0:
             raise GptkitError(f"timeout must be positive, got {timeout}")
         self.chat = chat
