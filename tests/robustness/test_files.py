@@ -588,18 +588,18 @@ def test_damaged_resume_state(
 
 
 def test_case_count() -> None:
-    total = len(GGUF_CASES) + len(NATIVE_CASES) + len(HF_CASES) + len(DATA_CASES)
-    assert total + len(RESUME_CASES) >= 100
+    cases = (GGUF_CASES, NATIVE_CASES, HF_CASES, DATA_CASES, RESUME_CASES, QUANTIZED_CASES)
+    assert sum(map(len, cases)) >= 100
 
 
 # -- what must keep working -----------------------------------------------------------------
 
 
 def test_intact_files_load(
-    gguf_file: Path, native_dir: Path, hf_dir: Path, capsys: pytest.CaptureFixture[str]
+    gguf_file: Path, native_dir: Path, hf_dir: Path, quantized_dir: Path
 ) -> None:
     """The undamaged originals generate: every refusal above is caused by its damage."""
-    for model in (gguf_file, native_dir, hf_dir):
+    for model in (gguf_file, native_dir, hf_dir, quantized_dir):
         assert main(["generate", "hi", "--model", str(model), "--max-new-tokens", "1"]) == 0
 
 
@@ -627,6 +627,40 @@ def test_verify_can_be_skipped(native_dir: Path, tmp_path: Path) -> None:
         gptkit.load(d)
     model, _ = gptkit.load(d, verify=False)
     assert model is not None
+    (d / "manifest.json").unlink()  # a checkpoint written before manifests: loads unchecked
+    assert gptkit.load(d)[0] is not None
+
+
+# -- quantized checkpoints ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def quantized_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from gptkit.checkpoint import save_quantized
+    from gptkit.model.quant import quantize
+
+    tok = CharTokenizer.train([SAMPLE_TEXT])
+    model = quantize(tiny_model(tok.vocab_size), "int8")
+    return save_quantized(tmp_path_factory.mktemp("quantized") / "q", model, tok)
+
+
+QUANTIZED_CASES: dict[str, Damage] = {
+    "bit-flipped": _flip_bit,
+    "n-layer-10^7": _model_field(n_layer=10**7),
+    "model-is-list": _json_edit("config.json", lambda c: c | {"model": [1]}),
+    "nan-norm": _weights(_set("norm_f.weight", lambda t: torch.full_like(t, float("nan")))),
+    "tensor-missing": _weights(lambda s: s.pop("norm_f.weight")),
+}
+
+
+@pytest.mark.parametrize("case", list(QUANTIZED_CASES))
+def test_damaged_quantized_checkpoint(
+    case: str, quantized_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    d = tmp_path / "q"
+    shutil.copytree(quantized_dir, d)
+    QUANTIZED_CASES[case](d)
+    _refused(capsys, ["generate", "hi", "--model", str(d), "--max-new-tokens", "1"])
 
 
 # -- a save killed half-way -----------------------------------------------------------------
@@ -666,3 +700,58 @@ def test_killed_save_leaves_nothing_after_the_next_start(
     left = sorted(p.name for p in (run / CHECKPOINTS).iterdir())
     assert not [n for n in left if n.startswith(".")], left
     assert os.path.isdir(run / CHECKPOINTS / "step-0000003")
+
+
+# -- chat templates from files ----------------------------------------------------------------
+
+HOSTILE_TEMPLATES = {
+    "include": ("{% include 'other.jinja' %}", "self-contained"),
+    "import": ("{% import 'macros' as m %}{{ m.x() }}", "self-contained"),
+    "extends": ("{% extends 'base' %}", "self-contained"),
+    "not-text": (5, "not text"),
+    "a-dict-without-default": ({"rag": "x"}, "none is 'default'"),
+    "bad-list": ([{"x": 1}], "not of"),
+    "empty-loops": (
+        "{% for i in range(99999) %}{% for j in range(99999) %}{% endfor %}{% endfor %}",
+        "longer than",
+    ),
+    "huge-output": ("{% for i in range(99999) %}{{ 'x' * 1000 }}{% endfor %}", "output passed"),
+    "huge-string": ("{{ 'a' * 10**10 }}", "huge sequence"),
+    "huge-power": ("{{ 10 ** 100000 }}", "power"),
+    "recursion": ("{% macro f(x) %}{{ f(x) }}{% endmacro %}{{ f(1) }}", "failed to render"),
+    "type-error": ("{{ messages[0] + 1 }}", "failed to render"),
+    "division": ("{{ 1 / 0 }}", "failed to render"),
+    "no-parse": ("{% for %}", "does not parse"),
+    "sandbox-escape": ("{{ ''.__class__.__mro__[1].__subclasses__() }}", "failed to render"),
+}
+
+
+@pytest.mark.parametrize("case", list(HOSTILE_TEMPLATES))
+def test_hostile_chat_template(case: str) -> None:
+    from gptkit.errors import GptkitError
+    from gptkit.tokenizer.chat import render_chat
+
+    template, says = HOSTILE_TEMPLATES[case]
+    with pytest.raises(GptkitError, match=says):
+        render_chat([{"role": "user", "content": "hi"}], template)  # type: ignore[arg-type]
+
+
+def test_named_template_list_is_supported(hf_dir: Path, tmp_path: Path) -> None:
+    """transformers' list-of-named-templates form in tokenizer_config.json: ``default`` is
+    the chat template, ``tool_use`` is taken when tools are given."""
+    from gptkit.tokenizer import load_tokenizer
+    from gptkit.tokenizer.chat import render_chat
+
+    d = tmp_path / "model"
+    shutil.copytree(hf_dir, d)
+    named = [
+        {"name": "tool_use", "template": "T{{ tools | length }}"},
+        {"name": "default", "template": "D{{ messages[0].content }}"},
+    ]
+    cfg = json.loads((d / "tokenizer_config.json").read_text())
+    (d / "tokenizer_config.json").write_text(json.dumps(cfg | {"chat_template": named}))
+    assert load_tokenizer(d).chat_template == named[1]["template"]
+    messages = [{"role": "user", "content": "hi"}]
+    assert render_chat(messages, named) == "Dhi"  # type: ignore[arg-type]
+    tools = [{"type": "function", "function": {"name": "f"}}]
+    assert render_chat(messages, named, tools=tools) == "T1"  # type: ignore[arg-type]
