@@ -15,6 +15,7 @@ from gptkit.checkpoint import load, save_checkpoint
 from gptkit.compress import block_linears, calibration_ids, prune, weight_sparsity
 from gptkit.errors import GptkitError
 from gptkit.generate import generate
+from gptkit.tokenizer import load_tokenizer
 
 GQA = dict(
     norm="rmsnorm", pos_emb="rope", mlp="swiglu", n_head=8, n_kv_head=4, n_embd=64,
@@ -134,15 +135,18 @@ def _masked_heads(model: torch.nn.Module, pruned: torch.nn.Module) -> None:
                     w[:, h * hs : (h + 1) * hs] = 0.0
 
 
-def test_heads_keep_whole_kv_groups_and_equal_masked_original() -> None:
-    model = tiny_model(**GQA)
+@pytest.mark.parametrize("family", ["gqa", "gpt2"])
+def test_heads_keep_whole_kv_groups_and_equal_masked_original(family: str) -> None:
+    gqa = family == "gqa"
+    model = tiny_model(**(GQA if gqa else dict(n_head=8, n_embd=64)))  # gpt2: biases, MHA
     ref = copy.deepcopy(model)
     before = model.num_params()
     prune(model, "heads", 0.5, calib=_calib())
     c = model.config
-    assert (c.n_head, c.kv_heads, c.head_size) == (4, 2, 8)
+    nkv = 2 if gqa else 4
+    assert (c.n_head, c.kv_heads, c.head_size) == (4, nkv, 8)
     for block in model.blocks:
-        assert block.attn.qkv.weight.shape == ((4 + 2 * 2) * 8, 64)
+        assert block.attn.qkv.weight.shape == ((4 + 2 * nkv) * 8, 64)
         assert block.attn.proj.weight.shape == (64, 4 * 8)
     assert model.num_params() == c.num_params() < before
     _masked_heads(ref, model)
@@ -235,3 +239,29 @@ def test_calibration_ids_from_text(tmp_path, char_tokenizer) -> None:
     assert ids.shape == (4, 16)
     with pytest.raises(GptkitError, match="calibration needs"):
         calibration_ids(tmp_path, char_tokenizer, rows=400, length=16)
+
+
+def test_prune_verb_with_recovery(tmp_path, char_tokenizer) -> None:
+    from conftest import SAMPLE_TEXT
+
+    from gptkit.cli import main
+    from gptkit.data.prepare import prepare
+
+    (tmp_path / "a.txt").write_text(SAMPLE_TEXT * 20)
+    prepare([str(tmp_path / "a.txt")], str(tmp_path / "data"), tokenizer="char", progress=False)
+    tok = load_tokenizer(tmp_path / "data")
+    save_checkpoint(tmp_path / "dense", tiny_model(tok.vocab_size, mlp_hidden=128), tok)
+    args = ["prune", "--model", str(tmp_path / "dense"), "--method", "channels", "--sparsity",
+            "0.25", "--calib-data", str(tmp_path / "a.txt"), "--calib-rows", "2",
+            "--calib-length", "16"]  # fmt: skip
+    assert main([*args, "--out", str(tmp_path / "pruned")]) == 0
+    pruned, _ = load(tmp_path / "pruned")
+    assert pruned.config.hidden_size == 96
+    more = ["--recover-steps", "3", "--data", str(tmp_path / "data")]
+    assert main([*args, "--out", str(tmp_path / "tuned"), *more]) == 0
+    tuned, _ = load(tmp_path / "tuned")
+    assert tuned.config == pruned.config
+    assert not torch.equal(tuned.blocks[0].mlp.fc.weight, pruned.blocks[0].mlp.fc.weight)
+    magnitude = ["prune", "--model", str(tmp_path / "dense"), "--method", "magnitude",
+                 "--sparsity", "0.5", "--out", str(tmp_path / "x"), *more]  # fmt: skip
+    assert main(magnitude) == 2  # refused: unstructured zeros would fill back in

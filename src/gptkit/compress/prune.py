@@ -102,33 +102,41 @@ class _Stop(Exception):
     """Raised by a hook to end a calibration forward once the layers of interest ran."""
 
 
-def _forward_all(model: GPT, calib: Tensor, batch_size: int, stop_at: nn.Module | None) -> None:
-    """Run ``calib`` (N, T) through the model in batches, stopping after ``stop_at``."""
-    handle = None
-    if stop_at is not None:
-
-        def stop(module: nn.Module, args: object, out: object) -> None:
-            raise _Stop
-
-        handle = stop_at.register_forward_hook(stop)
+def _forward_all(model: GPT, calib: Tensor, batch_size: int) -> None:
+    """Run ``calib`` (N, T) through the model's blocks in batches, for the hooks on them to
+    read (a hook may end a batch's forward early by raising :class:`_Stop`)."""
     device = next(model.parameters()).device
+    with torch.inference_mode():
+        for i in range(0, calib.shape[0], batch_size):
+            with contextlib.suppress(_Stop):
+                model.hidden(calib[i : i + batch_size].to(device))
+
+
+def _first_block_inputs(model: GPT, calib: Tensor, batch_size: int) -> list[list[Any]]:
+    """The positional arguments the first block receives for each calibration batch (its
+    input x with the rope tables and masks), caught by a hook that ends the forward there."""
+    caught: list[list[Any]] = []
+
+    def catch(module: nn.Module, args: tuple[Any, ...]) -> None:
+        caught.append(list(args))
+        raise _Stop
+
+    handle = model.blocks[0].register_forward_pre_hook(catch)
     try:
-        with torch.inference_mode():
-            for i in range(0, calib.shape[0], batch_size):
-                with contextlib.suppress(_Stop):
-                    model.hidden(calib[i : i + batch_size].to(device))
+        _forward_all(model, calib, batch_size)
     finally:
-        if handle is not None:
-            handle.remove()
+        handle.remove()
+    return caught
 
 
-def _input_sq_norms(
-    model: GPT, calib: Tensor, layers: dict[str, nn.Module], batch_size: int, stop_at: nn.Module
-) -> dict[str, Tensor]:
-    """Σ over calibration tokens of x_j² for the input features of each layer."""
+def _block_sq_norms(block: nn.Module, inputs: list[list[Any]]) -> dict[str, Tensor]:
+    """Σ over the calibration tokens of x_j² for the input features of each Linear layer of
+    ``block``, run on ``inputs`` (as caught by :func:`_first_block_inputs`)."""
     sums: dict[str, Tensor] = {}
     handles = []
-    for name, layer in layers.items():
+    for name, layer in block.named_modules():
+        if not isinstance(layer, nn.Linear):
+            continue
 
         def hook(module: nn.Module, args: tuple[Tensor, ...], name: str = name) -> None:
             x = args[0].detach().float().reshape(-1, args[0].shape[-1])  # (N, K)
@@ -136,7 +144,9 @@ def _input_sq_norms(
 
         handles.append(layer.register_forward_pre_hook(hook))
     try:
-        _forward_all(model, calib, batch_size, stop_at)
+        with torch.inference_mode():
+            for args in inputs:
+                block(*args)
     finally:
         for h in handles:
             h.remove()
@@ -233,13 +243,15 @@ def _prune_magnitude(model: GPT, amount: float, scope: str) -> None:
 def _prune_by_score(
     model: GPT, amount: float, n_m: tuple[int, int] | None, calib: Tensor | None, batch_size: int
 ) -> None:
-    """Wanda (per output row) or N:M, block by block on the outputs of the pruned blocks."""
+    """Wanda (per output row) or N:M, block by block: each block's input norms measured on
+    the outputs of the blocks before it, already pruned (the inputs are carried from block
+    to block, as Wanda's reference code does, rather than recomputed from the embedding)."""
+    inputs = _first_block_inputs(model, calib, batch_size) if calib is not None else []
     for block in model.blocks:
-        layers = {n: m for n, m in block.named_modules() if isinstance(m, nn.Linear)}
-        norms = None
-        if calib is not None:
-            norms = _input_sq_norms(model, calib, layers, batch_size, stop_at=block)
-        for name, layer in layers.items():
+        norms = _block_sq_norms(block, inputs) if calib is not None else None
+        for name, layer in block.named_modules():
+            if not isinstance(layer, nn.Linear):
+                continue
             w = layer.weight
             score = w.abs().float()
             if norms is not None:
@@ -249,6 +261,9 @@ def _prune_by_score(
             else:
                 mask = _n_m_mask(score, *n_m)
             w.masked_fill_(mask, 0.0)
+        with torch.inference_mode():  # the pruned block's outputs feed the next one
+            for args in inputs:
+                args[0] = block(*args)
 
 
 # -- structured ------------------------------------------------------------------------------
@@ -300,7 +315,7 @@ def _proj_inputs(model: GPT, calib: Tensor, path: str, batch_size: int) -> dict[
 
         handles.append(block.get_submodule(path).register_forward_pre_hook(hook))
     try:
-        _forward_all(model, calib, batch_size, None)
+        _forward_all(model, calib, batch_size)
     finally:
         for h in handles:
             h.remove()
@@ -389,7 +404,7 @@ def layer_scores(model: GPT, calib: Tensor, batch_size: int = 4) -> Tensor:
 
         handles.append(block.register_forward_hook(hook))
     try:
-        _forward_all(model, calib, batch_size, None)
+        _forward_all(model, calib, batch_size)
     finally:
         for h in handles:
             h.remove()
@@ -478,11 +493,13 @@ def recover(
     pruned: str | Path, data: str | Path, steps: int, seq_len: int = 256, **train_kw: Any
 ) -> GPT:
     """A short LM fine-tune of the pruned checkpoint ``pruned`` on prepared ``data`` (the
-    one training loop, all weights, ``seq_len``-token windows); returns the tuned model.
+    one training loop, all weights, windows of ``seq_len`` tokens or the model's context if
+    shorter); returns the tuned model.
     Unstructured sparsity would fill back in, so this is for structured pruning."""
-    from gptkit.checkpoint import load
+    from gptkit.checkpoint import load, read_model_config
     from gptkit.train import train
 
+    seq_len = min(seq_len, read_model_config(Path(pruned)).block_size)
     with tempfile.TemporaryDirectory(prefix="gptkit-recover-") as tmp:
         kw = {"lr": 1e-4, "min_lr": 1e-5, "warmup_steps": min(10, steps), "batch_size": 4}
         summary = train(
