@@ -96,8 +96,9 @@ def test_model_is_untouched_and_the_hooks_do_not_leak() -> None:
     assert sum(len(f) + len(p) for f, p in hooks) == 1  # and no hook of inspection stayed
 
 
-def test_quantized_model_and_rollout() -> None:
-    model = quantize(tiny_model(**FAMILIES["llama"]), "int8")
+@pytest.mark.parametrize("mode", ["bf16", "int8", "int4"])
+def test_quantized_model_and_rollout(mode: str) -> None:
+    model = quantize(tiny_model(**FAMILIES["llama"]), mode)
     ids = torch.arange(10)
     weights = attention(model, ids)
     torch.testing.assert_close(weights.sum(-1), torch.ones(weights.shape[:-1]))

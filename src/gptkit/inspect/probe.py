@@ -171,7 +171,9 @@ def logit_lens(model: GPT, ids: Tensor | Sequence[int]) -> Tensor:
             floats (SmolLM2, 30 layers: 5.9 MB per token); :func:`residual_stream` and
             :func:`lens` give it one layer or position at a time.
     """
-    return lens(model, residual_stream(model, ids))
+    # one layer at a time, shaped (1, T, C) as the model's own head call: a quantized head
+    # may round differently for another number of rows
+    return torch.stack([lens(model, layer[None])[0] for layer in residual_stream(model, ids)])
 
 
 def residual_stream(model: GPT, ids: Tensor | Sequence[int]) -> Tensor:

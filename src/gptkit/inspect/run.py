@@ -38,7 +38,7 @@ def _lens_top(model: GPT, stream: torch.Tensor, answer: int) -> dict[str, torch.
     lens of a long text would not fit in memory)."""
     top, top_p, answer_p = [], [], []
     for layer in stream:  # (T, C)
-        probs = lens(model, layer).softmax(-1)  # (T, V)
+        probs = lens(model, layer[None])[0].softmax(-1)  # (T, V)
         p, i = probs.max(-1)
         top.append(i)
         top_p.append(p)
