@@ -130,10 +130,16 @@ def checked_config(values: Any, origin: str) -> ModelConfig:
         raise GptkitError(f"{origin}: {e}") from None
 
 
+def _all_finite(t: torch.Tensor) -> bool:
+    # One reduction instead of a boolean tensor (~10x faster): a NaN or an infinity makes
+    # the sum non-finite. A non-finite sum of finite values (overflow) gets the exact check.
+    return bool(torch.isfinite(t.sum(dtype=torch.float32))) or bool(torch.isfinite(t).all())
+
+
 def refuse_non_finite(state: dict[str, torch.Tensor], origin: str) -> None:
     """Refuse weights holding NaN or infinity: they would generate garbage quietly."""
     for name, t in state.items():
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        if t.is_floating_point() and not _all_finite(t):
             raise GptkitError(
                 f"{origin}: weight {name} holds NaN or infinite values; the checkpoint is "
                 "damaged (or training diverged): use an earlier checkpoint"
