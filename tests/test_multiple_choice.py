@@ -174,3 +174,27 @@ def test_the_shared_data_sets_read_whole() -> None:
     assert len(hellaswag) == 9038 and len(piqa) == 1654
     assert all(len(ex["choices"]) == 4 for ex in hellaswag)
     assert hellaswag[0]["prompt"].endswith("on a roof. He")
+
+
+def test_gptkit_eval_task_piqa_from_the_command_line(
+    bpe_tokenizer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from gptkit.checkpoint.hf import save_hf
+    from gptkit.cli import main
+
+    rows = [
+        {"goal": "Open a jar", "sol1": "Twist the lid.", "sol2": "Paint the lid."},
+        {"goal": "Dry shoes", "sol1": "Fill them with ice.", "sol2": "Stuff them with paper."},
+        {"goal": "Boil water", "sol1": "Heat it.", "sol2": "Freeze it."},
+    ]
+    (tmp_path / "valid.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "valid-labels.lst").write_text("0\n1\n0\n")
+    model = tiny_model(bpe_tokenizer.vocab_size, block_size=64)
+    source = save_hf(model, bpe_tokenizer, tmp_path / "model")
+    report = tmp_path / "report.json"
+    argv = ["eval", "--model", str(source), "--task", "piqa", "--data", str(tmp_path)]
+    assert main([*argv, "--limit", "2", "--report", str(report), "--no-progress"]) == 0
+    result = json.loads(report.read_text())
+    ours = multiple_choice_eval(model, bpe_tokenizer, read_piqa(tmp_path, limit=2), progress=False)
+    assert result["n"] == 2 and result["metrics"] == ours["metrics"]
+    assert "acc_norm" in capsys.readouterr().out

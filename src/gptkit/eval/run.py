@@ -39,6 +39,7 @@ from gptkit.eval.classification import CLASSIFICATION_TASKS, classification_eval
 from gptkit.eval.code import HumanEvalScorer, require_execute
 from gptkit.eval.examples import Example, find_data
 from gptkit.eval.metrics import GENERATION_METRICS
+from gptkit.eval.multiple_choice import multiple_choice_eval
 from gptkit.eval.recommend import movielens_eval
 from gptkit.eval.tasks import TASKS, default_data
 from gptkit.files import atomic_write_json
@@ -58,6 +59,8 @@ TaskName = Literal[
     "sgd",
     "movielens",
     "nq_open",
+    "hellaswag",
+    "piqa",
     "sst2",
     "sms_spam",
     "classify",
@@ -394,7 +397,9 @@ def evaluate_model(
             F1, false calls, reply BLEU and ROUGE-L), movielens (each user's last rating
             predicted from the rest: HR@10 and NDCG@10 over the full catalogue, beside the
             most-popular and co-occurrence baselines), nq_open (closed-book questions, few-shot:
-            exact match and token F1 against any gold answer).
+            exact match and token F1 against any gold answer), hellaswag and piqa (zero-shot
+            multiple choice by log-likelihood: acc, and acc_norm per character of the choice,
+            as lm-evaluation-harness reports them).
         data: the data file (or directory); default the task's file under $GPTKIT_DATA or
             shared/data (see gptkit.eval.examples.find_data).
         limit: evaluate only the first N examples.
@@ -444,6 +449,11 @@ def evaluate_model(
     elif task == "movielens":
         out = movielens_eval(net, tok, path, limit, batch_size=batch_size, progress=progress)
         result |= {k: out[k] for k in ("metrics", "n", "settings", "predictions")}
+    elif task in ("hellaswag", "piqa"):
+        examples = TASKS[task].read(path, limit=limit)
+        out = multiple_choice_eval(net, tok, examples, batch_size=batch_size, progress=progress)
+        result |= {k: out[k] for k in ("metrics", "n", "predictions")}
+        result["settings"] = {"limit": limit, "batch_size": batch_size, "method": "zero-shot"}
     elif task == "text":
         scores = perplexity(net, tok, path, block_size, stride, batch_size, progress)
         result["metrics"] = {k: scores[k] for k in ("loss", "perplexity", "bits_per_byte")}

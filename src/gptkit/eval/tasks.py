@@ -29,6 +29,7 @@ from gptkit.eval.examples import (
     row_strings,
 )
 from gptkit.eval.metrics import gsm8k_reference_answer
+from gptkit.eval.multiple_choice import read_hellaswag, read_piqa
 from gptkit.eval.qa import read_nq_open
 from gptkit.eval.recommend import read_movielens
 from gptkit.eval.tools import read_sgd
@@ -229,6 +230,17 @@ TASKS: dict[str, Task] = {
         Task(
             "nq_open", read_nq_open, "nq_open/NQ-open.dev.jsonl", ("exact_match", "f1"), ("\n",), 16
         ),
+        # zero-shot multiple choice, scored by log-likelihood in gptkit.eval.multiple_choice
+        # (not decoded); as SFT rows the gold choice is the answer
+        Task(
+            "hellaswag",
+            read_hellaswag,
+            "hellaswag/hellaswag_val_full.txt",
+            ("acc", "acc_norm"),
+            (),
+            0,
+        ),
+        Task("piqa", read_piqa, "piqa/valid.jsonl", ("acc", "acc_norm"), (), 0),
     ]
 }
 
