@@ -265,3 +265,15 @@ def test_prune_verb_with_recovery(tmp_path, char_tokenizer) -> None:
     magnitude = ["prune", "--model", str(tmp_path / "dense"), "--method", "magnitude",
                  "--sparsity", "0.5", "--out", str(tmp_path / "x"), *more]  # fmt: skip
     assert main(magnitude) == 2  # refused: unstructured zeros would fill back in
+
+
+def test_channel_and_layer_pruned_model_round_trips_through_gguf(tmp_path) -> None:
+    from gptkit.checkpoint.gguf import save_gguf
+
+    model = tiny_model(**GQA)
+    prune(model, "channels", 0.25, calib=_calib())
+    prune(model, "layers", 0.34, calib=_calib())
+    save_gguf(model, None, tmp_path / "pruned.gguf")
+    loaded, _ = load(tmp_path / "pruned.gguf", quantize=None)
+    assert (loaded.config.n_layer, loaded.config.hidden_size) == (2, 96)
+    torch.testing.assert_close(loaded(_ids()), model(_ids()), rtol=1e-4, atol=1e-4)
