@@ -13,6 +13,7 @@ __version__ = "0.1.0"
 
 # The functions share their names with the subpackages that hold them (gptkit.generate,
 # gptkit.train): importing them here binds the names to the functions.
+from gptkit import compress, inspect  # gptkit.compress.prune, gptkit.inspect.attention, ...
 from gptkit.checkpoint import load
 from gptkit.config import ModelConfig, SampleConfig, TrainConfig
 from gptkit.data.prepare import prepare
@@ -30,8 +31,10 @@ __all__ = [
     "SampleConfig",
     "TrainConfig",
     "classify",
+    "compress",
     "finetune",
     "generate",
+    "inspect",
     "load",
     "load_tokenizer",
     "pipeline",
