@@ -99,6 +99,20 @@ def test_shared_prefill_equals_a_plain_forward_per_request(chars: CharTokenizer,
             assert greedy == greedy_ref
 
 
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_a_quantized_model_is_scored_as_its_own_plain_forward(
+    chars: CharTokenizer, mode: str
+) -> None:
+    from gptkit.model.quant import quantize
+
+    model = quantize(tiny_model(vocab_size=chars.vocab_size, seed=5, n_embd=64), mode)
+    requests = [("Q: what is it?\nA:", " a cat"), ("Q: what is it?\nA:", " a dog"), ("x", " y")]
+    want = [_plain_loglikelihood(model, chars, c, x) for c, x in requests]
+    got = loglikelihoods(model, chars, requests, batch_size=2, progress=False)
+    # the int4 kernel's sums run in another order for another batch shape: equal to 1e-4
+    assert [ll for ll, _ in got] == pytest.approx([ll for ll, _ in want], rel=1e-3)
+
+
 def test_a_greedy_continuation_is_reported_as_greedy(chars: CharTokenizer) -> None:
     model = tiny_model(vocab_size=chars.vocab_size, seed=2)
     ids = chars.encode("Q: a")
