@@ -65,6 +65,8 @@ LIMITS = {
     "mlp_hidden": 1 << 18,
     "attention_window": 1 << 20,
 }
+#: open intervals the float fields must lie in (a negative epsilon makes every norm NaN)
+FLOAT_RANGES = {"norm_eps": (0.0, 1.0), "rope_theta": (0.0, math.inf)}
 
 
 def is_native(directory: Path) -> bool:
@@ -122,6 +124,12 @@ def checked_config(values: Any, origin: str) -> ModelConfig:
         if name in LIMITS and value is not None and not 0 < value <= LIMITS[name]:
             raise GptkitError(
                 f"{origin}: model field {name} = {value} is outside 1..{LIMITS[name]}; "
+                "the file is damaged or not a model"
+            )
+        low, high = FLOAT_RANGES.get(name, (-math.inf, math.inf))
+        if name in FLOAT_RANGES and not low < value < high:
+            raise GptkitError(
+                f"{origin}: model field {name} = {value} is outside ({low:g}, {high:g}); "
                 "the file is damaged or not a model"
             )
     try:
