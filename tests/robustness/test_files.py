@@ -747,7 +747,7 @@ def test_named_template_list_is_supported(hf_dir: Path, tmp_path: Path) -> None:
     """transformers' list-of-named-templates form in tokenizer_config.json: ``default`` is
     the chat template, ``tool_use`` is taken when tools are given."""
     from gptkit.tokenizer import load_tokenizer
-    from gptkit.tokenizer.chat import render_chat
+    from gptkit.tokenizer.chat import apply_chat_template, render_chat
 
     d = tmp_path / "model"
     shutil.copytree(hf_dir, d)
@@ -757,8 +757,16 @@ def test_named_template_list_is_supported(hf_dir: Path, tmp_path: Path) -> None:
     ]
     cfg = json.loads((d / "tokenizer_config.json").read_text())
     (d / "tokenizer_config.json").write_text(json.dumps(cfg | {"chat_template": named}))
-    assert load_tokenizer(d).chat_template == named[1]["template"]
+    tok = load_tokenizer(d)
+    assert tok.chat_template == named[1]["template"]
     messages = [{"role": "user", "content": "hi"}]
-    assert render_chat(messages, named) == "Dhi"  # type: ignore[arg-type]
     tools = [{"type": "function", "function": {"name": "f"}}]
+    assert render_chat(messages, named) == "Dhi"  # type: ignore[arg-type]
     assert render_chat(messages, named, tools=tools) == "T1"  # type: ignore[arg-type]
+    assert apply_chat_template(tok, messages) == "Dhi"
+    assert apply_chat_template(tok, messages, tools=tools) == "T1"
+    tok.save(tmp_path / "again")  # the list form survives a save
+    again = json.loads((tmp_path / "again" / "tokenizer_config.json").read_text())
+    assert {t["name"]: t["template"] for t in again["chat_template"]} == {
+        t["name"]: t["template"] for t in named
+    }

@@ -20,6 +20,9 @@ class Tokenizer(ABC):
     eos_token: str | None
     #: a jinja2 chat template, when the tokenizer came with one
     chat_template: str | None = None
+    #: every named template when the tokenizer file held transformers' list form
+    #: (``chat_template`` is then its ``default``; ``tool_use`` is rendered when tools are given)
+    chat_templates: dict[str, str] | None = None
     #: the text of the beginning-of-sequence token, or None
     bos_token: str | None = None
     #: whether a model expects ``bos_token`` before every sequence (Llama-family models);
@@ -79,7 +82,10 @@ class Tokenizer(ABC):
         if self.bos_token:
             cfg["bos_token"] = self.bos_token
             cfg["add_bos_token"] = self.add_bos
-        if self.chat_template:
+        if self.chat_templates:
+            named = self.chat_templates | {"default": self.chat_template}
+            cfg["chat_template"] = [{"name": n, "template": t} for n, t in named.items()]
+        elif self.chat_template:
             cfg["chat_template"] = self.chat_template
         (directory / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
 

@@ -26,7 +26,7 @@ from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
 
 from gptkit.errors import GptkitError
 from gptkit.tokenizer.base import EOT, Tokenizer
-from gptkit.tokenizer.chat import pick_template
+from gptkit.tokenizer.chat import named_templates, pick_template
 
 try:
     from gptkit.tokenizer import _fastbpe
@@ -252,18 +252,20 @@ class BPETokenizer(Tokenizer):
             tok = HFTokenizer.from_file(str(path))
         except Exception as e:  # tokenizers raises a bare Exception on bad JSON
             raise GptkitError(f"{path} is not a valid tokenizer.json ({e})") from None
-        eos, template, bos, add_bos = EOT, None, None, False
+        eos, template, bos, add_bos, named = EOT, None, None, False, None
         cfg_path = path.with_name("tokenizer_config.json")
         if cfg_path.exists():
             cfg = _read_tokenizer_config(cfg_path)
             eos = _token_text(cfg.get("eos_token", eos))
             try:
                 template = pick_template(cfg.get("chat_template"))
+                named = named_templates(cfg.get("chat_template"))
             except GptkitError as e:
                 raise GptkitError(f"{cfg_path}: {e}") from None
             bos = _token_text(cfg.get("bos_token"))
             add_bos = bool(cfg.get("add_bos_token", False))
         out = cls(tok, eos, template)
+        out.chat_templates = named
         out.bos_token = bos if bos in out.special_tokens else None
         out.add_bos = add_bos and out.bos_token is not None
         return out

@@ -60,12 +60,11 @@ RENDER_SECONDS, RENDER_EXTRA_CHARS = 2.0, 1 << 20
 _LOADS = (nodes.Include, nodes.Import, nodes.FromImport, nodes.Extends)
 
 
-def pick_template(template: Any, tools: bool = False) -> str | None:
-    """The template text from what a tokenizer file holds: text, or transformers' list of
-    ``{"name", "template"}`` (or a name -> text mapping), from which ``tool_use`` is taken
-    when tools are given and ``default`` otherwise."""
+def named_templates(template: Any) -> dict[str, str] | None:
+    """transformers' list of ``{"name", "template"}`` (or a name -> text mapping) as a
+    name -> text dict; None for plain text or None; a GptkitError for anything else."""
     if template is None or isinstance(template, str):
-        return template
+        return None
     named = template
     if isinstance(template, list):
         if not all(isinstance(t, dict) and "name" in t and "template" in t for t in template):
@@ -78,6 +77,16 @@ def pick_template(template: Any, tools: bool = False) -> str | None:
         raise GptkitError(
             f"the chat template is a {type(template).__name__}, not text; fix the tokenizer file"
         )
+    return named
+
+
+def pick_template(template: Any, tools: bool = False) -> str | None:
+    """The template text from what a tokenizer file holds: text, or transformers' named
+    templates (:func:`named_templates`), of which ``tool_use`` is taken when tools are
+    given and ``default`` otherwise."""
+    named = named_templates(template)
+    if named is None:
+        return template
     for name in ("tool_use", "default") if tools else ("default",):
         if isinstance(named.get(name), str):
             return named[name]
@@ -223,10 +232,11 @@ def apply_chat_template(
     add_generation_prompt: bool = True,
     tools: list[dict[str, Any]] | None = None,
 ) -> str:
-    """``render_chat`` with the tokenizer's own template and special tokens."""
+    """``render_chat`` with the tokenizer's own template (its named ones, when its file held
+    transformers' list form) and special tokens."""
     return render_chat(
         messages,
-        tokenizer.chat_template,
+        tokenizer.chat_templates or tokenizer.chat_template,  # type: ignore[arg-type]
         add_generation_prompt,
         tokenizer.bos_token,
         tokenizer.eos_token,
