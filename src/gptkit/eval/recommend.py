@@ -104,7 +104,9 @@ def popularity_scores(train: Mapping[int, Sequence[int]], n_items: int) -> np.nd
     return counts
 
 
-def cooccurrence(train: Mapping[int, Sequence[int]], n_items: int, window: int = WINDOW):
+def cooccurrence(
+    train: Mapping[int, Sequence[int]], n_items: int, window: int = WINDOW
+) -> np.ndarray:
     """``C[i, j]``: how often ``j`` came within ``window`` items after ``i`` in a history."""
     c = np.zeros((n_items + 1, n_items + 1), dtype=np.float32)
     for items in train.values():
@@ -114,7 +116,7 @@ def cooccurrence(train: Mapping[int, Sequence[int]], n_items: int, window: int =
     return c
 
 
-def cooccurrence_scores(c: np.ndarray, history: Sequence[int], recent: int = RECENT):
+def cooccurrence_scores(c: np.ndarray, history: Sequence[int], recent: int = RECENT) -> np.ndarray:
     """Item-to-item scores of a user: the co-occurrence rows of the last ``recent`` items
     summed (a tiny popularity term breaks ties among items no recent item led to)."""
     return c[list(history[-recent:])].sum(0) + 1e-6 * c.sum(0)
@@ -132,8 +134,11 @@ def item_scores(model: GPT, histories: Sequence[Sequence[int]], eos: int = 0) ->
     x = torch.zeros(len(rows), max(map(len, rows)), dtype=torch.long)  # right-padded; causal
     for r, ids in enumerate(rows):
         x[r, : len(ids)] = torch.tensor(ids)
+    was_training = model.training
+    model.eval()  # no dropout while scoring
     h = model.hidden(x.to(device))  # (N, T, C)
     last = h[torch.arange(len(rows)), torch.tensor([len(r) - 1 for r in rows])]  # (N, C)
+    model.train(was_training)
     return F.log_softmax(model.lm_head(last).float(), -1).cpu().numpy()
 
 
