@@ -134,6 +134,14 @@ def test_sample_next_per_row_generators():
 def test_sample_config_validation(char_model, char_tokenizer):
     with pytest.raises(GptkitError, match="temperature"):
         generate(char_model, char_tokenizer, "a", temperature=-1.0)
+    with pytest.raises(GptkitError, match=r"temperature must be 0 \(greedy\) or at least"):
+        generate(char_model, char_tokenizer, "a", temperature=1e-300)  # inf logits otherwise
+    with pytest.raises(GptkitError, match="repetition_penalty"):
+        generate(char_model, char_tokenizer, "a", repetition_penalty=1e-9)
+    # a top_p that is 0 in float32 keeps the most likely token instead of none
+    assert generate(char_model, char_tokenizer, "ab", max_new_tokens=3, top_p=1e-300, seed=0) == (
+        generate(char_model, char_tokenizer, "ab", max_new_tokens=3, temperature=0)
+    )
     with pytest.raises(GptkitError, match="top_p"):
         stream(char_model, char_tokenizer, "a", top_p=1.5)  # raises before iterating
     with pytest.raises(GptkitError, match="context_policy"):

@@ -619,14 +619,14 @@ def test_serve_command(tmp_path: Path, chatml_tokenizer: BPETokenizer) -> None:
         with pytest.raises(openai.AuthenticationError):
             client_for(url).models.list()
         client = client_for(url, "from-env")
-        assert [m.id for m in client.models.list().data] == [str(ckpt)]
-        reply = client.chat.completions.create(model=str(ckpt), messages=HELLO, max_tokens=3)
+        assert [m.id for m in client.models.list().data] == [ckpt.name]  # never the path
+        reply = client.chat.completions.create(model=ckpt.name, messages=HELLO, max_tokens=3)
         assert reply.choices[0].finish_reason in ("stop", "length")
     finally:
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err
-    assert f"serving {ckpt} (context 64 tokens) at http://127.0.0.1:{port}/" in err
+    assert f"serving {ckpt.name} (context 64 tokens) at http://127.0.0.1:{port}/" in err
 
 
 def test_serve_command_reports_bad_input(

@@ -395,6 +395,15 @@ class Grammar:
         return "json_schema" if self.kind == "json_object" else self.kind
 
 
+#: the smallest temperature above 0 that sampling takes (the server holds top_p to it too):
+#: below it, ``logits / temperature`` overflows float32 (1e-300 is 0 in float32) and sampling
+#: meets inf and NaN; 0 is greedy
+MIN_TEMPERATURE = 1e-5
+#: bounds of the multiplicative repetition penalty (CTRL's 1.2 is typical): near 0 it divides
+#: a logit into overflow, as the temperature does
+REPETITION_PENALTY_RANGE = (1e-2, 1e2)
+
+
 @dataclass(frozen=True)
 class SampleConfig(_JsonMixin):
     """How one sequence is decoded: THE per-request parameters of ``generate``, ``stream``,
@@ -438,7 +447,11 @@ class SampleConfig(_JsonMixin):
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
         object.__setattr__(self, "stop", stop)
         _check(self.max_new_tokens >= 0, "max_new_tokens must not be negative")
-        _check(self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}")
+        _check(
+            self.temperature == 0 or self.temperature >= MIN_TEMPERATURE,
+            f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE:g}, got "
+            f"{self.temperature}",
+        )
         _check(self.top_k is None or self.top_k > 0, f"top_k must be >= 1, got {self.top_k}")
         _check(
             self.top_p is None or 0.0 < self.top_p <= 1.0,
@@ -452,7 +465,11 @@ class SampleConfig(_JsonMixin):
             self.logprobs is None or 0 <= self.logprobs <= 20,
             f"logprobs must be in [0, 20], got {self.logprobs}",
         )
-        _check(self.repetition_penalty > 0, "repetition_penalty must be positive")
+        low, high = REPETITION_PENALTY_RANGE
+        _check(
+            low <= self.repetition_penalty <= high,
+            f"repetition_penalty must be in [{low:g}, {high:g}], got {self.repetition_penalty}",
+        )
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
             _check(-2.0 <= value <= 2.0, f"{name} must be in [-2, 2], got {value}")

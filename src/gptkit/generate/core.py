@@ -51,6 +51,8 @@ class TokenEvent:
     row: int
     token: int
     finish_reason: FinishReason | None = None
+
+
 _REPLACEMENT = "\ufffd"  # what a decoder shows for the bytes of an unfinished UTF-8 character
 
 

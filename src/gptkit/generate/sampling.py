@@ -83,9 +83,11 @@ def top_p_filter(logits: Tensor, p: float | None) -> Tensor:
     sorted_logits, order = logits.sort(dim=-1, descending=True)  # (B, V)
     probs = sorted_logits.softmax(dim=-1)
     # Mass of the tokens strictly more likely than each one: a token is kept while the set
-    # before it is still short of p. The most likely token has 0 before it, so it always stays.
+    # before it is still short of p. The most likely token has 0 before it and always stays
+    # (said outright: a p below float32's smallest number compares as 0).
     before = F.pad(probs.cumsum(dim=-1)[..., :-1], (1, 0))  # (B, V)
     drop_sorted = before >= p
+    drop_sorted[..., 0] = False
     drop = drop_sorted.scatter(-1, order, drop_sorted)  # back to vocabulary order
     return logits.masked_fill(drop, float("-inf"))
 

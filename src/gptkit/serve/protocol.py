@@ -50,6 +50,8 @@ from pydantic import (
     model_validator,
 )
 
+from gptkit.config import MIN_TEMPERATURE, REPETITION_PENALTY_RANGE
+
 # -- errors -------------------------------------------------------------------------------
 
 
@@ -79,13 +81,6 @@ _UNSUPPORTED: dict[str, Any] = {
 
 _SEED_MAX = 2**63 - 1
 
-#: the smallest temperature and top_p above 0 that are taken: below it, ``logits /
-#: temperature`` overflows float32 (1e-300 is 0 in float32) and a top_p that is 0 in
-#: float32 drops every token, so sampling meets inf and NaN; 0 is greedy for both
-MIN_TEMPERATURE = 1e-5
-#: bounds of the multiplicative repetition penalty (CTRL's 1.2 is typical): near 0 it
-#: divides a logit into overflow, as the temperature does
-REPETITION_PENALTY_RANGE = (1e-2, 1e2)
 #: stop strings: at most this many, each at most this long in characters (the text is
 #: searched for them after every token, so their size is work per token for every stream)
 MAX_STOPS, MAX_STOP_CHARS = 4, 512
