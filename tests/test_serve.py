@@ -534,6 +534,10 @@ def test_queue_full_is_503_and_recovers(model: GPT, chatml_tokenizer: BPETokeniz
             for t in threads:
                 t.join(30)
         assert sorted(r[0] for r in results) == [200] * (len(results) - 1) + [503]
+        # more choices than the server ever holds (1 row + 1 waiting): a 400, not "retry"
+        status, error, _ = raw(s.url, "POST", CHAT, body(n=3))
+        assert status == 400 and error["error"]["param"] == "n"
+        assert_error(error, "more than this server holds at once")
         assert_serving(client_for(s.url))
 
 

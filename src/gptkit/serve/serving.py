@@ -540,6 +540,14 @@ class Serving:
             return self._beam_job(chat, prompts, body, param)
         grammar = self.grammar(body)
         params = [self.sampling(body, j).replace(grammar=grammar) for j in range(body.n)]
+        most = self.engine.max_batch + self.engine.max_queue
+        if len(prompts) * body.n > most:  # never servable: not a "retry later"
+            raise ServingError(
+                f"{len(prompts)} prompt(s) x n={body.n} make {len(prompts) * body.n} "
+                f"generations, more than this server holds at once ({most}); send fewer "
+                "prompts or a smaller n per request",
+                param="n",
+            )
         job = Job(
             chat,
             [],
