@@ -91,7 +91,7 @@ def sliding_windows(n: int, block_size: int, stride: int) -> list[tuple[int, int
     return windows
 
 
-def _start_id(tokenizer: Tokenizer) -> int | None:
+def start_id(tokenizer: Tokenizer) -> int | None:
     if tokenizer.add_bos and tokenizer.bos_id is not None:
         return tokenizer.bos_id
     return tokenizer.eos_id if tokenizer.eos_id is not None else tokenizer.bos_id
@@ -148,7 +148,7 @@ def perplexity(
     if batch_size < 1:
         raise GptkitError(f"batch_size must be at least 1, got {batch_size}")
     texts = _read_texts(texts_or_file)
-    start = _start_id(tokenizer)
+    start = start_id(tokenizer)
     seqs = []
     for text in texts:
         ids = tokenizer.encode(text, allow_special=False)

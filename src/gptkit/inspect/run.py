@@ -16,7 +16,7 @@ from typing import Any, Literal
 import torch
 
 from gptkit.errors import GptkitError
-from gptkit.eval.run import _start_id
+from gptkit.eval.run import start_id
 from gptkit.files import atomic_write_json
 from gptkit.inspect import draw
 from gptkit.inspect.probe import _run, entropy, lens, losses_of, ranks, rollout
@@ -28,7 +28,7 @@ FILES = ("attention.png", "surprise.html", "surprise.png", "logit_lens.png", "en
 
 def text_ids(tokenizer: Tokenizer, text: str) -> list[int]:
     """``text``'s ids after the start token ``gptkit eval`` scores text from."""
-    start = _start_id(tokenizer)
+    start = start_id(tokenizer)
     return ([start] if start is not None else []) + tokenizer.encode(text, allow_special=False)
 
 
