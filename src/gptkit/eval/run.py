@@ -92,6 +92,8 @@ def sliding_windows(n: int, block_size: int, stride: int) -> list[tuple[int, int
 
 
 def start_id(tokenizer: Tokenizer) -> int | None:
+    """The id put before a scored text, so that its first token is predicted too: the
+    tokenizer's bos where it adds one, else its end-of-text id (GPT-2's way), else None."""
     if tokenizer.add_bos and tokenizer.bos_id is not None:
         return tokenizer.bos_id
     return tokenizer.eos_id if tokenizer.eos_id is not None else tokenizer.bos_id
