@@ -65,8 +65,9 @@ def test_render_equals_transformers(name: str, generation_prompt: bool) -> None:
 
 
 def test_template_errors_are_clear() -> None:
-    with pytest.raises(GptkitError, match="unknown role tool"):
-        render_chat([{"role": "tool", "content": "x"}], TEMPLATES["llama-like"])
+    # (a tool message reaches a template that reads no tools as a <tool_response> user turn)
+    with pytest.raises(GptkitError, match="unknown role narrator"):
+        render_chat([{"role": "narrator", "content": "x"}], TEMPLATES["llama-like"])
     with pytest.raises(GptkitError, match="does not parse"):
         render_chat([{"role": "user", "content": "x"}], "{% for %}")
     with pytest.raises(GptkitError, match="'role' and a 'content'"):

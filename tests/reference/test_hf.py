@@ -19,7 +19,7 @@ import torch
 from conftest import FAMILIES, tiny_model
 
 from gptkit.checkpoint import hf
-from gptkit.checkpoint.hf import config_from_hf, is_hf_dir, load_hf_dir, save_hf
+from gptkit.checkpoint.hf import config_from_hf, config_to_hf, is_hf_dir, load_hf_dir, save_hf
 from gptkit.config import ModelConfig, SampleConfig
 from gptkit.errors import GptkitError
 from gptkit.generate import generate_ids
@@ -434,7 +434,6 @@ def _llama_cfg(**changes: object) -> dict:
     [
         (_llama_cfg(rope_scaling={"type": "linear", "factor": 2.0}), "RoPE scaling 'linear'"),
         (_llama_cfg(rope_parameters={"rope_type": "llama3", "rope_theta": 5e5}), "'llama3'"),
-        (_llama_cfg(head_dim=32), "head_dim 32"),
         (_llama_cfg(hidden_act="gelu"), "hidden_act 'gelu'"),
         (_llama_cfg(attention_bias=True), "attention_bias=True with mlp_bias=False"),
         (
@@ -458,6 +457,12 @@ def test_config_mapping() -> None:
     llama = config_from_hf(_llama_cfg(num_key_value_heads=2, rope_theta=5e5))
     assert (llama.n_kv_head, llama.rope_theta, llama.mlp_hidden, llama.bias) == (2, 5e5, 96, False)
     assert not llama.tie_embeddings and llama.norm == "rmsnorm" and llama.pos_emb == "rope"
+    # heads wider than hidden_size / heads (a pruned Llama) keep their head_dim both ways
+    wide = config_from_hf(_llama_cfg(head_dim=32))
+    assert (wide.head_size, wide.n_head) == (32, 4) and config_to_hf(wide)["head_dim"] == 32
+    gpt = ModelConfig(n_layer=1, n_head=4, n_embd=64, head_dim=32, vocab_size=V)
+    with pytest.raises(GptkitError, match=r"head_dim=32 \(needs n_embd / n_head\)"):
+        config_to_hf(gpt)
     v5 = config_from_hf(_llama_cfg(rope_parameters={"rope_type": "default", "rope_theta": 7.0}))
     assert v5.rope_theta == 7.0 and v5.n_kv_head is None
     gpt1 = config_from_hf({"model_type": "openai-gpt"})

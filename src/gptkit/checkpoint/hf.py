@@ -183,8 +183,10 @@ _DENSE = dict(attention_pattern="dense")
 #: attention_window only matters to banded layers). A new ModelConfig switch belongs in a
 #: family's ``fixed`` or ``fields``, or here; a test checks that none is forgotten.
 HANDLED_APART = frozenset(
-    # labels: a classification head is not exported; the language model under it is
+    # labels, task_format: a classification head is not exported; the language model under
+    # it is. head_dim: Llama's own field; the GPT families need n_embd / n_head.
     {"mlp", "mlp_hidden", "n_kv_head", "rope_theta", "bias", "attention_window", "labels"}
+    | {"task_format", "head_dim"}
 )
 
 _GPT_FIELDS = (
@@ -323,11 +325,7 @@ def _rope_theta(cfg: dict[str, Any]) -> float:
 
 def _llama_from_hf(cfg: dict[str, Any]) -> dict[str, Any]:
     n_head, C = cfg["num_attention_heads"], cfg["hidden_size"]
-    if cfg.get("head_dim") not in (None, C // n_head):
-        raise GptkitError(
-            f"head_dim {cfg['head_dim']} differs from hidden_size / num_attention_heads "
-            f"({C // n_head}); gptkit's heads are n_embd / n_head wide"
-        )
+    head_dim = cfg.get("head_dim")
     if cfg["hidden_act"] != "silu":
         raise GptkitError(f"hidden_act {cfg['hidden_act']!r} is not supported; Llama uses 'silu'")
     if bool(cfg["attention_bias"]) != bool(cfg["mlp_bias"]):
@@ -338,6 +336,8 @@ def _llama_from_hf(cfg: dict[str, Any]) -> dict[str, Any]:
     n_kv = cfg.get("num_key_value_heads") or n_head
     return dict(
         n_kv_head=n_kv if n_kv != n_head else None,
+        # a pruned Llama's heads keep their width while n_head shrinks
+        head_dim=head_dim if head_dim not in (None, C // n_head) else None,
         mlp_hidden=cfg["intermediate_size"],
         rope_theta=_rope_theta(cfg),
         bias=bool(cfg["attention_bias"]),
@@ -403,6 +403,8 @@ def _mismatch(fam: Family, config: ModelConfig) -> list[str]:
     ]
     if fam.activation is not None and config.mlp not in fam.activation[1].values():
         why.append(f"mlp={config.mlp!r} (needs one of {sorted(set(fam.activation[1].values()))})")
+    if fam is not LLAMA and config.head_size * config.n_head != config.n_embd:
+        why.append(f"head_dim={config.head_dim} (needs n_embd / n_head)")
     if fam is OPENAI_GPT and config.hidden_size != 4 * config.n_embd:
         why.append(f"mlp_hidden={config.hidden_size} (needs 4 * n_embd)")
     return why
