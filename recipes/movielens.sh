@@ -28,6 +28,7 @@ GPTKIT=${GPTKIT:-.venv/bin/gptkit}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 
 mkdir -p $OUT
+rm -rf $OUT/items_run $OUT/titles_run  # fresh runs each time the recipe runs
 # (1) the item GPT: histories -> item tokens -> shards -> the one training loop -> eval
 $GPTKIT recommend-data --data $DATA/movielens/u.data --out $OUT/items
 $GPTKIT prepare $OUT/items/items.jsonl --out $OUT/shards --tokenizer $OUT/items \

@@ -9,9 +9,10 @@
 #   first 100; score: the first 100 questions of NQ-open.dev.jsonl (disjoint from training)
 # subset: 20 steps x 8 = 160 of the 4,949 training questions
 # expected: exact match and token F1 above the base model's (SQuAD normalisation, any gold answer)
-# measured: (filled in below after the run)
+# measured: exact match 0.00 -> 0.03, token F1 0.042 -> 0.069 on the 100 scored questions (2026-12-07;
+#   for scale: GPT-3 175B few-shot 29.9% exact match on NQ-open test, Brown et al. 2020)
 # hardware: 2 CPU cores, no GPU
-# wall time: about 25 min expected
+# wall time: 6 min measured on 2 busy cores (one thread)
 set -euo pipefail
 DATA=${GPTKIT_DATA:-../shared/data}
 MODEL=${MODEL:-models/SmolLM2-135M-Instruct.Q4_1.gguf}
@@ -22,6 +23,7 @@ PYTHON=${PYTHON:-.venv/bin/python}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 
 mkdir -p $OUT
+rm -rf $OUT/run  # a fresh fine-tune each time the recipe runs
 $GPTKIT eval --model $MODEL --task nq_open --data $DATA/nq_open/NQ-open.dev.jsonl --limit 100 \
   --batch-size 20 --report $OUT/base.json
 # SFT rows worded as eval asks (to_sft_rows is `gptkit sft-data`'s reader), shuffled with a seed
