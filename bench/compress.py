@@ -10,7 +10,9 @@ model it comes from (the anchor), on ``models/SmolLM2-135M-Instruct.Q4_1.gguf``:
   change it);
 - the weights' size as stored (a native checkpoint's tensors; int4 for the dense model and
   one pruned model). Unstructured rows skip the decode measurement: their zeros are
-  multiplied densely, at the dense model's speed.
+  multiplied densely, at the dense model's speed;
+- a quality figure that is not perplexity: zero-shot PIQA ``acc_norm`` on the first
+  ``--mc-limit`` questions of ``shared/data/piqa`` (as ``gptkit eval --task piqa``; 0 skips).
 
 Calibration: the first ``--calib-rows`` x ``--calib-length`` tokens of Pride and Prejudice
 (``shared/data/gutenberg/1342-0.txt``); recovery (``--recover-steps``) fine-tunes on the next
@@ -21,7 +23,9 @@ fraction removes one of them, 33%); recovery for the rows in ``--recover``.
 Distillation (``--part distill``): a ~28M student with SmolLM2's tokenizer, trained
 ``--steps`` steps on the start of tiny Shakespeare (all but its held-out end) with the plain
 LM loss and, from the same initialisation, distilled from SmolLM2; the perplexity of both and
-of the teacher on the held-out end.
+of the teacher on the held-out end. Then SmolLM2 with 25% of its MLP channels pruned, trained
+``--pruned-steps`` steps on the same text with the LM loss (a recovery fine-tune) and, from
+the same pruned weights, distilled from the unpruned SmolLM2.
 
 ::
 
@@ -47,6 +51,17 @@ from decode import MODEL, REPO, TEXT, gptkit_runner, prompt_ids  # bench/decode.
 from quantize import perplexity  # bench/quantize.py
 
 BOOK = REPO.parent / "shared" / "data" / "gutenberg" / "1342-0.txt"
+PIQA = REPO.parent / "shared" / "data" / "piqa"
+
+
+def piqa_acc_norm(model: torch.nn.Module, tok, limit: int) -> float | None:
+    """Zero-shot PIQA acc_norm on the first ``limit`` questions (None when 0 or absent)."""
+    from gptkit.eval.multiple_choice import multiple_choice_eval, read_piqa
+
+    if not limit or not PIQA.is_dir():
+        return None
+    examples = read_piqa(PIQA, limit)
+    return multiple_choice_eval(model, tok, examples, progress=False)["metrics"]["acc_norm"]
 
 
 def decode_speed(model: torch.nn.Module, prompt: list[int], new: int, reps: int) -> float:
@@ -99,6 +114,7 @@ def prune_table(args: argparse.Namespace) -> None:
             "removed": 1 - model.num_params(embeddings=False) / blocks,
             "size": size_mib(model),
             "seconds": seconds,
+            "piqa": piqa_acc_norm(model, tok, args.mc_limit),
         }
         rows.append((name, row))
         print(f"{name}: {row}", file=sys.stderr, flush=True)
@@ -139,13 +155,16 @@ def prune_table(args: argparse.Namespace) -> None:
         f"{args.calib_length} tokens of Pride and Prejudice; {args.threads} threads, torch "
         f"{torch.__version__}.\n"
     )
-    print("| model | zeros | block params removed | perplexity | decode tok/s | MiB | s |")
-    print("|---|---|---|---|---|---|---|")
+    piqa = f"PIQA acc_norm (first {args.mc_limit})"
+    print(f"| model | zeros | block params removed | perplexity | {piqa} ", end="")
+    print("| decode tok/s | MiB | s |")
+    print("|---|---|---|---|---|---|---|---|")
     for name, r in rows:
         mib = f"{r['size']:.0f}" + (f" (int4 {r['size_int4']:.0f})" if "size_int4" in r else "")
         speed = "as dense" if r["decode"] is None else f"{r['decode']:.1f}"
+        acc = "-" if r["piqa"] is None else f"{r['piqa']:.3f}"
         print(
-            f"| {name} | {r['zeros']:.0%} | {r['removed']:.0%} | {r['ppl']:.2f} | "
+            f"| {name} | {r['zeros']:.0%} | {r['removed']:.0%} | {r['ppl']:.2f} | {acc} | "
             f"{speed} | {mib} | {r['seconds']:.0f} |"
         )
 
@@ -179,6 +198,8 @@ def distill_table(args: argparse.Namespace) -> None:
         "student, LM loss": (perplexity(gptkit.load(work / "plain")[0], held_out, 128), t_plain),
         "student, distilled": (perplexity(gptkit.load(work / "kd")[0], held_out, 128), t_kd),
     }
+    if args.pruned_steps:
+        results |= pruned_rows(args, teacher, tok, data, held_out, work)
     print(
         f"\nStudent {plain['params'] / 1e6:.1f}M parameters ({kd['params'] / 1e6:.1f}M), "
         f"{args.steps} steps of 8x128 tokens of tiny Shakespeare (its held-out end excluded), "
@@ -189,6 +210,41 @@ def distill_table(args: argparse.Namespace) -> None:
     print("|---|---|---|")
     for name, (ppl, s) in results.items():
         print(f"| {name} | {ppl:.2f} | {s:.0f} |")
+
+
+def pruned_rows(args, teacher, tok, data: Path, held_out: list[int], work: Path) -> dict:
+    """SmolLM2 with 25% of its MLP channels pruned, then fine-tuned (LM loss) or distilled
+    from the unpruned model: the same steps, data and starting weights."""
+    from gptkit.checkpoint import save_checkpoint
+    from gptkit.compress import calibration_ids, distill, prune
+    from gptkit.compress.prune import recover
+
+    pruned = copy.deepcopy(teacher)
+    prune(pruned, "channels", 0.25, calibration_ids(BOOK, tok, args.calib_rows, args.calib_length))
+    save_checkpoint(work / "pruned", pruned, tok)
+    kw = dict(batch_size=4, seq_len=256, lr=1e-4, min_lr=1e-5, warmup_steps=5, progress=False,
+              seed=0)  # fmt: skip
+    steps = args.pruned_steps
+    t0 = time.perf_counter()
+    tuned = recover(work / "pruned", data, steps, **kw)
+    t_tuned = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    distill(str(args.model), str(work / "pruned"), data, work / "pruned-kd", max_steps=steps,
+            temperature=args.temperature, alpha=args.alpha, eval_every=0, save_every=0,
+            **kw)  # fmt: skip
+    t_kd = time.perf_counter() - t0
+    kd = gptkit_load(work / "pruned-kd")
+    return {
+        "SmolLM2, 25% channels pruned": (perplexity(pruned, held_out, args.window), 0.0),
+        f"  + {steps} steps LM loss": (perplexity(tuned, held_out, args.window), t_tuned),
+        f"  + {steps} steps distilled": (perplexity(kd, held_out, args.window), t_kd),
+    }
+
+
+def gptkit_load(path: Path) -> torch.nn.Module:
+    import gptkit
+
+    return gptkit.load(path)[0]
 
 
 def qlora_table(args: argparse.Namespace) -> None:
@@ -244,6 +300,15 @@ def main() -> None:
     parser.add_argument("--recover-steps", type=int, default=10)
     parser.add_argument("--recover", nargs="*", default=["heads", "channels 25%", "layers 25%"])
     parser.add_argument("--steps", type=int, default=150, help="distill: training steps")
+    parser.add_argument(
+        "--pruned-steps",
+        type=int,
+        default=40,
+        help="distill: steps for the pruned SmolLM2 rows (0 skips them)",
+    )
+    parser.add_argument(
+        "--mc-limit", type=int, default=200, help="prune: PIQA questions scored per row (0 skips)"
+    )
     parser.add_argument("--temperature", type=float, default=2.0)
     parser.add_argument("--alpha", type=float, default=0.5)
     args = parser.parse_args()
