@@ -16,9 +16,13 @@
 #   anchor: SASRec's HR@10 0.82 on ML-1M is the sampled-100 protocol (ours: hr@10_sampled100);
 #   full-ranking re-evaluations of SASRec (Krichene & Rendle 2020; Dallmann et al. 2021)
 #   report far lower full-catalogue HR@10
-# measured: (filled in below after the run)
+# measured: item GPT, all 943 users, full catalogue: HR@10 0.203, NDCG@10 0.110 (most popular
+#   0.087 / 0.046, co-occurrence 0.193 / 0.103); sampled-100 protocol HR@10 0.733 (SASRec's
+#   0.82 is ML-1M). SmolLM2 title re-ranker, first 40 users: HR@10 0.125 -> 0.150 after SFT
+#   (its 20 co-occurrence candidates hold the target for 25% of users; co-occurrence alone
+#   0.175); 2026-12-07
 # hardware: 2 CPU cores, no GPU
-# wall time: about 30 min expected
+# wall time: 11 min measured on 2 busy cores (one thread)
 set -euo pipefail
 DATA=${GPTKIT_DATA:-../shared/data}
 MODEL=${MODEL:-models/SmolLM2-135M-Instruct.Q4_1.gguf}
