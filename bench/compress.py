@@ -215,6 +215,7 @@ def distill_table(args: argparse.Namespace) -> None:
 def pruned_rows(args, teacher, tok, data: Path, held_out: list[int], work: Path) -> dict:
     """SmolLM2 with 25% of its MLP channels pruned, then fine-tuned (LM loss) or distilled
     from the unpruned model: the same steps, data and starting weights."""
+    import gptkit
     from gptkit.checkpoint import save_checkpoint
     from gptkit.compress import calibration_ids, distill, prune
     from gptkit.compress.prune import recover
@@ -233,18 +234,12 @@ def pruned_rows(args, teacher, tok, data: Path, held_out: list[int], work: Path)
             temperature=args.temperature, alpha=args.alpha, eval_every=0, save_every=0,
             **kw)  # fmt: skip
     t_kd = time.perf_counter() - t0
-    kd = gptkit_load(work / "pruned-kd")
+    kd = gptkit.load(work / "pruned-kd")[0]
     return {
         "SmolLM2, 25% channels pruned": (perplexity(pruned, held_out, args.window), 0.0),
         f"  + {steps} steps LM loss": (perplexity(tuned, held_out, args.window), t_tuned),
         f"  + {steps} steps distilled": (perplexity(kd, held_out, args.window), t_kd),
     }
-
-
-def gptkit_load(path: Path) -> torch.nn.Module:
-    import gptkit
-
-    return gptkit.load(path)[0]
 
 
 def qlora_table(args: argparse.Namespace) -> None:
