@@ -45,12 +45,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model: str, port: int, max_batch: int) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "gptkit", "serve", "--model", model, "--port", str(port)]
-    cmd += ["--max-batch", str(max_batch)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+def start_server(
+    model: str, port: int, max_batch: int, extra: tuple[str, ...] = ()
+) -> subprocess.Popen:
+    """``gptkit serve`` in a child process (``extra``: more of its flags), once it answers
+    ``/health``; its stderr stays readable for the caller."""
     import urllib.request
 
+    cmd = [sys.executable, "-m", "gptkit", "serve", "--model", model, "--port", str(port)]
+    cmd += ["--max-batch", str(max_batch), *extra]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
     while time.time() < deadline:
         if proc.poll() is not None:

@@ -29,14 +29,15 @@ import argparse
 import asyncio
 import json
 import random
-import socket
 import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from serve import free_port, start_server  # bench/serve.py
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = REPO / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -65,29 +66,6 @@ class Tally:
     def error(self, what: str) -> None:
         if len(self.errors) < 1000:
             self.errors.append(what)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(model: str, port: int, streams: int, extra: list[str]) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "gptkit", "serve", "--model", model, "--port", str(port)]
-    cmd += ["--max-batch", str(streams), "--log-level", "warning", *extra]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"the server exited:\n{proc.stderr.read() if proc.stderr else ''}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
-                return proc
-        except OSError:
-            time.sleep(0.5)
-    proc.kill()
-    raise SystemExit("the server did not come up within 300 s")
 
 
 def watch_log(proc: subprocess.Popen, tally: Tally) -> threading.Thread:
@@ -264,7 +242,8 @@ def main() -> None:
     if not Path(args.model).exists():
         raise SystemExit(f"{args.model} not found; run `make models` or pass --model")
     port = free_port()
-    proc = start_server(args.model, port, args.streams, args.server_arg)
+    quiet = ("--log-level", "warning", *args.server_arg)
+    proc = start_server(args.model, port, args.streams, quiet)
     tally = Tally()
     log = watch_log(proc, tally)
     t0 = time.monotonic()
