@@ -185,8 +185,17 @@ _DENSE = dict(attention_pattern="dense")
 HANDLED_APART = frozenset(
     # labels, task_format: a classification head is not exported; the language model under
     # it is. head_dim: Llama's own field; the GPT families need n_embd / n_head.
-    {"mlp", "mlp_hidden", "n_kv_head", "rope_theta", "bias", "attention_window", "labels"}
-    | {"task_format", "head_dim"}
+    {
+        "mlp",
+        "mlp_hidden",
+        "n_kv_head",
+        "rope_theta",
+        "bias",
+        "attention_window",
+        "labels",
+        "task_format",
+        "head_dim",
+    }
 )
 
 _GPT_FIELDS = (
