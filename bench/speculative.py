@@ -9,9 +9,9 @@ fast bf16 path of ``bench/decode.py``). Two drafts, side by side in one run, gre
 The prompt (``--task``) asks for an edit of a short article: each sentence as a bullet
 point, wording kept (the default, ``edit``; SmolLM2 writes the article out again nearly word
 for word: an answer that copies its prompt, as edits of text and code do, which is where
-lookup helps), for a three-sentence summary of it
-(``summary``: a 135M model paraphrases more than it lifts), or for a 20-line snippet written
-out again with a variable renamed (``code``; it rewrites more than it copies).
+lookup helps), for a three-sentence summary of it (``summary``: a 135M model paraphrases
+more than it lifts), or for a 20-line snippet written out again with a variable renamed
+(``code``; it rewrites more than it copies).
 Measured per engine: tokens/s from the prompt to the last new token (prefill included; the
 same for all), the share of proposals that stood, tokens per forward of the model, and
 whether the greedy ids equal the target's alone (if not, how many leading ones do). The
@@ -82,7 +82,7 @@ TASKS = {
         "Rewrite this article as a list of bullet points, one per sentence, keeping the "
         f"wording.\n\n{ARTICLE}"
     ),
-    # a summary: the model lifts whole phrases from the article
+    # a summary: SmolLM2 paraphrases, so few of lookup's proposals stand
     "summary": f"Summarize this article in three sentences.\n\n{ARTICLE}",
     # a code edit: the answer would copy the code (a 135M model rewrites more than it copies)
     "code": (
@@ -173,7 +173,8 @@ def main() -> None:
         # "yes", or how many leading tokens equal the target's alone
         pairs = enumerate(zip(tokens, base_ids, strict=False))
         lead = next((i for i, (a, b) in pairs if a != b), None)
-        same = "yes" if tokens == base_ids else f"{lead or min(len(tokens), len(base_ids))}"
+        lead = min(len(tokens), len(base_ids)) if lead is None else lead
+        same = "yes" if tokens == base_ids else str(lead)
         print(
             f"| {name:<20} | {k:>2} | {speed:>7.1f} | {speed / base:>5.2f} | {rate} | {per} |"
             f" {same:>8} |"
