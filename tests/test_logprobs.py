@@ -115,7 +115,8 @@ def test_generate_details(chatml_tokenizer: BPETokenizer) -> None:
         for lp, top in zip(g.logprobs, g.top_logprobs, strict=True):
             assert len(top) <= 3 and max(top.values()) == pytest.approx(lp)
         assert g.finish_reason in ("eos", "length")
-    plain = gptkit.generate(net, chatml_tokenizer, "hi", max_new_tokens=4, details=True)
+    greedy = dict(max_new_tokens=4, temperature=0, stop_at_eos=False, details=True)
+    plain = gptkit.generate(net, chatml_tokenizer, "hi", **greedy)
     assert plain.logprobs is None and plain.top_logprobs is None and len(plain.token_ids) > 0
 
 
