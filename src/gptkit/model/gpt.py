@@ -42,7 +42,7 @@ class Norm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.kind == "rmsnorm":
-            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+            return ops.rms_norm(x, self.weight, self.eps)
         return F.layer_norm(x, (x.shape[-1],), self.weight, self.bias, self.eps)
 
     def for_matmul(self, x: Tensor) -> Tensor:

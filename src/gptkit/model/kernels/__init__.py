@@ -11,6 +11,10 @@
   backward; ``ops.masks.keep_mask`` returns the same mask. ``elementwise.cpp`` also has
   GELU's backward in one pass (``ops.gelu``) and layer norm writing bf16
   (``ops.layer_norm_for_matmul``).
+- ``decode.cpp``: inference for a few tokens at a time, where torch's general kernels spend
+  more time setting up than computing: RMSNorm in one pass (``ops.rms_norm``) and attention
+  of a few query rows over a KV cache under a mask, grouped heads read in place
+  (``ops.attention``).
 
 torch's ``cpp_extension`` compiles them once (about 30 s on 2 cores) into
 ``~/.cache/gptkit/kernels`` (or ``$GPTKIT_KERNEL_CACHE``); without a C++ compiler gptkit
@@ -44,7 +48,7 @@ def cache_dir() -> Path:
     return Path(root) if root else Path.home() / ".cache" / "gptkit" / "kernels"
 
 
-SOURCES = ("attention.cpp", "elementwise.cpp")
+SOURCES = ("attention.cpp", "elementwise.cpp", "decode.cpp")
 HEADERS = ("keep.h", "simd.h")
 
 

@@ -438,7 +438,15 @@ std::vector<at::Tensor> attention_backward(at::Tensor q, at::Tensor k, at::Tenso
   return {dq, dk, dv};
 }
 
-// The extension's functions: this file's and elementwise.cpp's.
+// decode.cpp's
+at::Tensor rms_norm(at::Tensor x, at::Tensor weight, double eps, at::ScalarType dtype);
+at::Tensor masked_attention(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor mask,
+                            at::ScalarType dtype);
+at::Tensor rope_store(at::Tensor qkv, at::Tensor cos, at::Tensor sin, at::Tensor k_cache,
+                      at::Tensor v_cache, at::Tensor pos, int64_t H, int64_t Hkv,
+                      at::ScalarType dtype);
+
+// The extension's functions: this file's, elementwise.cpp's and decode.cpp's.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attention_forward", &attention_forward, "causal attention with dropout, bf16: (out, lse)");
   m.def("attention_backward", &attention_backward, "its gradients: (dq, dk, dv)");
@@ -448,4 +456,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("layer_norm_forward", &layer_norm_forward, "layer norm, fp32 in, bf16 out");
   m.def("layer_norm_backward", &layer_norm_backward, "its gradients: (dx, dweight, dbias)");
   m.def("keep_mask", &keep_mask, "keep.h's mask of (seed, threshold), rows x cols, bool");
+  m.def("rms_norm", &rms_norm, "RMSNorm in one pass, fp32 or bf16, fp32 weight");
+  m.def("masked_attention", &masked_attention, "attention of a few rows under a bool mask, GQA");
+  m.def("rope_store", &rope_store, "rotary q, k of one token per row; k, v into the cache");
 }

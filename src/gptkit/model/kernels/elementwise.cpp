@@ -18,6 +18,8 @@ namespace {
 
 using gptkit::exp512;
 using gptkit::first_n;
+using gptkit::load16;
+using gptkit::store16;
 using gptkit::Keep;
 
 // The (rows, cols) view of a tensor whose last dimension is its rows' length.
@@ -62,25 +64,9 @@ inline bool supported(const at::Tensor& t) {
          (t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kFloat);
 }
 
-// 16 elements (the first n) of a bf16 or fp32 array from element i, as fp32.
-inline __m512 load16(const void* base, bool bf, int64_t i, __mmask16 n) {
-  if (!bf) return _mm512_maskz_loadu_ps(n, reinterpret_cast<const float*>(base) + i);
-  auto src = reinterpret_cast<const uint16_t*>(base) + i;
-  __m512i w = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(n, src));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
-}
-
 inline __m512 round_bf16(__m512 x) {  // to the nearest bf16 (even on ties), as fp32
   __m512i w = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(x));
   return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
-}
-
-inline void store16(void* base, bool bf, int64_t i, __mmask16 n, __m512 x) {
-  if (bf)
-    _mm256_mask_storeu_epi16(reinterpret_cast<uint16_t*>(base) + i, n,
-                             (__m256i)_mm512_cvtneps_pbh(x));
-  else
-    _mm512_mask_storeu_ps(reinterpret_cast<float*>(base) + i, n, x);
 }
 
 // out[i] = (x[i] as `dtype`) ∘ keep · scale, in `dtype` (bf16 or fp32), rounding as

@@ -8,13 +8,20 @@ random numbers, or torch itself), so the model file holds the architecture alone
 - :func:`gelu`: ``F.gelu``
 - :func:`layer_norm_for_matmul`: ``F.layer_norm``, written in bf16 for a bf16 matmul
   (``elementwise.py``)
+- :func:`rms_norm`: ``F.rms_norm`` (``elementwise.py``)
 
 Dropout's random masks and their packing into bits are in ``masks.py``. Every fast path is
 tested against the plain expression (``tests/test_attention_memory.py``,
 ``tests/test_elementwise_kernels.py``).
 """
 
-from gptkit.model.ops.elementwise import dropout, dropout_add, gelu, layer_norm_for_matmul
+from gptkit.model.ops.elementwise import (
+    dropout,
+    dropout_add,
+    gelu,
+    layer_norm_for_matmul,
+    rms_norm,
+)
 from gptkit.model.ops.sdpa import attention
 
-__all__ = ["attention", "dropout", "dropout_add", "gelu", "layer_norm_for_matmul"]
+__all__ = ["attention", "dropout", "dropout_add", "gelu", "layer_norm_for_matmul", "rms_norm"]

@@ -1,5 +1,5 @@
 """Element-wise ops of the model with their CPU fast paths: dropout, dropout fused with the
-residual add, exact GELU, and layer norm written in bf16 for the next matmul.
+residual add, exact GELU, layer norm written in bf16 for the next matmul, and RMSNorm.
 
 Each public function computes what its docstring's torch formula does; on a CPU with the
 compiled kernels (``kernels/elementwise.cpp``) it runs one pass over memory instead, and
@@ -159,3 +159,26 @@ def layer_norm_for_matmul(x: Tensor, weight: Tensor, bias: Tensor | None, eps: f
     if kernels is None:
         return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
     return _LayerNormToBF16.apply(x, weight, bias, eps, kernels)
+
+
+def inference_kernels(*tensors: Tensor) -> Any:
+    """The compiled kernels for an eager inference call (under ``torch.no_grad`` or
+    ``torch.inference_mode``) on these CPU tensors, else None: not while autograd records
+    (their sums round differently from torch's, so a forward with grad enabled stays torch's
+    bit for bit), not while torch.compile traces (inductor fuses these ops itself)."""
+    if torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return None
+    if any(t.device.type != "cpu" for t in tensors):
+        return None
+    return cpu_kernels()
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """``F.rms_norm(x, (C,), weight, eps)``. At CPU inference one pass of the compiled kernel
+    (``kernels/decode.cpp``): torch's CPU RMSNorm is six ops, whose set-up dominates a
+    decoding step's small rows."""
+    kernels = inference_kernels(x, weight)
+    usable = x.dtype in _KERNEL_DTYPES and weight.dtype == torch.float32 and x.is_contiguous()
+    if kernels is None or not usable or not weight.is_contiguous():
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)
+    return kernels.rms_norm(x, weight, eps, x.dtype)

@@ -1,0 +1,252 @@
+// Inference kernels for decoding a few tokens at a time, where torch's general kernels spend
+// more time in set-up than in arithmetic: RMSNorm in one pass, and attention of a few query
+// rows over a KV cache under a boolean mask, with grouped-query heads read in place (no
+// repeated keys, no copy of the cache to another dtype). fp32 sums throughout; the Python
+// paths they replace (F.rms_norm, F.scaled_dot_product_attention) define the results.
+
+// No fused multiply-adds where the model rounds a product before adding (rotary embedding).
+#pragma GCC optimize("fp-contract=off")
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+#include "simd.h"
+
+namespace {
+
+using gptkit::exp512;
+using gptkit::first_n;
+using gptkit::load16;
+using gptkit::store16;
+
+bool float_or_bf16(const at::Tensor& t) {
+  return t.device().is_cpu() && (t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16);
+}
+
+bool bf(const at::Tensor& t) { return t.scalar_type() == at::kBFloat16; }
+
+// Sum over lanes of a · b for rows of d elements (fp32 or bf16 each).
+inline float dot(const void* a, bool abf, const void* b, bool bbf, int64_t d) {
+  __m512 s = _mm512_setzero_ps();
+  for (int64_t c = 0; c < d; c += 16) {
+    __mmask16 n = first_n(d - c);
+    s = _mm512_fmadd_ps(load16(a, abf, c, n), load16(b, bbf, c, n), s);
+  }
+  return _mm512_reduce_add_ps(s);
+}
+
+}  // namespace
+
+// RMSNorm of x (..., C) contiguous, fp32 or bf16, with weight (C,) fp32: x / sqrt(mean(x²) +
+// eps) · weight, as F.rms_norm computes it (in fp32), in `dtype` (fp32 or bf16: rounded once,
+// as F.rms_norm(x).to(dtype) rounds).
+at::Tensor rms_norm(at::Tensor x, at::Tensor weight, double eps, at::ScalarType dtype) {
+  TORCH_CHECK(float_or_bf16(x) && x.is_contiguous() && x.dim() >= 1,
+              "rms_norm kernel: x contiguous fp32 or bf16 on the CPU");
+  const int64_t C = x.size(-1), rows = C ? x.numel() / C : 0;
+  TORCH_CHECK(weight.numel() == C && weight.scalar_type() == at::kFloat && weight.is_contiguous(),
+              "rms_norm kernel: weight fp32 of x's last dimension");
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, "rms_norm kernel: fp32 or bf16 out");
+  auto y = at::empty(x.sizes(), x.options().dtype(dtype));
+  const bool xbf = bf(x), ybf = dtype == at::kBFloat16;
+  const void* xp = x.data_ptr();
+  const float* wp = weight.data_ptr<float>();
+  void* yp = y.data_ptr();
+  at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1)),
+                   [&](int64_t begin, int64_t end) {
+                     for (int64_t r = begin; r < end; ++r) {
+                       __m512 q = _mm512_setzero_ps();
+                       for (int64_t c = 0; c < C; c += 16) {
+                         __m512 v = load16(xp, xbf, r * C + c, first_n(C - c));
+                         q = _mm512_fmadd_ps(v, v, q);
+                       }
+                       float rs = 1.0f / std::sqrt(_mm512_reduce_add_ps(q) / (float)C + (float)eps);
+                       __m512 vr = _mm512_set1_ps(rs);
+                       for (int64_t c = 0; c < C; c += 16) {
+                         __mmask16 n = first_n(C - c);
+                         __m512 h = _mm512_mul_ps(load16(xp, xbf, r * C + c, n), vr);
+                         store16(yp, ybf, r * C + c, n, _mm512_mul_ps(h, load16(wp, false, c, n)));
+                       }
+                     }
+                   });
+  return y;
+}
+
+// Attention of q (B, H, T, d) over k, v (B, Hkv, S, d) — H a multiple of Hkv, query head h
+// reading key head h / (H / Hkv) — under mask (B or 1, 1, T, S) bool (True = attend), scaled
+// by 1/sqrt(d): softmax(q kᵀ / sqrt(d) masked) v, in q's dtype, laid out (B, H, T, d). Any
+// strides for q, k, v and the mask (the cache's slices are read in place); fp32 or bf16 each.
+// A query row that sees no key gets zeros (SDPA gives NaN there). Work: one (b, h, t) row per
+// task, its scores in a buffer of S floats.
+at::Tensor masked_attention(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor mask,
+                            at::ScalarType dtype) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && mask.dim() == 4,
+              "masked_attention: q, k, v and mask must be 4-D");
+  TORCH_CHECK(float_or_bf16(q) && float_or_bf16(k) && float_or_bf16(v) &&
+                  mask.scalar_type() == at::kBool && mask.device().is_cpu(),
+              "masked_attention: fp32 or bf16 q, k, v and a bool mask on the CPU");
+  const int64_t B = q.size(0), H = q.size(1), T = q.size(2), d = q.size(3);
+  const int64_t Hkv = k.size(1), S = k.size(2);
+  TORCH_CHECK(k.size(0) == B && v.size(0) == B && v.size(1) == Hkv && v.size(2) == S &&
+                  k.size(3) == d && v.size(3) == d && Hkv > 0 && H % Hkv == 0,
+              "masked_attention: k, v (B, Hkv, S, d) with H a multiple of Hkv");
+  TORCH_CHECK((mask.size(0) == B || mask.size(0) == 1) && mask.size(1) == 1 &&
+                  mask.size(2) == T && mask.size(3) == S,
+              "masked_attention: mask (B or 1, 1, T, S)");
+  // rows of d contiguous elements: the last dimension must be dense
+  TORCH_CHECK(q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1,
+              "masked_attention: the head dimension must be contiguous");
+  TORCH_CHECK(d <= 256, "masked_attention: head size at most 256");
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, "masked_attention: fp32 or bf16 out");
+  auto out = at::empty({B, H, T, d}, q.options().dtype(dtype));
+  const bool qbf = bf(q), kbf = bf(k), vbf = bf(v), obf = bf(out);
+  const int64_t esz_q = q.element_size(), esz_k = k.element_size(), esz_v = v.element_size();
+  const auto* qp = static_cast<const char*>(q.data_ptr());
+  const auto* kp = static_cast<const char*>(k.data_ptr());
+  const auto* vp = static_cast<const char*>(v.data_ptr());
+  const auto* mp = reinterpret_cast<const uint8_t*>(mask.data_ptr<bool>());
+  auto* op = static_cast<char*>(out.data_ptr());
+  const int64_t mb = mask.size(0) == 1 ? 0 : mask.stride(0), mt = mask.stride(2),
+                ms = mask.stride(3);
+  const float scale = 1.0f / std::sqrt((float)d);
+  const int64_t group = H / Hkv;
+  at::parallel_for(0, B * H * T, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> p(S);
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t b = i / (H * T), h = (i / T) % H, t = i % T, g = h / group;
+      const char* qr = qp + (b * q.stride(0) + h * q.stride(1) + t * q.stride(2)) * esz_q;
+      const char* kb = kp + (b * k.stride(0) + g * k.stride(1)) * esz_k;
+      const char* vb = vp + (b * v.stride(0) + g * v.stride(1)) * esz_v;
+      const uint8_t* mr = mp + b * mb + t * mt;
+      constexpr float none = -std::numeric_limits<float>::infinity();
+      float best = none;
+      for (int64_t s = 0; s < S; ++s) {
+        p[s] = mr[s * ms] ? dot(qr, qbf, kb + s * k.stride(2) * esz_k, kbf, d) * scale : none;
+        best = std::max(best, p[s]);
+      }
+      char* orow = op + ((b * H + h) * T + t) * d * out.element_size();
+      __m512 acc[16];  // d <= 256
+      const int64_t chunks = (d + 15) / 16;
+      for (int64_t c = 0; c < chunks; ++c) acc[c] = _mm512_setzero_ps();
+      float total = 0.0f;
+      if (best != none) {
+        __m512 vbest = _mm512_set1_ps(best), sum = _mm512_setzero_ps();
+        for (int64_t s = 0; s < S; s += 16) {  // masked keys weigh exactly 0
+          __m512 x = _mm512_maskz_loadu_ps(first_n(S - s), &p[s]);
+          __mmask16 n = _mm512_cmp_ps_mask(x, _mm512_set1_ps(none), _CMP_NEQ_OQ) & first_n(S - s);
+          __m512 w = _mm512_maskz_mov_ps(n, exp512(_mm512_sub_ps(x, vbest)));
+          _mm512_mask_storeu_ps(&p[s], first_n(S - s), w);
+          sum = _mm512_add_ps(sum, w);
+        }
+        total = _mm512_reduce_add_ps(sum);
+        for (int64_t s = 0; s < S; ++s) {
+          if (p[s] == 0.0f) continue;
+          __m512 vw = _mm512_set1_ps(p[s]);
+          const char* vr = vb + s * v.stride(2) * esz_v;
+          for (int64_t c = 0; c < chunks; ++c)
+            acc[c] = _mm512_fmadd_ps(vw, load16(vr, vbf, c * 16, first_n(d - c * 16)), acc[c]);
+        }
+      }
+      __m512 inv = _mm512_set1_ps(total > 0.0f ? 1.0f / total : 0.0f);
+      for (int64_t c = 0; c < chunks; ++c)
+        store16(orow, obf, c * 16, first_n(d - c * 16), _mm512_mul_ps(acc[c], inv));
+    }
+  });
+  return out;
+}
+
+// The attention input of one new token per row: q, k, v split from the projection's output
+// qkv (B, 1, (H + 2 Hkv) d), q and k rotated (rotary embeddings in the "rotate half" layout:
+// element i pairs with i ± d/2) by cos, sin (B, d) fp32 — none given (empty): no rotation — as
+// (x · cos + rotate_half(x) · sin) in fp32, unfused, the model's own rounding; k and v written
+// at slot pos[b] of row b of k_cache, v_cache (B, Hkv, L, d) contiguous, in the cache's dtype.
+// `dtype` is the one the model's projection hands on (a bf16 product may go on as fp32): q
+// comes back in it and the rotated k is rounded to it before the cache's dtype.
+// Returns q (B, H, 1, d).
+at::Tensor rope_store(at::Tensor qkv, at::Tensor cos, at::Tensor sin, at::Tensor k_cache,
+                      at::Tensor v_cache, at::Tensor pos, int64_t H, int64_t Hkv,
+                      at::ScalarType dtype) {
+  TORCH_CHECK(float_or_bf16(qkv) && qkv.is_contiguous() && qkv.dim() == 3 && qkv.size(1) == 1,
+              "rope_store: qkv (B, 1, (H + 2 Hkv) d) contiguous, fp32 or bf16");
+  const int64_t B = qkv.size(0), d = qkv.size(2) / (H + 2 * Hkv);
+  TORCH_CHECK(H > 0 && Hkv > 0 && d * (H + 2 * Hkv) == qkv.size(2) && d % 2 == 0,
+              "rope_store: qkv's width is not (H + 2 Hkv) d with d even");
+  TORCH_CHECK(float_or_bf16(k_cache) && k_cache.is_contiguous() && v_cache.is_contiguous() &&
+                  k_cache.scalar_type() == v_cache.scalar_type() && k_cache.dim() == 4 &&
+                  k_cache.sizes() == v_cache.sizes() && k_cache.size(0) == B &&
+                  k_cache.size(1) == Hkv && k_cache.size(3) == d,
+              "rope_store: caches (B, Hkv, L, d) contiguous, one dtype");
+  TORCH_CHECK(pos.scalar_type() == at::kLong && pos.numel() == B && pos.is_contiguous(),
+              "rope_store: pos (B,) long");
+  const bool rotate = cos.numel() > 0;
+  TORCH_CHECK(!rotate || (cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat &&
+                          cos.is_contiguous() && sin.is_contiguous() && cos.numel() == B * d &&
+                          sin.numel() == B * d),
+              "rope_store: cos, sin (B, d) fp32 contiguous");
+  const int64_t L = k_cache.size(2), half = d / 2;
+  const int64_t* pp = pos.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b)
+    TORCH_CHECK(pp[b] >= 0 && pp[b] < L, "rope_store: position outside the cache");
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, "rope_store: fp32 or bf16 q");
+  auto q = at::empty({B, H, 1, d}, qkv.options().dtype(dtype));
+  const bool xbf = bf(qkv), cbf = bf(k_cache), qbf = dtype == at::kBFloat16;
+  const void* xp = qkv.data_ptr();
+  void *qp = q.data_ptr(), *kp = k_cache.data_ptr(), *vp = v_cache.data_ptr();
+  const float* cp = rotate ? cos.data_ptr<float>() : nullptr;
+  const float* sp = rotate ? sin.data_ptr<float>() : nullptr;
+  const int64_t width = (H + 2 * Hkv) * d;
+  // head j of row b: j < H a query head, then Hkv key heads, then Hkv value heads
+  at::parallel_for(0, B * (H + 2 * Hkv), 16, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t b = i / (H + 2 * Hkv), j = i % (H + 2 * Hkv);
+      const int64_t src = b * width + j * d;
+      void* dst;
+      bool dbf;
+      int64_t at;
+      if (j < H) {
+        dst = qp, dbf = qbf, at = (b * H + j) * d;
+      } else {
+        const int64_t g = j < H + Hkv ? j - H : j - H - Hkv;
+        dst = j < H + Hkv ? kp : vp, dbf = cbf, at = ((b * Hkv + g) * L + pp[b]) * d;
+      }
+      if (!rotate || j >= H + Hkv) {  // copied (values are never rotated)
+        for (int64_t c = 0; c < d; c += 16) {
+          __mmask16 n = first_n(d - c);
+          store16(dst, dbf, at + c, n, load16(xp, xbf, src + c, n));
+        }
+        continue;
+      }
+      const float *cr = cp + b * d, *sr = sp + b * d;
+      for (int64_t c = 0; c < half; c += 16) {
+        __mmask16 n = first_n(half - c);
+        __m512 x1 = load16(xp, xbf, src + c, n), x2 = load16(xp, xbf, src + half + c, n);
+        __m512 lo = _mm512_add_ps(_mm512_mul_ps(x1, load16(cr, false, c, n)),
+                                  _mm512_mul_ps(_mm512_sub_ps(_mm512_setzero_ps(), x2),
+                                                load16(sr, false, c, n)));
+        __m512 hi = _mm512_add_ps(_mm512_mul_ps(x2, load16(cr, false, half + c, n)),
+                                  _mm512_mul_ps(x1, load16(sr, false, half + c, n)));
+        if (j < H) {  // q in `dtype`
+          store16(dst, qbf, at + c, n, lo);
+          store16(dst, qbf, at + half + c, n, hi);
+        } else {  // k: rounded to `dtype` as the model's .to(x.dtype), then to the cache's
+          if (qbf && !cbf) {
+            lo = _mm512_castsi512_ps(_mm512_slli_epi32(
+                _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(lo)), 16));
+            hi = _mm512_castsi512_ps(_mm512_slli_epi32(
+                _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(hi)), 16));
+          }
+          store16(dst, dbf, at + c, n, lo);
+          store16(dst, dbf, at + half + c, n, hi);
+        }
+      }
+    }
+  });
+  return q;
+}
+
