@@ -38,6 +38,7 @@ from gptkit.generate.constrain import constraint_of
 from gptkit.generate.logprobs import TokenLogprob, token_logprob
 from gptkit.generate.sampling import apply_presence_frequency_penalty, sample_next, seen_mask
 from gptkit.model import GPT, KVCache
+from gptkit.model.decode_step import decode_hidden
 from gptkit.tokenizer.base import Tokenizer
 
 FinishReason = Literal["eos", "length", "stop"]
@@ -92,7 +93,8 @@ def prefill(
 def step(model: GPT, tokens: Sequence[int], cache: KVCache) -> Tensor:
     """Logits (B, V) after feeding one token per row (their pending tokens) into ``cache``."""
     x = torch.tensor(tokens, device=cache.pos.device)[:, None]  # (B, 1)
-    return model(x, cache)[:, -1]
+    h = decode_hidden(model, x, cache)  # the fused CPU step, where it applies
+    return model.lm_head(h[:, -1]) if h is not None else model(x, cache)[:, -1]
 
 
 # -- one sequence --------------------------------------------------------------------------
