@@ -78,12 +78,103 @@ at::Tensor rms_norm(at::Tensor x, at::Tensor weight, double eps, at::ScalarType 
   return y;
 }
 
+namespace {
+
+// What masked_attention's tasks read and write.
+struct Rows {
+  const char *q, *k, *v;
+  const uint8_t* mask;
+  char* out;
+  at::IntArrayRef qs, ks, vs;
+  int64_t mb, mt, ms, eq, ek, ev, eo;
+  bool qbf, kbf, vbf, obf;
+  int64_t H, T, d, S;
+  float scale;
+};
+
+// Query heads g·n .. g·n + n - 1 of row b, query t, over key head g, four heads at a time
+// (each key and value row loaded once for them): CH chunks of 16 lanes per row (CH·16 >= d,
+// the tail masked); p holds 4·S scores.
+template <int CH>
+void attend_group(const Rows& r, int64_t b, int64_t g, int64_t n, int64_t t, float* p) {
+  constexpr float none = -std::numeric_limits<float>::infinity();
+  const int64_t d = r.d, S = r.S;
+  __mmask16 lanes[CH];
+  for (int c = 0; c < CH; ++c) lanes[c] = first_n(d - c * 16);
+  const char* kb = r.k + (b * r.ks[0] + g * r.ks[1]) * r.ek;
+  const char* vb = r.v + (b * r.vs[0] + g * r.vs[1]) * r.ev;
+  const uint8_t* mr = r.mask + b * r.mb + t * r.mt;
+  float best[4];  // four query heads at a time
+  for (int64_t h0 = 0; h0 < n; h0 += 4) {
+    const int64_t nh = std::min<int64_t>(4, n - h0);
+    __m512 qv[4][CH];
+    for (int64_t j = 0; j < nh; ++j) {
+      const int64_t h = g * n + h0 + j;
+      const char* qr = r.q + (b * r.qs[0] + h * r.qs[1] + t * r.qs[2]) * r.eq;
+      for (int c = 0; c < CH; ++c) qv[j][c] = load16(qr, r.qbf, c * 16, lanes[c]);
+      best[j] = none;
+    }
+    for (int64_t s = 0; s < S; ++s) {
+      if (!mr[s * r.ms]) {
+        for (int64_t j = 0; j < nh; ++j) p[j * S + s] = none;
+        continue;
+      }
+      const char* kr = kb + s * r.ks[2] * r.ek;
+      __m512 kv[CH];
+      for (int c = 0; c < CH; ++c) kv[c] = load16(kr, r.kbf, c * 16, lanes[c]);
+      for (int64_t j = 0; j < nh; ++j) {
+        __m512 acc = _mm512_mul_ps(qv[j][0], kv[0]);
+        for (int c = 1; c < CH; ++c) acc = _mm512_fmadd_ps(qv[j][c], kv[c], acc);
+        const float x = _mm512_reduce_add_ps(acc) * r.scale;
+        p[j * S + s] = x;
+        best[j] = std::max(best[j], x);
+      }
+    }
+    float total[4] = {0, 0, 0, 0};
+    for (int64_t j = 0; j < nh; ++j) {  // weights: exp(score - best), masked keys exactly 0
+      if (best[j] == none) continue;
+      float* pj = p + j * S;
+      __m512 vbest = _mm512_set1_ps(best[j]), sum = _mm512_setzero_ps();
+      for (int64_t s = 0; s < S; s += 16) {
+        __m512 x = _mm512_maskz_loadu_ps(first_n(S - s), pj + s);
+        __mmask16 m = _mm512_cmp_ps_mask(x, _mm512_set1_ps(none), _CMP_NEQ_OQ) & first_n(S - s);
+        __m512 w = _mm512_maskz_mov_ps(m, exp512(_mm512_sub_ps(x, vbest)));
+        _mm512_mask_storeu_ps(pj + s, first_n(S - s), w);
+        sum = _mm512_add_ps(sum, w);
+      }
+      total[j] = _mm512_reduce_add_ps(sum);
+    }
+    __m512 acc[4][CH];
+    for (int64_t j = 0; j < 4; ++j)
+      for (int c = 0; c < CH; ++c) acc[j][c] = _mm512_setzero_ps();
+    for (int64_t s = 0; s < S; ++s) {
+      if (!mr[s * r.ms]) continue;
+      const char* vr = vb + s * r.vs[2] * r.ev;
+      __m512 vv[CH];
+      for (int c = 0; c < CH; ++c) vv[c] = load16(vr, r.vbf, c * 16, lanes[c]);
+      for (int64_t j = 0; j < nh; ++j) {
+        const __m512 w = _mm512_set1_ps(p[j * S + s]);
+        for (int c = 0; c < CH; ++c) acc[j][c] = _mm512_fmadd_ps(w, vv[c], acc[j][c]);
+      }
+    }
+    for (int64_t j = 0; j < nh; ++j) {  // a row that sees no key: zeros
+      const int64_t h = g * n + h0 + j;
+      char* orow = r.out + ((b * r.H + h) * r.T + t) * d * r.eo;
+      const __m512 inv = _mm512_set1_ps(total[j] > 0.0f ? 1.0f / total[j] : 0.0f);
+      for (int c = 0; c < CH; ++c)
+        if (c * 16 < d) store16(orow, r.obf, c * 16, lanes[c], _mm512_mul_ps(acc[j][c], inv));
+    }
+  }
+}
+
+}  // namespace
+
 // Attention of q (B, H, T, d) over k, v (B, Hkv, S, d) — H a multiple of Hkv, query head h
 // reading key head h / (H / Hkv) — under mask (B or 1, 1, T, S) bool (True = attend), scaled
 // by 1/sqrt(d): softmax(q kᵀ / sqrt(d) masked) v, in q's dtype, laid out (B, H, T, d). Any
 // strides for q, k, v and the mask (the cache's slices are read in place); fp32 or bf16 each.
-// A query row that sees no key gets zeros (SDPA gives NaN there). Work: one (b, h, t) row per
-// task, its scores in a buffer of S floats.
+// A query row that sees no key gets zeros (SDPA gives NaN there). Work: one (b, key head, t)
+// per task, the group's query heads reading each key and value once.
 at::Tensor masked_attention(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor mask,
                             at::ScalarType dtype) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && mask.dim() == 4,
@@ -116,46 +207,19 @@ at::Tensor masked_attention(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor
                 ms = mask.stride(3);
   const float scale = 1.0f / std::sqrt((float)d);
   const int64_t group = H / Hkv;
-  at::parallel_for(0, B * H * T, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> p(S);
+  const Rows rows{qp, kp, vp, mp, op, q.strides(), k.strides(), v.strides(), mb, mt, ms,
+                  esz_q, esz_k, esz_v, out.element_size(), qbf, kbf, vbf, obf, H, T, d, S, scale};
+  // one task per (b, key head, t): the query heads of a group read each key and value once
+  at::parallel_for(0, B * Hkv * T, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> p(4 * S);
     for (int64_t i = begin; i < end; ++i) {
-      const int64_t b = i / (H * T), h = (i / T) % H, t = i % T, g = h / group;
-      const char* qr = qp + (b * q.stride(0) + h * q.stride(1) + t * q.stride(2)) * esz_q;
-      const char* kb = kp + (b * k.stride(0) + g * k.stride(1)) * esz_k;
-      const char* vb = vp + (b * v.stride(0) + g * v.stride(1)) * esz_v;
-      const uint8_t* mr = mp + b * mb + t * mt;
-      constexpr float none = -std::numeric_limits<float>::infinity();
-      float best = none;
-      for (int64_t s = 0; s < S; ++s) {
-        p[s] = mr[s * ms] ? dot(qr, qbf, kb + s * k.stride(2) * esz_k, kbf, d) * scale : none;
-        best = std::max(best, p[s]);
+      const int64_t b = i / (Hkv * T), g = (i / T) % Hkv, t = i % T;
+      switch ((d + 15) / 16) {
+        case 2: attend_group<2>(rows, b, g, group, t, p.data()); break;
+        case 4: attend_group<4>(rows, b, g, group, t, p.data()); break;
+        case 8: attend_group<8>(rows, b, g, group, t, p.data()); break;
+        default: attend_group<16>(rows, b, g, group, t, p.data());
       }
-      char* orow = op + ((b * H + h) * T + t) * d * out.element_size();
-      __m512 acc[16];  // d <= 256
-      const int64_t chunks = (d + 15) / 16;
-      for (int64_t c = 0; c < chunks; ++c) acc[c] = _mm512_setzero_ps();
-      float total = 0.0f;
-      if (best != none) {
-        __m512 vbest = _mm512_set1_ps(best), sum = _mm512_setzero_ps();
-        for (int64_t s = 0; s < S; s += 16) {  // masked keys weigh exactly 0
-          __m512 x = _mm512_maskz_loadu_ps(first_n(S - s), &p[s]);
-          __mmask16 n = _mm512_cmp_ps_mask(x, _mm512_set1_ps(none), _CMP_NEQ_OQ) & first_n(S - s);
-          __m512 w = _mm512_maskz_mov_ps(n, exp512(_mm512_sub_ps(x, vbest)));
-          _mm512_mask_storeu_ps(&p[s], first_n(S - s), w);
-          sum = _mm512_add_ps(sum, w);
-        }
-        total = _mm512_reduce_add_ps(sum);
-        for (int64_t s = 0; s < S; ++s) {
-          if (p[s] == 0.0f) continue;
-          __m512 vw = _mm512_set1_ps(p[s]);
-          const char* vr = vb + s * v.stride(2) * esz_v;
-          for (int64_t c = 0; c < chunks; ++c)
-            acc[c] = _mm512_fmadd_ps(vw, load16(vr, vbf, c * 16, first_n(d - c * 16)), acc[c]);
-        }
-      }
-      __m512 inv = _mm512_set1_ps(total > 0.0f ? 1.0f / total : 0.0f);
-      for (int64_t c = 0; c < chunks; ++c)
-        store16(orow, obf, c * 16, first_n(d - c * 16), _mm512_mul_ps(acc[c], inv));
     }
   });
   return out;
