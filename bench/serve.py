@@ -34,6 +34,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -86,11 +87,18 @@ def start_llama_server(
     binary: str, model: str, port: int, slots: int, threads: int
 ) -> subprocess.Popen:
     """llama.cpp's server on ``model`` with ``slots`` parallel sequences, 512 positions each,
-    continuous batching, once it answers ``/health``."""
+    continuous batching, once it answers ``/health``. Its log (a few lines per request) goes
+    to a temporary file: into an unread pipe it would fill the pipe and stall the server."""
     cmd = [binary, "-m", model, "--host", "127.0.0.1", "--port", str(port), "-np", str(slots)]
     cmd += ["-c", str(512 * slots), "-cb", "-t", str(threads), "-tb", str(threads)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    return wait_healthy(proc, port, "llama-server")
+    log = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 (open while the server runs)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log, text=True)
+    try:
+        return wait_healthy(proc, port, "llama-server")
+    except SystemExit:
+        log.seek(0)
+        tail = log.read()[-2000:]
+        raise SystemExit(f"llama-server did not serve; its log ends:\n{tail}") from None
 
 
 async def client(

@@ -55,6 +55,27 @@ def test_concurrent_greedy_equals_alone(setup) -> None:
             assert last.completion_tokens == n
 
 
+def test_run_serves_from_the_calling_thread_until_stopped(setup) -> None:
+    """Engine.run (what `gptkit serve` does in its main thread): requests from other threads
+    are served by the caller's loop, which returns on stop(); a second run is refused."""
+    model, tok = setup
+    engine = Engine(model, tok, max_batch=2)
+    out: list = []
+
+    def clients() -> None:
+        out.extend(run_all(engine, tok, PROMPTS[:3], [6, 6, 6]))
+        engine.stop()
+
+    thread = threading.Thread(target=clients)
+    engine.run(ready=thread.start)  # returns once the clients' thread stops it
+    thread.join()
+    assert [text for text, _ in out] == [alone(model, tok, p, 6) for p in PROMPTS[:3]]
+    engine._running = True  # as while another thread runs it
+    with pytest.raises(EngineError, match="already running"):
+        engine.run()
+    engine.shutdown()
+
+
 def test_a_request_joins_a_running_batch(setup) -> None:
     model, tok = setup
     with Engine(model, tok) as engine:

@@ -40,8 +40,10 @@ import hmac
 import json
 import math
 import os
+import signal
 import socket
 import sys
+import threading
 from collections.abc import AsyncIterator, Awaitable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -640,10 +642,29 @@ def serve(
         file=sys.stderr,
         flush=True,
     )
-    engine.start()
+    server = uvicorn.Server(server_config(app, host, port, log_level, read_timeout))
+
+    def http() -> None:  # the HTTP side in a thread; the model stays on this one
+        try:
+            server.run()
+        finally:
+            engine.stop()  # uvicorn stopped (or could not start): so does the engine
+
+    thread = threading.Thread(target=http, name="gptkit-http", daemon=True)
+    previous = signal.signal(signal.SIGTERM, _interrupt)  # uvicorn handles it in main only
     try:
-        uvicorn.Server(server_config(app, host, port, log_level, read_timeout)).run()
-    except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C after its graceful shutdown
+        engine.run(ready=thread.start)  # see Engine.run: torch's threads stay on this thread
+    except KeyboardInterrupt:
         pass
     finally:
-        engine.shutdown()
+        signal.signal(signal.SIGTERM, previous)
+        engine.shutdown()  # requests still running end with an error, and their streams
+        server.should_exit = True
+        thread.join(timeout=15)
+    if not server.started:
+        raise GptkitError(f"could not listen on {host}:{port} (see the log above)")
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    """SIGTERM as Ctrl-C: the engine loop stops and the server shuts down gracefully."""
+    raise KeyboardInterrupt

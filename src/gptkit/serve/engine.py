@@ -1,4 +1,6 @@
-"""The serving engine: one worker thread owns the model and decodes every request together.
+"""The serving engine: one worker loop owns the model and decodes every request together
+(:meth:`Engine.run` in the calling thread, as ``gptkit serve`` runs it in its main thread, or
+:meth:`Engine.start` in a thread of its own).
 
 Continuous batching (Yu et al. 2022, "Orca"; vLLM's scheduler is the reference design): the
 batch is re-formed at every token boundary. A request that arrives while others are decoding
@@ -41,7 +43,7 @@ import contextlib
 import queue
 import threading
 import traceback
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -230,11 +232,32 @@ class Engine:
         self._thread = threading.Thread(target=self._work, name="gptkit-engine", daemon=True)
         self._thread.start()
 
-    def shutdown(self) -> None:
-        """Stop the worker; requests still running or waiting end with an error."""
+    def run(self, ready: Callable[[], object] | None = None) -> None:
+        """The worker loop in the calling thread, until :meth:`stop` or :meth:`shutdown` from
+        another thread (or an exception such as Ctrl-C here); ``ready`` is called once the
+        engine takes requests (start the threads that submit them there).
+
+        ``gptkit serve`` runs it in its main thread, where the model was loaded: torch's
+        OpenMP threads belong to the thread that starts a parallel region, and while one
+        thread's team exists another thread's regions run about 2x slower on 2 cores
+        (libgomp throttles when it manages more threads than there are cores)."""
+        with self._lock:
+            if self._running:
+                raise EngineError("the engine is already running")
+            self._running = True
+        if ready is not None:
+            ready()
+        self._work()
+
+    def stop(self) -> None:
+        """Ask the worker loop to return after its current step."""
         with self._wake:
             self._running = False
             self._wake.notify_all()
+
+    def shutdown(self) -> None:
+        """Stop the worker; requests still running or waiting end with an error."""
+        self.stop()
         if self._thread is not None:
             self._thread.join()
             self._thread = None
