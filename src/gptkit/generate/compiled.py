@@ -19,8 +19,9 @@ current call has still to decode, reaches the compilation's cost (:func:`compile
 cold with inductor's on-disk cache empty, much less when this process or an earlier one
 compiled the same graph. Deterministic ski rental never pays more than twice the best
 choice made knowing the future. For SmolLM2-135M int4 on 2 cores (the constants below), a
-step saves ~10 ms: one call of a few hundred tokens stays eager; a session (or one long
-call) compiles after ~900 tokens when an earlier process compiled the graphs, ~9,000 cold.
+compiled step saves ~1 ms over the fused eager step (:mod:`gptkit.model.decode_step`): one
+call stays eager; a session compiles after ~8,000 tokens when an earlier process compiled
+the graphs, ~80,000 cold.
 """
 
 from __future__ import annotations
@@ -215,11 +216,11 @@ def _warn_recompile_limit(what: str, doing: str) -> None:
 #: how much faster a compiled decode step is than an eager one, and what compiling a model's
 #: decode step and prefill costs per layer, in seconds, with inductor's on-disk cache empty
 #: ("cold") and holding the graphs ("warm": a second process), for a model whose step did not
-#: compile in this process yet. SmolLM2-135M int4 (30 layers) on 2 cores: an eager step
-#: costs about 2-2.5 compiled ones (25 ms of one core's time against ~100 tokens/s
-#: compiled); the first call compiles in about 90 s cold and, measured side by side on a
-#: loaded machine, a warm one costs a tenth of a cold one (68 s against 660 s).
-SPEEDUP = 2.0
+#: compile in this process yet. SmolLM2-135M int4 (30 layers) on 2 cores, measured side by
+#: side (bench/decode.py, 2026-12-07): 101 tokens/s compiled against 90 for the fused eager
+#: step; the first call compiles in about 90 s cold and, measured side by side on a loaded
+#: machine, a warm one costs a tenth of a cold one (68 s against 660 s).
+SPEEDUP = 1.12
 COMPILE_S_PER_LAYER = {"cold": 3.0, "warm": 0.3}
 #: eager steps between two decisions, and before the first one on a model never timed
 CHECK_EVERY = 16
