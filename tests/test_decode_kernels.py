@@ -57,7 +57,14 @@ def attention_case(B: int, H: int, Hkv: int, T: int, S: int, d: int, kv: torch.d
 
 @pytest.mark.parametrize(
     ("B", "H", "Hkv", "T", "S", "d"),
-    [(1, 9, 3, 1, 201, 64), (2, 4, 4, 3, 77, 24), (3, 6, 2, 16, 130, 32), (1, 2, 1, 5, 1, 80)],
+    [
+        (1, 9, 3, 1, 201, 64),
+        (2, 4, 4, 3, 77, 24),
+        (3, 6, 2, 16, 130, 32),
+        (1, 2, 1, 5, 1, 80),
+        (1, 9, 3, 1, 2500, 64),  # a long cache: ranges of keys combined
+        (2, 4, 2, 2, 1100, 128),
+    ],
 )
 @pytest.mark.parametrize("kv", [torch.float32, torch.bfloat16])
 def test_masked_attention_equals_sdpa(B, H, Hkv, T, S, d, kv) -> None:
@@ -72,6 +79,16 @@ def test_masked_attention_equals_sdpa(B, H, Hkv, T, S, d, kv) -> None:
     want = F.scaled_dot_product_attention(
         q, k.float(), v.float(), attn_mask=one_mask, enable_gqa=Hkv != H
     )
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_a_long_cache_whose_first_ranges_are_masked() -> None:
+    """Key ranges that a query cannot see at all (left padding of 1,500 slots) drop out of
+    the combination."""
+    q, k, v, mask = attention_case(1, 4, 2, 1, 2100, 32, torch.float32)
+    mask[..., :1500] = False
+    got = kernels().masked_attention(q, k, v, mask, q.dtype)
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 

@@ -17,7 +17,7 @@ model.
 from __future__ import annotations
 
 import weakref
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -102,46 +102,50 @@ def applies(model: GPT, idx: Tensor, cache: KVCache | None) -> tuple[Any, str] |
     return (kernels, plan) if kernels is not None else None
 
 
-def _block(
-    block: Block,
-    x: Tensor,
-    rope: tuple[Tensor, Tensor],
-    kv: tuple[Tensor, Tensor],
-    pos: Tensor,
-    mask: Tensor,
-    kernels: Any,
-) -> Tensor:
+class _Step(NamedTuple):
+    """What every layer of one step shares: rotary cos and sin (B, hs) (empty: none), each
+    row's position (B,), the mask (B, 1, 1, S) and the compiled kernels."""
+
+    rope: tuple[Tensor, Tensor]
+    pos: Tensor
+    mask: Tensor
+    kernels: Any
+
+    def attend(
+        self,
+        attn: Any,
+        qkv: Tensor,
+        kv: tuple[Tensor, Tensor],
+        q_dtype: torch.dtype,
+        dtype: torch.dtype,
+    ) -> Tensor:
+        """q, k, v from the projection's output qkv (B, 1, W), rotated in ``q_dtype`` (the
+        dtype the model's projection hands on), k and v into the cache, and the attention
+        (B, nh, 1, hs) in ``dtype``."""
+        (k, v), S, pos = kv, self.mask.shape[-1], self.pos
+        q = self.kernels.rope_store(qkv, *self.rope, k, v, pos, attn.nh, attn.nkv, q_dtype)
+        return self.kernels.masked_attention(q, k[:, :, :S], v[:, :, :S], self.mask, dtype)
+
+
+def _block(block: Block, x: Tensor, kv: tuple[Tensor, Tensor], step: _Step) -> Tensor:
     """One pre-norm block for x (B, 1, C): what ``block(x, rope, kv, pos, mask)`` computes,
     its norms, linears and MLP the block's own modules."""
-    a, (k, v) = block.attn, kv
-    S = mask.shape[-1]
+    a = block.attn
     qkv = a.qkv(block.norm_1(x))
-    q = kernels.rope_store(qkv.contiguous(), *rope, k, v, pos, a.nh, a.nkv, qkv.dtype)
-    y = kernels.masked_attention(q, k[:, :, :S], v[:, :, :S], mask, q.dtype)  # (B, nh, 1, hs)
+    y = step.attend(a, qkv.contiguous(), kv, qkv.dtype, qkv.dtype)  # (B, nh, 1, hs)
     x = x + a.proj(y.view(x.shape[0], 1, a.nh * a.hs))
     return x + block.mlp(block.norm_2(x))
 
 
-def _bf16_block(
-    block: Block,
-    x: Tensor,
-    rope: tuple[Tensor, Tensor],
-    kv: tuple[Tensor, Tensor],
-    pos: Tensor,
-    mask: Tensor,
-    kernels: Any,
-) -> Tensor:
+def _bf16_block(block: Block, x: Tensor, kv: tuple[Tensor, Tensor], step: _Step) -> Tensor:
     """:func:`_block` for the "bf16" plan (see :func:`_plan`), x (B, C) fp32: each product
     reads bf16 rows written by the kernel before it (the norm, the attention) and its bf16
     result goes on as fp32, as the layers' forwards do, so the numbers are the same."""
-    a, m, (k, v), bf16 = block.attn, block.mlp, kv, torch.bfloat16
-    n1, n2 = block.norm_1, block.norm_2
-    S = mask.shape[-1]
-    qkv = a.qkv._matmul(kernels.rms_norm(x, n1.weight, n1.eps, bf16))  # (B, W) bf16
-    q = kernels.rope_store(qkv.unsqueeze(1).contiguous(), *rope, k, v, pos, a.nh, a.nkv, x.dtype)
-    y = kernels.masked_attention(q, k[:, :, :S], v[:, :, :S], mask, bf16)  # (B, nh, 1, hs)
+    a, m, n1, n2, bf16 = block.attn, block.mlp, block.norm_1, block.norm_2, torch.bfloat16
+    qkv = a.qkv._matmul(step.kernels.rms_norm(x, n1.weight, n1.eps, bf16))  # (B, W) bf16
+    y = step.attend(a, qkv.unsqueeze(1).contiguous(), kv, x.dtype, bf16)  # (B, nh, 1, hs)
     x = x + a.proj._matmul(y.view(x.shape[0], a.nh * a.hs))
-    gate, up = m.fc._matmul(kernels.rms_norm(x, n2.weight, n2.eps, bf16)).float().chunk(2, -1)
+    gate, up = m.fc._matmul(step.kernels.rms_norm(x, n2.weight, n2.eps, bf16)).float().chunk(2, -1)
     return x + m.proj._matmul((F.silu(gate) * up).to(bf16))
 
 
@@ -168,11 +172,12 @@ def decode_hidden(model: GPT, idx: Tensor, cache: KVCache | None) -> Tensor | No
         rope = (table[0], table[1])
     keys = torch.arange(cache.length + 1)
     mask = (keys <= pos[:, None])[:, None, None]  # (B, 1, 1, S): slot <= position
+    step = _Step(rope, pos, mask, kernels)
     run = _bf16_block if plan == "bf16" else _block
     if plan == "bf16":
         x = x[:, 0]  # (B, C): the products take rows
     for i, block in enumerate(model.blocks):
-        x = run(block, x, rope, (cache.k[i], cache.v[i]), pos, mask, kernels)  # type: ignore[arg-type]
+        x = run(block, x, (cache.k[i], cache.v[i]), step)  # type: ignore[arg-type]
     if plan == "bf16":
         x = x[:, None]
     cache.pos = cache.pos + 1

@@ -92,18 +92,21 @@ struct Rows {
   float scale;
 };
 
-// Query heads g·n .. g·n + n - 1 of row b, query t, over key head g, four heads at a time
-// (each key and value row loaded once for them): CH chunks of 16 lanes per row (CH·16 >= d,
-// the tail masked); p holds 4·S scores.
+// Query heads g·n .. g·n + n - 1 of row b, query t, over keys s0 .. s1 - 1 of key head g,
+// four heads at a time (each key and value row loaded once for them): CH chunks of 16 lanes
+// per row (CH·16 >= d, the tail masked); p holds 4·(s1 - s0) scores. Without `part`, the
+// result goes to the output; with it, each head's (max score, sum of weights, weighted sum
+// of values unnormalised: CH·16 floats) goes there, n of them, for combine().
 template <int CH>
-void attend_group(const Rows& r, int64_t b, int64_t g, int64_t n, int64_t t, float* p) {
+void attend_group(const Rows& r, int64_t b, int64_t g, int64_t n, int64_t t, int64_t s0,
+                  int64_t s1, float* p, float* part) {
   constexpr float none = -std::numeric_limits<float>::infinity();
-  const int64_t d = r.d, S = r.S;
+  const int64_t d = r.d, S = s1 - s0;
   __mmask16 lanes[CH];
   for (int c = 0; c < CH; ++c) lanes[c] = first_n(d - c * 16);
-  const char* kb = r.k + (b * r.ks[0] + g * r.ks[1]) * r.ek;
-  const char* vb = r.v + (b * r.vs[0] + g * r.vs[1]) * r.ev;
-  const uint8_t* mr = r.mask + b * r.mb + t * r.mt;
+  const char* kb = r.k + (b * r.ks[0] + g * r.ks[1] + s0 * r.ks[2]) * r.ek;
+  const char* vb = r.v + (b * r.vs[0] + g * r.vs[1] + s0 * r.vs[2]) * r.ev;
+  const uint8_t* mr = r.mask + b * r.mb + t * r.mt + s0 * r.ms;
   float best[4];  // four query heads at a time
   for (int64_t h0 = 0; h0 < n; h0 += 4) {
     const int64_t nh = std::min<int64_t>(4, n - h0);
@@ -157,7 +160,12 @@ void attend_group(const Rows& r, int64_t b, int64_t g, int64_t n, int64_t t, flo
         for (int c = 0; c < CH; ++c) acc[j][c] = _mm512_fmadd_ps(w, vv[c], acc[j][c]);
       }
     }
-    for (int64_t j = 0; j < nh; ++j) {  // a row that sees no key: zeros
+    for (int64_t j = 0; part != nullptr && j < nh; ++j) {
+      float* slot = part + (h0 + j) * (CH * 16 + 2);
+      slot[0] = best[j], slot[1] = total[j];
+      for (int c = 0; c < CH; ++c) _mm512_storeu_ps(slot + 2 + c * 16, acc[j][c]);
+    }
+    for (int64_t j = 0; part == nullptr && j < nh; ++j) {  // a row that sees no key: zeros
       const int64_t h = g * n + h0 + j;
       char* orow = r.out + ((b * r.H + h) * r.T + t) * d * r.eo;
       const __m512 inv = _mm512_set1_ps(total[j] > 0.0f ? 1.0f / total[j] : 0.0f);
@@ -165,6 +173,59 @@ void attend_group(const Rows& r, int64_t b, int64_t g, int64_t n, int64_t t, flo
         if (c * 16 < d) store16(orow, r.obf, c * 16, lanes[c], _mm512_mul_ps(acc[j][c], inv));
     }
   }
+}
+
+// The output row of query head h of row b, query t, from the parts of its P key ranges
+// (attend_group's `part` slots, `stride` floats apart): softmax's sums rescaled to the largest
+// score of all (Milakov & Gimelshein 2018; FlashDecoding splits the keys the same way).
+template <int CH>
+void combine(const Rows& r, int64_t b, int64_t h, int64_t t, const float* part, int64_t P,
+             int64_t stride) {
+  constexpr float none = -std::numeric_limits<float>::infinity();
+  float best = none;
+  for (int64_t c = 0; c < P; ++c) best = std::max(best, part[c * stride]);
+  __m512 acc[CH];
+  for (int c = 0; c < CH; ++c) acc[c] = _mm512_setzero_ps();
+  float total = 0.0f;
+  for (int64_t c = 0; best != none && c < P; ++c) {
+    const float* slot = part + c * stride;
+    if (slot[0] == none) continue;
+    const float w = std::exp(slot[0] - best);
+    total += w * slot[1];
+    for (int k = 0; k < CH; ++k)
+      acc[k] = _mm512_fmadd_ps(_mm512_set1_ps(w), _mm512_loadu_ps(slot + 2 + k * 16), acc[k]);
+  }
+  char* orow = r.out + ((b * r.H + h) * r.T + t) * r.d * r.eo;
+  const __m512 inv = _mm512_set1_ps(total > 0.0f ? 1.0f / total : 0.0f);
+  for (int c = 0; c < CH; ++c)
+    if (c * 16 < r.d) store16(orow, r.obf, c * 16, first_n(r.d - c * 16), _mm512_mul_ps(acc[c], inv));
+}
+
+template <int CH>
+void attend(const Rows& r, int64_t B, int64_t Hkv, int64_t T, int64_t group) {
+  // long caches are split into ranges of keys, so that every thread has work at batch 1
+  const int64_t S = r.S, chunk = S > 1024 ? 512 : std::max<int64_t>(S, 1);
+  const int64_t P = (S + chunk - 1) / chunk, stride = CH * 16 + 2;
+  std::vector<float> parts(P > 1 ? B * Hkv * T * P * group * stride : 0);
+  at::parallel_for(0, B * Hkv * T * P, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> p(4 * chunk);
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t bgt = i / P, c = i % P;
+      const int64_t b = bgt / (Hkv * T), g = (bgt / T) % Hkv, t = bgt % T;
+      float* part = P > 1 ? parts.data() + i * group * stride : nullptr;
+      attend_group<CH>(r, b, g, group, t, c * chunk, std::min(S, (c + 1) * chunk), p.data(), part);
+    }
+  });
+  if (P == 1) return;
+  at::parallel_for(0, B * Hkv * T * group, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t bgt = i / group, j = i % group;
+      const int64_t b = bgt / (Hkv * T), g = (bgt / T) % Hkv, t = bgt % T;
+      // part c of (b, g, t) starts at ((bgt · P) + c) · group · stride; head j at + j · stride
+      combine<CH>(r, b, g * group + j, t, parts.data() + (bgt * P * group + j) * stride, P,
+                  group * stride);
+    }
+  });
 }
 
 }  // namespace
@@ -209,19 +270,14 @@ at::Tensor masked_attention(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor
   const int64_t group = H / Hkv;
   const Rows rows{qp, kp, vp, mp, op, q.strides(), k.strides(), v.strides(), mb, mt, ms,
                   esz_q, esz_k, esz_v, out.element_size(), qbf, kbf, vbf, obf, H, T, d, S, scale};
-  // one task per (b, key head, t): the query heads of a group read each key and value once
-  at::parallel_for(0, B * Hkv * T, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> p(4 * S);
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t b = i / (Hkv * T), g = (i / T) % Hkv, t = i % T;
-      switch ((d + 15) / 16) {
-        case 2: attend_group<2>(rows, b, g, group, t, p.data()); break;
-        case 4: attend_group<4>(rows, b, g, group, t, p.data()); break;
-        case 8: attend_group<8>(rows, b, g, group, t, p.data()); break;
-        default: attend_group<16>(rows, b, g, group, t, p.data());
-      }
-    }
-  });
+  // one task per (b, key head, t) and range of keys: the query heads of a group read each
+  // key and value once
+  switch ((d + 15) / 16) {
+    case 2: attend<2>(rows, B, Hkv, T, group); break;
+    case 4: attend<4>(rows, B, Hkv, T, group); break;
+    case 8: attend<8>(rows, B, Hkv, T, group); break;
+    default: attend<16>(rows, B, Hkv, T, group);
+  }
   return out;
 }
 
