@@ -20,6 +20,9 @@ happens) are timed and printed apart from the measured runs.
     python bench/decode.py                                         # gptkit and transformers
     python bench/decode.py --llama-python /work/bench-venv/bin/python   # and llama.cpp
 
+``--prompt-tokens 2048`` (or 8192) measures a long context: the prompt is that many tokens
+from the start of tiny Shakespeare, and decoding runs at that depth.
+
 ``--llama-python`` names an interpreter that has ``llama_cpp`` (llama-cpp-python), run in a
 subprocess so it never enters this project's environment. Prints a table of each figure
 with its anchor and the ratio; every row comes from this one run, whose measured runs go
@@ -54,7 +57,8 @@ LLAMA_SCRIPT = textwrap.dedent(
     from llama_cpp import Llama
     args = json.loads(sys.argv[1])
     llm = Llama(model_path=args["model"], n_threads=args["threads"],
-                n_threads_batch=args["threads"], n_ctx=2048, n_batch=512, seed=0, verbose=False)
+                n_threads_batch=args["threads"], n_ctx=args["ctx"], n_batch=512, seed=0,
+                verbose=False)
     n_vocab = llm.n_vocab()
     def run(ids, new):
         llm.reset(); llm._ctx.kv_cache_clear()
@@ -79,7 +83,7 @@ Run = tuple[list[int], float, float]  # greedy tokens, prefill tok/s, decode tok
 
 
 def prompt_ids(tokenizer: Any, n: int) -> list[int]:
-    ids = tokenizer.encode(TEXT.read_text()[:900])[:n]
+    ids = tokenizer.encode(TEXT.read_text()[: max(900, 6 * n)])[:n]  # ~4 characters a token
     if len(ids) < n:
         raise SystemExit(f"the prompt text gives {len(ids)} tokens, fewer than {n}")
     return ids
@@ -172,7 +176,8 @@ def llamacpp_runner(
     python: str, path: Path, ids: list[int], new: int, threads: int
 ) -> Callable[[], Run]:
     """llama.cpp in a subprocess that stays up and runs once per request."""
-    args = {"model": str(path), "ids": ids, "new": new, "threads": threads}
+    ctx = max(2048, len(ids) + new + 64)
+    args = {"model": str(path), "ids": ids, "new": new, "threads": threads, "ctx": ctx}
     proc = subprocess.Popen(
         [python, "-c", LLAMA_SCRIPT, json.dumps(args)],
         stdin=subprocess.PIPE,
@@ -272,6 +277,7 @@ def main() -> None:
         ("int4", "transformers bf16"),
         ("int4", "llama.cpp Q4_1"),
         ("default", "llama.cpp Q4_1"),
+        ("default", "transformers bf16"),
     ]
     how = "eager" if args.no_compile else "compiled"
     print(
