@@ -1,8 +1,10 @@
 // Inference kernels for decoding a few tokens at a time, where torch's general kernels spend
-// more time in set-up than in arithmetic: RMSNorm in one pass, and attention of a few query
-// rows over a KV cache under a boolean mask, with grouped-query heads read in place (no
-// repeated keys, no copy of the cache to another dtype). fp32 sums throughout; the Python
-// paths they replace (F.rms_norm, F.scaled_dot_product_attention) define the results.
+// more time in set-up than in arithmetic: RMSNorm in one pass; attention of a few query rows
+// over a KV cache under a boolean mask, with grouped-query heads read in place (no repeated
+// keys, no copy of the cache to another dtype); and the rotary embedding of one new token
+// per row with its keys and values written into the cache. fp32 sums throughout; the
+// Python paths they replace (F.rms_norm, F.scaled_dot_product_attention, the model's
+// apply_rope and cache writes) define the results (model/decode_step.py uses all three).
 
 // No fused multiply-adds where the model rounds a product before adding (rotary embedding).
 #pragma GCC optimize("fp-contract=off")
@@ -30,16 +32,6 @@ bool float_or_bf16(const at::Tensor& t) {
 }
 
 bool bf(const at::Tensor& t) { return t.scalar_type() == at::kBFloat16; }
-
-// Sum over lanes of a · b for rows of d elements (fp32 or bf16 each).
-inline float dot(const void* a, bool abf, const void* b, bool bbf, int64_t d) {
-  __m512 s = _mm512_setzero_ps();
-  for (int64_t c = 0; c < d; c += 16) {
-    __mmask16 n = first_n(d - c);
-    s = _mm512_fmadd_ps(load16(a, abf, c, n), load16(b, bbf, c, n), s);
-  }
-  return _mm512_reduce_add_ps(s);
-}
 
 }  // namespace
 
