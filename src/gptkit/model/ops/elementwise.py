@@ -178,7 +178,7 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     (``kernels/decode.cpp``): torch's CPU RMSNorm is six ops, whose set-up dominates a
     decoding step's small rows."""
     kernels = inference_kernels(x, weight)
-    usable = x.dtype in _KERNEL_DTYPES and weight.dtype == torch.float32 and x.is_contiguous()
-    if kernels is None or not usable or not weight.is_contiguous():
+    usable = x.dtype in _KERNEL_DTYPES and weight.dtype == torch.float32
+    if kernels is None or not (usable and x.is_contiguous() and weight.is_contiguous()):
         return F.rms_norm(x, (x.shape[-1],), weight, eps)
     return kernels.rms_norm(x, weight, eps, x.dtype)
