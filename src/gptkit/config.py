@@ -555,6 +555,45 @@ PRESETS: dict[str, Preset] = {
         ),
         source="gptkit: measured on 2 CPU cores, see bench/train_shakespeare_char.py",
     ),
+    # The CPU speedrun to nanoGPT's Shakespeare-char validation loss (1.47, reached by its
+    # 10.7M model in 5,000 GPU iterations) in 15 minutes on 2 cores (bench/speedrun.py): a
+    # 3.2M model at nanoGPT's context, RoPE, RMSNorm, Muon, bf16, batches of 8 (at a fixed
+    # number of tokens, smaller batches learned more here) and a warm-up-stable-decay
+    # schedule; no dropout (at this budget it cost more than it saved). What each change
+    # bought is tabled in bench/README.md.
+    "shakespeare-char-speedrun": Preset(
+        model=dict(
+            n_layer=4,
+            n_head=4,
+            n_embd=256,
+            block_size=256,
+            dropout=0.0,
+            bias=False,
+            mlp="gelu",
+            pos_emb="rope",
+            norm="rmsnorm",
+        ),
+        train=dict(
+            batch_size=4,
+            max_steps=3200,
+            optimizer="muon",
+            muon_lr=0.04,
+            muon_momentum=0.85,
+            lr=1e-2,
+            min_lr=0.0,
+            warmup_steps=100,
+            schedule="wsd",
+            cooldown=0.4,
+            weight_decay=0.0,
+            beta2=0.99,
+            eval_every=800,
+            eval_batches=28,
+            save_every=0,
+            log_every=10,
+            precision="bf16",
+        ),
+        source="gptkit: measured on 2 CPU cores, see bench/speedrun.py",
+    ),
     # nanoGPT config/train_shakespeare_char.py, the default Shakespeare-char model.
     "shakespeare-char": Preset(
         model=dict(
