@@ -119,6 +119,15 @@ def timed(cmd: list[str], cwd: Path) -> tuple[str, float]:
     return text, int(rss[-1]) / 1e6
 
 
+def logged_steps(cmd: list[str], cwd: Path, warmup: int) -> dict:
+    """Run a trainer that logs nanoGPT's ``iter N: loss L, time Tms`` lines: the median step
+    time after ``warmup`` steps and the peak RSS."""
+    text, rss = timed(cmd, cwd)
+    its = re.findall(r"iter (\d+): loss [\d.]+, time ([\d.]+)ms", text)
+    ms = [float(t) for i, t in its if int(i) >= warmup]
+    return {"ms_per_step": statistics.median(ms), "peak_rss_gb": rss}
+
+
 def write_tokens(name: str, text_path: Path, dest: Path) -> None:
     """train.bin / val.bin as nanoGPT's prepare scripts write them (GPT-2 BPE for gpt2;
     characters and meta.pkl for shakespeare-char)."""
@@ -183,10 +192,7 @@ def run_nanogpt(
         cmd += ["--compile=True", "--dtype=bfloat16"]
     else:
         cmd += ["--compile=False"]
-    text_out, rss = timed(cmd, repo)
-    its = re.findall(r"iter (\d+): loss [\d.]+, time ([\d.]+)ms", text_out)
-    ms = [float(t) for i, t in its if int(i) >= args.warmup]
-    return {"ms_per_step": statistics.median(ms), "peak_rss_gb": rss}
+    return logged_steps(cmd, repo, args.warmup)
 
 
 TRANSFORMERS_STEP = """
@@ -219,10 +225,7 @@ def run_transformers(name: str, c: dict, text: Path, work: Path, args: argparse.
     data.mkdir()
     write_tokens(name, text, data)
     cmd = [sys.executable, "-c", TRANSFORMERS_STEP, json.dumps(c), str(data / "train.bin")]
-    text_out, rss = timed([*cmd, str(args.iters)], REPO)
-    its = re.findall(r"iter (\d+): loss [\d.]+, time ([\d.]+)ms", text_out)
-    ms = [float(t) for i, t in its if int(i) >= args.warmup]
-    return {"ms_per_step": statistics.median(ms), "peak_rss_gb": rss}
+    return logged_steps([*cmd, str(args.iters)], REPO, args.warmup)
 
 
 def report(name: str, c: dict, results: dict, peak: float, args: argparse.Namespace) -> None:
