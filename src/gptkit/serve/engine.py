@@ -330,7 +330,9 @@ class Engine:
             while True:
                 with self._wake:
                     while self._running and not self._rows and not self._waiting:
-                        self._wake.wait()
+                        # a timeout, so that Ctrl-C reaches the loop in the main thread: a
+                        # signal that the kernel hands to another thread wakes no lock wait
+                        self._wake.wait(timeout=0.25)
                     if not self._running:
                         return
                     free = self.max_batch - len(self._rows)
