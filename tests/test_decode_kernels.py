@@ -3,7 +3,8 @@ RMSNorm against ``F.rms_norm``, few-row masked attention against
 ``F.scaled_dot_product_attention`` (grouped heads, odd lengths and head sizes, bf16 caches,
 cache slices read in place), and where the ops call them: eager inference only, never under
 autograd or while torch.compile traces; a model decodes the same tokens with them and
-without them."""
+without them. Every test runs once per build the CPU can run (AVX-512 and AVX2 on an
+AVX-512 machine, AVX2 alone on others), the ops and the fused step calling that build."""
 
 from __future__ import annotations
 
@@ -13,30 +14,39 @@ import torch.nn.functional as F
 
 from gptkit.config import SampleConfig
 from gptkit.generate import generate_ids
-from gptkit.model import ops
-from gptkit.model.ops import sdpa
+from gptkit.model import decode_step, ops
+from gptkit.model.kernels import DECODE_ISAS, cpu_supports, decode_kernels
+from gptkit.model.ops import elementwise, sdpa
 from tests.conftest import FAMILIES, tiny_model
 
-pytestmark = pytest.mark.skipif(
-    not torch.cpu._is_avx512_bf16_supported(),
-    reason="the compiled kernels need a CPU with AVX512-BF16",
-)
+ISAS = [
+    pytest.param(i, marks=pytest.mark.skipif(not cpu_supports(i), reason=f"this CPU lacks {i}"))
+    for i in DECODE_ISAS
+]
 
 
-def kernels():
-    from gptkit.model.kernels import cpu_kernels
+@pytest.fixture(params=ISAS, autouse=True)
+def isa(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The build under test, for direct calls and for the ops and the step that call it."""
+    isa = request.param
+    for module in (elementwise, decode_step):
+        monkeypatch.setattr(module, "decode_kernels", lambda: decode_kernels(isa))
+    return isa
 
-    k = cpu_kernels()
-    assert k is not None, "the kernels did not compile"
+
+@pytest.fixture
+def kernels(isa: str):
+    k = decode_kernels(isa)
+    assert k is not None, f"the {isa} kernels did not compile"
     return k
 
 
 @pytest.mark.parametrize("C", [16, 37, 576])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_rms_norm_equals_torch(C: int, dtype: torch.dtype) -> None:
+def test_rms_norm_equals_torch(kernels, C: int, dtype: torch.dtype) -> None:
     torch.manual_seed(0)
     x, w = torch.randn(3, 5, C).to(dtype), torch.randn(C)
-    got = kernels().rms_norm(x, w, 1e-5, dtype)
+    got = kernels.rms_norm(x, w, 1e-5, dtype)
     want = F.rms_norm(x.float(), (C,), w, 1e-5)
     assert got.dtype == dtype and got.shape == x.shape
     tol = 1e-5 if dtype == torch.float32 else 2e-2
@@ -67,35 +77,35 @@ def attention_case(B: int, H: int, Hkv: int, T: int, S: int, d: int, kv: torch.d
     ],
 )
 @pytest.mark.parametrize("kv", [torch.float32, torch.bfloat16])
-def test_masked_attention_equals_sdpa(B, H, Hkv, T, S, d, kv) -> None:
+def test_masked_attention_equals_sdpa(kernels, B, H, Hkv, T, S, d, kv) -> None:
     q, k, v, mask = attention_case(B, H, Hkv, T, S, d, kv)
-    got = kernels().masked_attention(q, k, v, mask, q.dtype)
+    got = kernels.masked_attention(q, k, v, mask, q.dtype)
     want = F.scaled_dot_product_attention(
         q, k.float(), v.float(), attn_mask=mask, enable_gqa=Hkv != H
     )
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     one_mask = mask[:1]  # one mask row shared by the batch
-    got = kernels().masked_attention(q, k, v, one_mask, q.dtype)
+    got = kernels.masked_attention(q, k, v, one_mask, q.dtype)
     want = F.scaled_dot_product_attention(
         q, k.float(), v.float(), attn_mask=one_mask, enable_gqa=Hkv != H
     )
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
-def test_a_long_cache_whose_first_ranges_are_masked() -> None:
+def test_a_long_cache_whose_first_ranges_are_masked(kernels) -> None:
     """Key ranges that a query cannot see at all (left padding of 1,500 slots) drop out of
     the combination."""
     q, k, v, mask = attention_case(1, 4, 2, 1, 2100, 32, torch.float32)
     mask[..., :1500] = False
-    got = kernels().masked_attention(q, k, v, mask, q.dtype)
+    got = kernels.masked_attention(q, k, v, mask, q.dtype)
     want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
-def test_masked_attention_bf16_queries_and_a_row_that_sees_nothing() -> None:
+def test_masked_attention_bf16_queries_and_a_row_that_sees_nothing(kernels) -> None:
     q, k, v, mask = attention_case(1, 4, 2, 2, 40, 32, torch.bfloat16)
     mask[0, 0, 1] = False  # the second query sees no key: zeros (SDPA would give NaN)
-    got = kernels().masked_attention(q.bfloat16(), k, v, mask, torch.bfloat16)
+    got = kernels.masked_attention(q.bfloat16(), k, v, mask, torch.bfloat16)
     assert got.dtype == torch.bfloat16
     assert torch.equal(got[:, :, 1], torch.zeros_like(got[:, :, 1]))
     want = F.scaled_dot_product_attention(

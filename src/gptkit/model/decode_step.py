@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gptkit.model.gpt import GPT, Block, Norm
-from gptkit.model.kernels import cpu_kernels
+from gptkit.model.kernels import decode_kernels
 from gptkit.model.kv_cache import KVCache
 from gptkit.model.quant import QuantLinear
 
@@ -98,7 +98,7 @@ def applies(model: GPT, idx: Tensor, cache: KVCache | None) -> tuple[Any, str] |
     _, plan, modules = known
     if plan is None or _hooked(modules):
         return None
-    kernels = cpu_kernels()
+    kernels = decode_kernels()
     return (kernels, plan) if kernels is not None else None
 
 

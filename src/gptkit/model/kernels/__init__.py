@@ -12,9 +12,11 @@
   GELU's backward in one pass (``ops.gelu``) and layer norm writing bf16
   (``ops.layer_norm_for_matmul``).
 - ``decode.cpp``: inference for a few tokens at a time, where torch's general kernels spend
-  more time setting up than computing: RMSNorm in one pass (``ops.rms_norm``) and attention
+  more time setting up than computing: RMSNorm in one pass (``ops.rms_norm``), attention
   of a few query rows over a KV cache under a mask, grouped heads read in place
-  (``ops.attention``).
+  (``ops.attention``), and the rotary embedding with the cache write (``decode_step``). It
+  is written on ``vec16.h``'s sixteen lanes, so it is built twice: inside the AVX-512
+  module, and alone for CPUs with AVX2 and FMA only (:func:`decode_kernels` picks).
 
 torch's ``cpp_extension`` compiles them once (about 30 s on 2 cores) into
 ``~/.cache/gptkit/kernels`` (or ``$GPTKIT_KERNEL_CACHE``); without a C++ compiler gptkit
@@ -37,6 +39,7 @@ HERE = Path(__file__).resolve().parent
 # -fopenmp: at::parallel_for is an OpenMP loop compiled into the caller; its libgomp.so.1 is
 # the one torch has already loaded (same soname), so the kernel shares torch's threads.
 FLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma"]
+AVX2_FLAGS = ["-O3", "-fopenmp", "-mavx2", "-mfma", "-DGPTKIT_DECODE_ONLY"]
 
 
 def kernels_enabled() -> bool:
@@ -49,15 +52,17 @@ def cache_dir() -> Path:
 
 
 SOURCES = ("attention.cpp", "elementwise.cpp", "decode.cpp")
-HEADERS = ("keep.h", "simd.h")
+HEADERS = ("keep.h", "simd.h", "vec16.h")
 
 
 @functools.cache
-def _build(name: str, sources: tuple[str, ...] = SOURCES) -> ModuleType | None:
+def _build(
+    name: str, sources: tuple[str, ...] = SOURCES, flags: tuple[str, ...] = tuple(FLAGS)
+) -> ModuleType | None:
     from torch.utils import cpp_extension
 
     files = [HERE / f for f in (*sources, *HEADERS)]
-    text = b"".join(f.read_bytes() for f in files) + " ".join(FLAGS).encode()
+    text = b"".join(f.read_bytes() for f in files) + " ".join(flags).encode()
     tag = hashlib.sha256(text).hexdigest()[:12]
     version = torch.__version__.replace("+", "_").replace(".", "_")
     build = cache_dir() / f"{name}-torch{version}-{tag}"
@@ -68,7 +73,7 @@ def _build(name: str, sources: tuple[str, ...] = SOURCES) -> ModuleType | None:
         return cpp_extension.load(
             name=f"gptkit_{name}_{tag}",
             sources=[str(HERE / f) for f in sources],
-            extra_cflags=FLAGS,
+            extra_cflags=list(flags),
             extra_ldflags=["-fopenmp"],
             build_directory=str(build),
             verbose=False,
@@ -95,3 +100,35 @@ def cpu_kernels() -> ModuleType | None:
     if not kernels_enabled() or not avx512_bf16:
         return None
     return _build("cpu")
+
+
+#: the instruction sets ``decode.cpp`` is built for, fastest first
+DECODE_ISAS = ("avx512", "avx2")
+
+
+def cpu_supports(isa: str) -> bool:
+    """Whether this CPU runs ``decode.cpp``'s build for ``isa`` (the AVX-512 build comes
+    inside :func:`cpu_kernels`, which needs AVX512-BF16)."""
+    cpu = torch.cpu
+    if isa == "avx512":
+        return getattr(cpu, "_is_avx512_bf16_supported", lambda: False)()
+    if isa == "avx2":  # every x86 CPU with AVX2 has FMA too (Haswell, Zen)
+        return sys.platform.startswith("linux") and getattr(cpu, "_is_avx2_supported", bool)()
+    raise ValueError(f"unknown instruction set {isa!r}: one of {DECODE_ISAS}")
+
+
+@torch.compiler.assume_constant_result
+def decode_kernels(isa: str | None = None) -> ModuleType | None:
+    """``decode.cpp``'s kernels (``rms_norm``, ``masked_attention``, ``rope_store``) for this
+    CPU: the AVX-512 module where it applies, else ``decode.cpp`` built alone for AVX2; None
+    without either (or with ``GPTKIT_KERNELS=0`` or no compiler). ``isa`` asks for one build
+    (tests run the AVX2 build on AVX-512 CPUs too)."""
+    if not kernels_enabled():
+        return None
+    if isa is None:
+        isa = next((i for i in DECODE_ISAS if cpu_supports(i)), None)
+    if isa is None or not cpu_supports(isa):
+        return None
+    if isa == "avx512":
+        return cpu_kernels()
+    return _build("decode_avx2", ("decode.cpp",), tuple(AVX2_FLAGS))

@@ -18,14 +18,14 @@
 #include <limits>
 #include <vector>
 
-#include "simd.h"
+#include "vec16.h"
 
 namespace {
 
-using gptkit::exp512;
-using gptkit::first_n;
-using gptkit::load16;
-using gptkit::store16;
+namespace simd = gptkit::v16;
+using simd::first;
+using simd::load;
+using simd::store;
 
 bool float_or_bf16(const at::Tensor& t) {
   return t.device().is_cpu() && (t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16);
@@ -53,17 +53,17 @@ at::Tensor rms_norm(at::Tensor x, at::Tensor weight, double eps, at::ScalarType 
   at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1)),
                    [&](int64_t begin, int64_t end) {
                      for (int64_t r = begin; r < end; ++r) {
-                       __m512 q = _mm512_setzero_ps();
+                       simd::vec q = simd::zero();
                        for (int64_t c = 0; c < C; c += 16) {
-                         __m512 v = load16(xp, xbf, r * C + c, first_n(C - c));
-                         q = _mm512_fmadd_ps(v, v, q);
+                         simd::vec x = load(xp, xbf, r * C + c, first(C - c));
+                         q = simd::fmadd(x, x, q);
                        }
-                       float rs = 1.0f / std::sqrt(_mm512_reduce_add_ps(q) / (float)C + (float)eps);
-                       __m512 vr = _mm512_set1_ps(rs);
+                       float rs = 1.0f / std::sqrt(simd::sum(q) / (float)C + (float)eps);
+                       simd::vec vr = simd::set1(rs);
                        for (int64_t c = 0; c < C; c += 16) {
-                         __mmask16 n = first_n(C - c);
-                         __m512 h = _mm512_mul_ps(load16(xp, xbf, r * C + c, n), vr);
-                         store16(yp, ybf, r * C + c, n, _mm512_mul_ps(h, load16(wp, false, c, n)));
+                         simd::mask n = first(C - c);
+                         simd::vec h = simd::mul(load(xp, xbf, r * C + c, n), vr);
+                         store(yp, ybf, r * C + c, n, simd::mul(h, load(wp, false, c, n)));
                        }
                      }
                    });
@@ -94,19 +94,19 @@ void attend_group(const Rows& r, int64_t b, int64_t g, int64_t n, int64_t t, int
                   int64_t s1, float* p, float* part) {
   constexpr float none = -std::numeric_limits<float>::infinity();
   const int64_t d = r.d, S = s1 - s0;
-  __mmask16 lanes[CH];
-  for (int c = 0; c < CH; ++c) lanes[c] = first_n(d - c * 16);
+  simd::mask lanes[CH];
+  for (int c = 0; c < CH; ++c) lanes[c] = first(d - c * 16);
   const char* kb = r.k + (b * r.ks[0] + g * r.ks[1] + s0 * r.ks[2]) * r.ek;
   const char* vb = r.v + (b * r.vs[0] + g * r.vs[1] + s0 * r.vs[2]) * r.ev;
   const uint8_t* mr = r.mask + b * r.mb + t * r.mt + s0 * r.ms;
   float best[4];  // four query heads at a time
   for (int64_t h0 = 0; h0 < n; h0 += 4) {
     const int64_t nh = std::min<int64_t>(4, n - h0);
-    __m512 qv[4][CH];
+    simd::vec qv[4][CH];
     for (int64_t j = 0; j < nh; ++j) {
       const int64_t h = g * n + h0 + j;
       const char* qr = r.q + (b * r.qs[0] + h * r.qs[1] + t * r.qs[2]) * r.eq;
-      for (int c = 0; c < CH; ++c) qv[j][c] = load16(qr, r.qbf, c * 16, lanes[c]);
+      for (int c = 0; c < CH; ++c) qv[j][c] = load(qr, r.qbf, c * 16, lanes[c]);
       best[j] = none;
     }
     for (int64_t s = 0; s < S; ++s) {
@@ -115,12 +115,12 @@ void attend_group(const Rows& r, int64_t b, int64_t g, int64_t n, int64_t t, int
         continue;
       }
       const char* kr = kb + s * r.ks[2] * r.ek;
-      __m512 kv[CH];
-      for (int c = 0; c < CH; ++c) kv[c] = load16(kr, r.kbf, c * 16, lanes[c]);
+      simd::vec kv[CH];
+      for (int c = 0; c < CH; ++c) kv[c] = load(kr, r.kbf, c * 16, lanes[c]);
       for (int64_t j = 0; j < nh; ++j) {
-        __m512 acc = _mm512_mul_ps(qv[j][0], kv[0]);
-        for (int c = 1; c < CH; ++c) acc = _mm512_fmadd_ps(qv[j][c], kv[c], acc);
-        const float x = _mm512_reduce_add_ps(acc) * r.scale;
+        simd::vec acc = simd::mul(qv[j][0], kv[0]);
+        for (int c = 1; c < CH; ++c) acc = simd::fmadd(qv[j][c], kv[c], acc);
+        const float x = simd::sum(acc) * r.scale;
         p[j * S + s] = x;
         best[j] = std::max(best[j], x);
       }
@@ -129,40 +129,40 @@ void attend_group(const Rows& r, int64_t b, int64_t g, int64_t n, int64_t t, int
     for (int64_t j = 0; j < nh; ++j) {  // weights: exp(score - best), masked keys exactly 0
       if (best[j] == none) continue;
       float* pj = p + j * S;
-      __m512 vbest = _mm512_set1_ps(best[j]), sum = _mm512_setzero_ps();
+      simd::vec vbest = simd::set1(best[j]), sum = simd::zero();
       for (int64_t s = 0; s < S; s += 16) {
-        __m512 x = _mm512_maskz_loadu_ps(first_n(S - s), pj + s);
-        __mmask16 m = _mm512_cmp_ps_mask(x, _mm512_set1_ps(none), _CMP_NEQ_OQ) & first_n(S - s);
-        __m512 w = _mm512_maskz_mov_ps(m, exp512(_mm512_sub_ps(x, vbest)));
-        _mm512_mask_storeu_ps(pj + s, first_n(S - s), w);
-        sum = _mm512_add_ps(sum, w);
+        const simd::mask n = first(S - s);
+        simd::vec x = load(pj, false, s, n);
+        simd::vec w = simd::keep(simd::above_minus_inf(x, n), simd::exp(simd::sub(x, vbest)));
+        store(pj, false, s, n, w);
+        sum = simd::add(sum, w);
       }
-      total[j] = _mm512_reduce_add_ps(sum);
+      total[j] = simd::sum(sum);
     }
-    __m512 acc[4][CH];
+    simd::vec acc[4][CH];
     for (int64_t j = 0; j < 4; ++j)
-      for (int c = 0; c < CH; ++c) acc[j][c] = _mm512_setzero_ps();
+      for (int c = 0; c < CH; ++c) acc[j][c] = simd::zero();
     for (int64_t s = 0; s < S; ++s) {
       if (!mr[s * r.ms]) continue;
       const char* vr = vb + s * r.vs[2] * r.ev;
-      __m512 vv[CH];
-      for (int c = 0; c < CH; ++c) vv[c] = load16(vr, r.vbf, c * 16, lanes[c]);
+      simd::vec vv[CH];
+      for (int c = 0; c < CH; ++c) vv[c] = load(vr, r.vbf, c * 16, lanes[c]);
       for (int64_t j = 0; j < nh; ++j) {
-        const __m512 w = _mm512_set1_ps(p[j * S + s]);
-        for (int c = 0; c < CH; ++c) acc[j][c] = _mm512_fmadd_ps(w, vv[c], acc[j][c]);
+        const simd::vec w = simd::set1(p[j * S + s]);
+        for (int c = 0; c < CH; ++c) acc[j][c] = simd::fmadd(w, vv[c], acc[j][c]);
       }
     }
     for (int64_t j = 0; part != nullptr && j < nh; ++j) {
       float* slot = part + (h0 + j) * (CH * 16 + 2);
       slot[0] = best[j], slot[1] = total[j];
-      for (int c = 0; c < CH; ++c) _mm512_storeu_ps(slot + 2 + c * 16, acc[j][c]);
+      for (int c = 0; c < CH; ++c) store(slot, false, 2 + c * 16, 0xFFFF, acc[j][c]);
     }
     for (int64_t j = 0; part == nullptr && j < nh; ++j) {  // a row that sees no key: zeros
       const int64_t h = g * n + h0 + j;
       char* orow = r.out + ((b * r.H + h) * r.T + t) * d * r.eo;
-      const __m512 inv = _mm512_set1_ps(total[j] > 0.0f ? 1.0f / total[j] : 0.0f);
+      const simd::vec inv = simd::set1(total[j] > 0.0f ? 1.0f / total[j] : 0.0f);
       for (int c = 0; c < CH; ++c)
-        if (c * 16 < d) store16(orow, r.obf, c * 16, lanes[c], _mm512_mul_ps(acc[j][c], inv));
+        if (c * 16 < d) store(orow, r.obf, c * 16, lanes[c], simd::mul(acc[j][c], inv));
     }
   }
 }
@@ -176,8 +176,8 @@ void combine(const Rows& r, int64_t b, int64_t h, int64_t t, const float* part, 
   constexpr float none = -std::numeric_limits<float>::infinity();
   float best = none;
   for (int64_t c = 0; c < P; ++c) best = std::max(best, part[c * stride]);
-  __m512 acc[CH];
-  for (int c = 0; c < CH; ++c) acc[c] = _mm512_setzero_ps();
+  simd::vec acc[CH];
+  for (int c = 0; c < CH; ++c) acc[c] = simd::zero();
   float total = 0.0f;
   for (int64_t c = 0; best != none && c < P; ++c) {
     const float* slot = part + c * stride;
@@ -185,12 +185,12 @@ void combine(const Rows& r, int64_t b, int64_t h, int64_t t, const float* part, 
     const float w = std::exp(slot[0] - best);
     total += w * slot[1];
     for (int k = 0; k < CH; ++k)
-      acc[k] = _mm512_fmadd_ps(_mm512_set1_ps(w), _mm512_loadu_ps(slot + 2 + k * 16), acc[k]);
+      acc[k] = simd::fmadd(simd::set1(w), load(slot, false, 2 + k * 16, 0xFFFF), acc[k]);
   }
   char* orow = r.out + ((b * r.H + h) * r.T + t) * r.d * r.eo;
-  const __m512 inv = _mm512_set1_ps(total > 0.0f ? 1.0f / total : 0.0f);
+  const simd::vec inv = simd::set1(total > 0.0f ? 1.0f / total : 0.0f);
   for (int c = 0; c < CH; ++c)
-    if (c * 16 < r.d) store16(orow, r.obf, c * 16, first_n(r.d - c * 16), _mm512_mul_ps(acc[c], inv));
+    if (c * 16 < r.d) store(orow, r.obf, c * 16, first(r.d - c * 16), simd::mul(acc[c], inv));
 }
 
 template <int CH>
@@ -329,32 +329,26 @@ at::Tensor rope_store(at::Tensor qkv, at::Tensor cos, at::Tensor sin, at::Tensor
       }
       if (!rotate || j >= H + Hkv) {  // copied (values are never rotated)
         for (int64_t c = 0; c < d; c += 16) {
-          __mmask16 n = first_n(d - c);
-          store16(dst, dbf, at + c, n, load16(xp, xbf, src + c, n));
+          simd::mask n = first(d - c);
+          store(dst, dbf, at + c, n, load(xp, xbf, src + c, n));
         }
         continue;
       }
       const float *cr = cp + b * d, *sr = sp + b * d;
       for (int64_t c = 0; c < half; c += 16) {
-        __mmask16 n = first_n(half - c);
-        __m512 x1 = load16(xp, xbf, src + c, n), x2 = load16(xp, xbf, src + half + c, n);
-        __m512 lo = _mm512_add_ps(_mm512_mul_ps(x1, load16(cr, false, c, n)),
-                                  _mm512_mul_ps(_mm512_sub_ps(_mm512_setzero_ps(), x2),
-                                                load16(sr, false, c, n)));
-        __m512 hi = _mm512_add_ps(_mm512_mul_ps(x2, load16(cr, false, half + c, n)),
-                                  _mm512_mul_ps(x1, load16(sr, false, half + c, n)));
+        simd::mask n = first(half - c);
+        simd::vec x1 = load(xp, xbf, src + c, n), x2 = load(xp, xbf, src + half + c, n);
+        simd::vec lo = simd::add(simd::mul(x1, load(cr, false, c, n)),
+                           simd::mul(simd::sub(simd::zero(), x2), load(sr, false, c, n)));
+        simd::vec hi = simd::add(simd::mul(x2, load(cr, false, half + c, n)),
+                           simd::mul(x1, load(sr, false, half + c, n)));
         if (j < H) {  // q in `dtype`
-          store16(dst, qbf, at + c, n, lo);
-          store16(dst, qbf, at + half + c, n, hi);
+          store(dst, qbf, at + c, n, lo);
+          store(dst, qbf, at + half + c, n, hi);
         } else {  // k: rounded to `dtype` as the model's .to(x.dtype), then to the cache's
-          if (qbf && !cbf) {
-            lo = _mm512_castsi512_ps(_mm512_slli_epi32(
-                _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(lo)), 16));
-            hi = _mm512_castsi512_ps(_mm512_slli_epi32(
-                _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(hi)), 16));
-          }
-          store16(dst, dbf, at + c, n, lo);
-          store16(dst, dbf, at + half + c, n, hi);
+          if (qbf && !cbf) lo = simd::round_bf16(lo), hi = simd::round_bf16(hi);
+          store(dst, dbf, at + c, n, lo);
+          store(dst, dbf, at + half + c, n, hi);
         }
       }
     }
@@ -362,3 +356,13 @@ at::Tensor rope_store(at::Tensor qkv, at::Tensor cos, at::Tensor sin, at::Tensor
   return q;
 }
 
+
+#ifdef GPTKIT_DECODE_ONLY  // built alone (the AVX2 module); else attention.cpp binds these
+#include <torch/extension.h>
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("rms_norm", &rms_norm, "RMSNorm in one pass, fp32 or bf16, fp32 weight");
+  m.def("masked_attention", &masked_attention, "attention of a few rows under a bool mask, GQA");
+  m.def("rope_store", &rope_store, "rotary q, k of one token per row; k, v into the cache");
+}
+#endif

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from gptkit.model.kernels import cpu_kernels
+from gptkit.model.kernels import cpu_kernels, decode_kernels
 from gptkit.model.ops.masks import keep_mask, kernel_mask, pack_bits, unpack_bits
 
 _KERNEL_DTYPES = (torch.bfloat16, torch.float32)  # what kernels/elementwise.cpp reads
@@ -162,7 +162,7 @@ def layer_norm_for_matmul(x: Tensor, weight: Tensor, bias: Tensor | None, eps: f
 
 
 def inference_kernels(*tensors: Tensor) -> Any:
-    """The compiled kernels for an eager inference call (under ``torch.no_grad`` or
+    """``decode.cpp``'s kernels for an eager inference call (under ``torch.no_grad`` or
     ``torch.inference_mode``) on these CPU tensors, else None: not while autograd records
     (their sums round differently from torch's, so a forward with grad enabled stays torch's
     bit for bit), not while torch.compile traces (inductor fuses these ops itself)."""
@@ -170,7 +170,7 @@ def inference_kernels(*tensors: Tensor) -> Any:
         return None
     if any(t.device.type != "cpu" for t in tensors):
         return None
-    return cpu_kernels()
+    return decode_kernels()
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
