@@ -17,7 +17,7 @@ from gptkit.data.prepare import prepare
 from gptkit.errors import GptkitError
 from gptkit.model import GPT
 from gptkit.model.ops.sdpa import _slow_bf16_sdpa_backward
-from gptkit.train import lr_at, make_optimizer, train
+from gptkit.train import lr_at, make_optimizer, optim, train
 from gptkit.train.optim import Muon, orthogonalize
 
 
@@ -29,11 +29,18 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root / "data"
 
 
-def test_orthogonalize_keeps_singular_vectors_and_flattens_singular_values() -> None:
+@pytest.mark.parametrize("native_bf16", [True, False])
+def test_orthogonalize_keeps_singular_vectors_and_flattens_singular_values(
+    monkeypatch: pytest.MonkeyPatch, native_bf16: bool
+) -> None:
+    """In bf16 where the CPU has it natively, in fp32 elsewhere: the same result."""
+    monkeypatch.setattr(optim, "PACKS_BF16", native_bf16)
     g = torch.Generator().manual_seed(0)
     for shape in [(3, 64, 32), (2, 24, 96)]:
         m = torch.randn(shape, generator=g) * torch.logspace(-1, 0, shape[-1])  # condition 10
-        out = orthogonalize(m).float()
+        out = orthogonalize(m)
+        assert out.dtype == (torch.bfloat16 if native_bf16 else torch.float32)
+        out = out.float()
         assert out.shape == m.shape
         s = torch.linalg.svdvals(out)
         assert s.min() > 0.6 and s.max() < 1.25, s  # every direction near unit size

@@ -530,7 +530,8 @@ PRESETS: dict[str, Preset] = {
     ),
     # The fastest way gptkit knows to a validation loss of 1.88 on Shakespeare characters on 2
     # CPU cores (bench/train_shakespeare_char.py): nanoGPT's CPU model less one layer, 2.7x
-    # its batch, Muon, bf16 and a warm-up-stable-decay schedule, 240 steps instead of 2000.
+    # its batch, Muon, bf16 (where the CPU has it natively; else fp32) and a
+    # warm-up-stable-decay schedule, 240 steps instead of 2000.
     "shakespeare-char-fast": Preset(
         model=dict(
             n_layer=3, n_head=4, n_embd=128, block_size=64, dropout=0.0, bias=False, mlp="gelu"
@@ -551,14 +552,14 @@ PRESETS: dict[str, Preset] = {
             eval_every=40,
             eval_batches=20,
             save_every=0,
-            precision="bf16",
+            precision="auto",
         ),
         source="gptkit: measured on 2 CPU cores, see bench/train_shakespeare_char.py",
     ),
     # The CPU speedrun to nanoGPT's Shakespeare-char validation loss (1.47, reached by its
     # 10.7M model in 5,000 GPU iterations) in 15 minutes on 2 cores (bench/speedrun.py): a
-    # 3.2M model at nanoGPT's context, RoPE, RMSNorm, Muon, bf16, batches of 8 (at a fixed
-    # number of tokens, smaller batches learned more here) and a warm-up-stable-decay
+    # 3.2M model at nanoGPT's context, RoPE, RMSNorm, Muon, bf16 (where native), batches of 4
+    # (at a fixed number of tokens, smaller batches learned more here) and a warm-up-stable-decay
     # schedule; no dropout (at this budget it cost more than it saved). What each change
     # bought is tabled in bench/README.md.
     "shakespeare-char-speedrun": Preset(
@@ -590,7 +591,7 @@ PRESETS: dict[str, Preset] = {
             eval_batches=28,
             save_every=0,
             log_every=10,
-            precision="bf16",
+            precision="auto",
         ),
         source="gptkit: measured on 2 CPU cores, see bench/speedrun.py",
     ),

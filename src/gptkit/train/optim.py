@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from gptkit.config import TrainConfig
+from gptkit.model.quant import PACKS_BF16
 
 # The quintic Newton-Schulz coefficients of the Muon paper: they push every singular value
 # of a matrix with spectral norm <= 1 into roughly [0.7, 1.2] in 5 steps.
@@ -79,10 +80,11 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
 
 def orthogonalize(g: Tensor, steps: int = 5) -> Tensor:
     """An approximately semi-orthogonal matrix with the singular vectors of ``g`` (each
-    matrix of a batch ``(..., m, n)``): Newton-Schulz iterations in bf16, singular values
-    landing near 1 rather than on it, which Muon tolerates."""
+    matrix of a batch ``(..., m, n)``): Newton-Schulz iterations in bf16 (fp32 on a CPU
+    without native bf16, where bf16 products are ~70x slower), singular values landing near
+    1 rather than on it, which Muon tolerates."""
     a, b, c = NS_COEFFICIENTS
-    x = g.bfloat16()
+    x = g.bfloat16() if g.device.type != "cpu" or PACKS_BF16 else g.float()
     tall = x.size(-2) > x.size(-1)
     if tall:  # iterate on the smaller Gram matrix
         x = x.mT
