@@ -229,3 +229,52 @@ def test_the_fused_step_stands_aside(monkeypatch) -> None:
         assert decode_hidden(model, x, cache) is not None
         monkeypatch.setenv("GPTKIT_KERNELS", "0")
         assert decode_hidden(model, x, cache) is None
+
+
+@pytest.mark.parametrize(
+    ("M", "K", "N", "group"), [(1, 576, 960, 32), (3, 1536, 90, 64), (2, 256, 7, 128)]
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int4_gemv_equals_its_definition(kernels, M, K, N, group, dtype) -> None:
+    """int4 weights times activations rounded to int8 per group (x · 127 / max|x|), in
+    bf16: against the dequantized weight times the rounded activations (and near the exact
+    product); output widths that are not a multiple of four."""
+    from gptkit.model.quant import _pack_nibbles, dequantize_int4, quantize_int4
+
+    torch.manual_seed(K + N)
+    w, x = torch.randn(N, K), torch.randn(M, K).to(dtype)
+    q, sz = quantize_int4(w, group)
+    got = kernels.int4_gemv(x, _pack_nibbles(q), sz.transpose(0, 1).contiguous(), group)
+    assert got.dtype == torch.bfloat16 and got.shape == (M, N)
+    xg = x.float().view(M, K // group, group)
+    top = xg.abs().amax(-1, keepdim=True)
+    rounded = (torch.round(xg * (127 / top)) * (top / 127)).view(M, K)
+    weight = dequantize_int4(q, sz, group)
+    want = rounded @ weight.T
+    torch.testing.assert_close(got.float(), want, atol=1e-3, rtol=8e-3)  # bf16's rounding
+    exact = x.float() @ weight.T
+    assert (got.float() - exact).abs().max() < 0.02 * exact.abs().max()
+
+
+def test_int4_layers_take_the_gemv_where_it_applies(monkeypatch) -> None:
+    """On AVX2 CPUs without AVX-512 an int4 layer sends a few rows at inference through
+    int4_gemv and more rows, or rows under autograd, through torch's kernel; both near the
+    dequantized product."""
+    from torch import nn
+
+    from gptkit.model import quant
+
+    if not quant.INT4_GEMV:
+        pytest.skip("int4_gemv serves int4 layers on CPUs with AVX2 and no AVX-512 only")
+    torch.manual_seed(0)
+    layer = quant.Int4Linear.from_linear(nn.Linear(256, 96), quant.QuantConfig("int4"))
+    calls = []
+    real = layer._gemv
+    monkeypatch.setattr(layer, "_gemv", lambda x: calls.append(real(x) is not None) or real(x))
+    for rows in (1, quant.GEMV_ROWS, quant.GEMV_ROWS + 1):
+        x = torch.randn(rows, 256)
+        with torch.inference_mode():
+            y = layer(x)
+        want = x @ layer.dequantized().T + layer.bias
+        torch.testing.assert_close(y, want, atol=0.05, rtol=0.02)
+    assert calls == [True, True, False]

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from gptkit.model.gpt import GPT, Block, Norm
 from gptkit.model.kernels import decode_kernels
 from gptkit.model.kv_cache import KVCache
-from gptkit.model.quant import QuantLinear
+from gptkit.model.quant import GEMV_ROWS, QuantLinear
 
 #: quantized layers whose product reads bf16 rows and writes bf16 (``QuantLinear._matmul``)
 BF16_IN = ("int4", "int8", "bf16")
@@ -142,11 +142,22 @@ def _bf16_block(block: Block, x: Tensor, kv: tuple[Tensor, Tensor], step: _Step)
     reads bf16 rows written by the kernel before it (the norm, the attention) and its bf16
     result goes on as fp32, as the layers' forwards do, so the numbers are the same."""
     a, m, n1, n2, bf16 = block.attn, block.mlp, block.norm_1, block.norm_2, torch.bfloat16
-    qkv = a.qkv._matmul(step.kernels.rms_norm(x, n1.weight, n1.eps, bf16))  # (B, W) bf16
+    qkv = _product(a.qkv, step.kernels.rms_norm(x, n1.weight, n1.eps, bf16), step)  # (B, W)
     y = step.attend(a, qkv.unsqueeze(1).contiguous(), kv, x.dtype, bf16)  # (B, nh, 1, hs)
-    x = x + a.proj._matmul(y.view(x.shape[0], a.nh * a.hs))
-    gate, up = m.fc._matmul(step.kernels.rms_norm(x, n2.weight, n2.eps, bf16)).float().chunk(2, -1)
-    return x + m.proj._matmul((F.silu(gate) * up).to(bf16))
+    x = x + _product(a.proj, y.view(x.shape[0], a.nh * a.hs), step)
+    h = _product(m.fc, step.kernels.rms_norm(x, n2.weight, n2.eps, bf16), step)
+    gate, up = h.float().chunk(2, -1)
+    return x + _product(m.proj, (F.silu(gate) * up).to(bf16), step)
+
+
+def _product(layer: Any, x: Tensor, step: _Step) -> Tensor:
+    """``layer._matmul(x)`` for contiguous rows x; an int4 layer that takes ``int4_gemv``
+    straight to it (the layer's own checks, asked again for every product, cost a third as
+    much as a small product on a slow core)."""
+    rows = layer._buffers.get("row_scales")
+    if rows is not None and x.shape[0] <= GEMV_ROWS:
+        return step.kernels.int4_gemv(x, layer._buffers["weight"], rows, layer.group_size)
+    return layer._matmul(x)
 
 
 def decode_hidden(model: GPT, idx: Tensor, cache: KVCache | None) -> Tensor | None:

@@ -96,8 +96,7 @@ def cpu_kernels() -> ModuleType | None:
     """The compiled kernels (``attention_forward``, ``attention_backward``, ``dropout``,
     ``keep_mask``), or None where they do not apply (no AVX512-BF16, ``GPTKIT_KERNELS=0``,
     or no compiler)."""
-    avx512_bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
-    if not kernels_enabled() or not avx512_bf16:
+    if not kernels_enabled() or not cpu_supports("avx512"):
         return None
     return _build("cpu")
 
@@ -106,6 +105,7 @@ def cpu_kernels() -> ModuleType | None:
 DECODE_ISAS = ("avx512", "avx2")
 
 
+@functools.cache  # asked on every call of a kernel: the answer never changes
 def cpu_supports(isa: str) -> bool:
     """Whether this CPU runs ``decode.cpp``'s build for ``isa`` (the AVX-512 build comes
     inside :func:`cpu_kernels`, which needs AVX512-BF16)."""
@@ -126,9 +126,14 @@ def decode_kernels(isa: str | None = None) -> ModuleType | None:
     if not kernels_enabled():
         return None
     if isa is None:
-        isa = next((i for i in DECODE_ISAS if cpu_supports(i)), None)
+        isa = _best_isa()
     if isa is None or not cpu_supports(isa):
         return None
     if isa == "avx512":
         return cpu_kernels()
     return _build("decode_avx2", ("decode.cpp",), tuple(AVX2_FLAGS))
+
+
+@functools.cache
+def _best_isa() -> str | None:
+    return next((i for i in DECODE_ISAS if cpu_supports(i)), None)

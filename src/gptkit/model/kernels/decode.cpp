@@ -15,6 +15,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -357,6 +358,97 @@ at::Tensor rope_store(at::Tensor qkv, at::Tensor cos, at::Tensor sin, at::Tensor
 }
 
 
+// int4 weights times a few rows of activations, llama.cpp's way (Q4_1 x Q8_1): each group of
+// the activations quantized to int8 (scale max|x| / 127), the products summed in integers
+// (vpmaddubsw: the weight's nibbles, unsigned, times the activations' int8), then scaled.
+// x (M, K) fp32 or bf16; weight (N, K/2) uint8 two nibbles a byte, column 2j in the low one;
+// sz (N, K/group, 2) bf16 (scale, zero): w = (q - 8) · scale + zero. Out (M, N) bf16, the
+// dtype torch's int4 kernel hands on. Needs AVX2 (built in both modules).
+at::Tensor int4_gemv(at::Tensor x, at::Tensor weight, at::Tensor sz, int64_t group) {
+  TORCH_CHECK(float_or_bf16(x) && x.dim() == 2 && x.is_contiguous(),
+              "int4_gemv: x (M, K) contiguous fp32 or bf16");
+  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0), G = K / std::max<int64_t>(group, 1);
+  TORCH_CHECK(group % 32 == 0 && group > 0 && K % group == 0, "int4_gemv: group a multiple of 32 dividing K");
+  TORCH_CHECK(weight.scalar_type() == at::kByte && weight.is_contiguous() && weight.size(1) * 2 == K,
+              "int4_gemv: weight (N, K/2) uint8 contiguous");
+  TORCH_CHECK(sz.scalar_type() == at::kBFloat16 && sz.is_contiguous() && sz.dim() == 3 &&
+                  sz.size(0) == N && sz.size(1) == G && sz.size(2) == 2,
+              "int4_gemv: sz (N, K/group, 2) bf16 contiguous");
+  // the activations: int8 per group, in the nibbles' order within each block of 32
+  // (block byte j < 16 is column 2j, byte 16 + j column 2j + 1), with each group's scale
+  // and scale x (sum of its int8 values)
+  std::vector<int8_t> xq(M * K);
+  std::vector<float> xs(M * G), xsum(M * G);
+  const bool xbf = bf(x);
+  const float* xf = xbf ? nullptr : x.data_ptr<float>();
+  const at::BFloat16* xb = xbf ? x.data_ptr<at::BFloat16>() : nullptr;
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t g = 0; g < G; ++g) {
+      float v[256], top = 0.0f;
+      for (int64_t i = 0; i < group; ++i) {
+        const int64_t at = m * K + g * group + i;
+        v[i] = xbf ? (float)xb[at] : xf[at];
+        top = std::max(top, std::fabs(v[i]));
+      }
+      const float scale = top / 127.0f, inv = top > 0.0f ? 127.0f / top : 0.0f;
+      int total = 0;
+      int8_t* out = xq.data() + m * K + g * group;
+      for (int64_t b = 0; b < group; b += 32)
+        for (int j = 0; j < 16; ++j)
+          for (int odd = 0; odd < 2; ++odd) {
+            const int q = (int)std::nearbyint(v[b + 2 * j + odd] * inv);
+            out[b + 16 * odd + j] = (int8_t)q;
+            total += q;
+          }
+      xs[m * G + g] = scale, xsum[m * G + g] = scale * (float)total;
+    }
+  auto y = at::empty({M, N}, x.options().dtype(at::kBFloat16));
+  const uint8_t* wp = weight.data_ptr<uint8_t>();
+  const auto* szp = reinterpret_cast<const uint16_t*>(sz.data_ptr());
+  auto* yp = y.data_ptr<at::BFloat16>();
+  const auto bf16 = [](uint16_t h) { uint32_t u = (uint32_t)h << 16; float f; std::memcpy(&f, &u, 4); return f; };
+  // four weight rows at a time: four independent sums, the activations loaded once for them
+  at::parallel_for(0, (N + 3) / 4, 4, [&](int64_t begin, int64_t end) {
+    const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+    for (int64_t n0 = begin * 4; n0 < std::min(N, end * 4); n0 += 4) {
+      const int64_t rows = std::min<int64_t>(4, N - n0);
+      for (int64_t m = 0; m < M; ++m) {
+        const int8_t* xr = xq.data() + m * K;
+        __m256 acc[4];
+        float rest[4] = {0, 0, 0, 0};
+        for (int r = 0; r < 4; ++r) acc[r] = _mm256_setzero_ps();
+        for (int64_t g = 0; g < G; ++g) {
+          __m256i dot[4];
+          for (int r = 0; r < 4; ++r) dot[r] = _mm256_setzero_si256();
+          for (int64_t b = g * group; b < (g + 1) * group; b += 32) {
+            const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr + b));
+            for (int r = 0; r < 4; ++r) {  // past the last row: the last row again, unused
+              const uint8_t* wr = wp + (n0 + std::min<int64_t>(r, rows - 1)) * (K / 2) + b / 2;
+              const __m128i w16 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(wr));
+              const __m256i w = _mm256_and_si256(
+                  _mm256_set_m128i(_mm_srli_epi16(w16, 4), w16), low);  // [low nibbles, high]
+              dot[r] = _mm256_add_epi32(dot[r], _mm256_madd_epi16(_mm256_maddubs_epi16(w, xv), ones));
+            }
+          }
+          const float sx = xs[m * G + g], tx = xsum[m * G + g];
+          for (int r = 0; r < 4; ++r) {
+            const uint16_t* sr = szp + ((n0 + std::min<int64_t>(r, rows - 1)) * G + g) * 2;
+            const float scale = bf16(sr[0]), zero = bf16(sr[1]);
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[r]), _mm256_set1_ps(sx * scale), acc[r]);
+            rest[r] += tx * (zero - 8.0f * scale);
+          }
+        }
+        for (int64_t r = 0; r < rows; ++r) {
+          __m128 t = _mm_add_ps(_mm256_castps256_ps128(acc[r]), _mm256_extractf128_ps(acc[r], 1));
+          t = _mm_add_ps(t, _mm_movehl_ps(t, t));
+          yp[m * N + n0 + r] = at::BFloat16(_mm_cvtss_f32(_mm_add_ss(t, _mm_movehdup_ps(t))) + rest[r]);
+        }
+      }
+    }
+  });
+  return y;
+}
+
 #ifdef GPTKIT_DECODE_ONLY  // built alone (the AVX2 module); else attention.cpp binds these
 #include <torch/extension.h>
 
@@ -364,5 +456,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &rms_norm, "RMSNorm in one pass, fp32 or bf16, fp32 weight");
   m.def("masked_attention", &masked_attention, "attention of a few rows under a bool mask, GQA");
   m.def("rope_store", &rope_store, "rotary q, k of one token per row; k, v into the cache");
+  m.def("int4_gemv", &int4_gemv, "int4 weights x a few rows, activations as int8 per group");
 }
 #endif
