@@ -608,7 +608,9 @@ def test_serve_command(tmp_path: Path, chatml_tokenizer: BPETokenizer) -> None:
     env = os.environ | {"GPTKIT_API_KEY": "from-env", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "gptkit", "serve", "--model", str(ckpt), "--port", str(port)]
     cmd += ["--log-level", "warning"]
-    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)
+    # started as a shell starts a background job, SIGINT ignored: Ctrl-C must still stop it
+    ignore = lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)
+    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True, preexec_fn=ignore)
     try:
         url = f"http://127.0.0.1:{port}"
 

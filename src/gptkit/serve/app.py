@@ -651,13 +651,17 @@ def serve(
             engine.stop()  # uvicorn stopped (or could not start): so does the engine
 
     thread = threading.Thread(target=http, name="gptkit-http", daemon=True)
-    previous = signal.signal(signal.SIGTERM, _interrupt)  # uvicorn handles it in main only
+    # uvicorn handles signals in the main thread only: SIGTERM and SIGINT stop the engine's
+    # loop here (SIGINT too, as `gptkit train` does: a shell starts a background job with
+    # SIGINT ignored, which Python would keep)
+    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         engine.run(ready=thread.start)  # see Engine.run: torch's threads stay on this thread
     except KeyboardInterrupt:
         pass
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         engine.shutdown()  # requests still running end with an error, and their streams
         server.should_exit = True
         thread.join(timeout=15)
@@ -666,5 +670,6 @@ def serve(
 
 
 def _interrupt(signum: int, frame: object) -> None:
-    """SIGTERM as Ctrl-C: the engine loop stops and the server shuts down gracefully."""
+    """SIGTERM or SIGINT as Ctrl-C: the engine loop stops and the server shuts down
+    gracefully."""
     raise KeyboardInterrupt
