@@ -258,8 +258,8 @@ def test_int4_gemv_equals_its_definition(kernels, M, K, N, group, dtype) -> None
 
 def test_int4_layers_take_the_gemv_where_it_applies(monkeypatch) -> None:
     """On AVX2 CPUs without AVX-512 an int4 layer sends a few rows at inference through
-    int4_gemv and more rows, or rows under autograd, through torch's kernel; both near the
-    dequantized product."""
+    int4_gemv, many through int4_dequantize (the dequantized weight bit for bit) and an fp32
+    GEMM, and the rows between through torch's kernel; all near the dequantized product."""
     from torch import nn
 
     from gptkit.model import quant
@@ -269,12 +269,16 @@ def test_int4_layers_take_the_gemv_where_it_applies(monkeypatch) -> None:
     torch.manual_seed(0)
     layer = quant.Int4Linear.from_linear(nn.Linear(256, 96), quant.QuantConfig("int4"))
     calls = []
-    real = layer._gemv
-    monkeypatch.setattr(layer, "_gemv", lambda x: calls.append(real(x) is not None) or real(x))
-    for rows in (1, quant.GEMV_ROWS, quant.GEMV_ROWS + 1):
+    kernels = decode_kernels()
+    for name in ("int4_gemv", "int4_dequantize"):
+        real = getattr(kernels, name)
+        spy = lambda *a, name=name, real=real: calls.append(name) or real(*a)
+        monkeypatch.setattr(kernels, name, spy)
+    weight = layer.dequantized()
+    for rows in (1, quant.GEMV_ROWS, quant.GEMV_ROWS + 1, quant.DEQUANTIZE_ROWS):
         x = torch.randn(rows, 256)
         with torch.inference_mode():
             y = layer(x)
-        want = x @ layer.dequantized().T + layer.bias
-        torch.testing.assert_close(y, want, atol=0.05, rtol=0.02)
-    assert calls == [True, True, False]
+        torch.testing.assert_close(y, x @ weight.T + layer.bias, atol=0.05, rtol=0.02)
+    assert calls == ["int4_gemv", "int4_gemv", "int4_dequantize"]  # 5 rows: torch's kernel
+    assert torch.equal(kernels.int4_dequantize(layer.weight, layer.row_scales, 32), weight)

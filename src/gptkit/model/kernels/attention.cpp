@@ -446,6 +446,7 @@ at::Tensor rope_store(at::Tensor qkv, at::Tensor cos, at::Tensor sin, at::Tensor
                       at::Tensor v_cache, at::Tensor pos, int64_t H, int64_t Hkv,
                       at::ScalarType dtype);
 at::Tensor int4_gemv(at::Tensor x, at::Tensor weight, at::Tensor sz, int64_t group);
+at::Tensor int4_dequantize(at::Tensor weight, at::Tensor sz, int64_t group);
 
 // The extension's functions: this file's, elementwise.cpp's and decode.cpp's.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -461,4 +462,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("masked_attention", &masked_attention, "attention of a few rows under a bool mask, GQA");
   m.def("rope_store", &rope_store, "rotary q, k of one token per row; k, v into the cache");
   m.def("int4_gemv", &int4_gemv, "int4 weights x a few rows, activations as int8 per group");
+  m.def("int4_dequantize", &int4_dequantize, "int4_gemv's weight as fp32 (N, K)");
 }
