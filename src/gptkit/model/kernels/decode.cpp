@@ -358,6 +358,63 @@ at::Tensor rope_store(at::Tensor qkv, at::Tensor cos, at::Tensor sin, at::Tensor
 }
 
 
+namespace {
+
+// Eight groups of 32 of one weight row against the activations: each group's integer dot
+// product (eight int32 lanes) summed across its lanes, the eight sums as one vector.
+inline __m256i dots8(const uint8_t* w, const int8_t* x) {
+  const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+  __m256i d[8];
+  for (int g = 0; g < 8; ++g) {
+    const __m128i w16 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 16 * g));
+    const __m256i wv = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(w16, 4), w16), low);
+    const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 32 * g));
+    d[g] = _mm256_madd_epi16(_mm256_maddubs_epi16(wv, xv), ones);
+  }
+  const __m256i a = _mm256_hadd_epi32(_mm256_hadd_epi32(d[0], d[1]), _mm256_hadd_epi32(d[2], d[3]));
+  const __m256i b = _mm256_hadd_epi32(_mm256_hadd_epi32(d[4], d[5]), _mm256_hadd_epi32(d[6], d[7]));
+  return _mm256_add_epi32(_mm256_permute2x128_si256(a, b, 0x20), _mm256_permute2x128_si256(a, b, 0x31));
+}
+
+// Row n of int4_gemv for groups of 32, eight groups at a time: the scales of eight groups
+// multiplied in one vector (the (scale, zero) pairs read as eight 32-bit words).
+inline float gemv_row32(const uint8_t* w, const uint16_t* sz, const int8_t* x, const float* xs,
+                        const float* xsum, int64_t G) {
+  const __m256i high = _mm256_set1_epi32((int)0xFFFF0000);
+  __m256 acc = _mm256_setzero_ps(), rest = _mm256_setzero_ps();
+  int64_t g = 0;
+  for (; g + 8 <= G; g += 8) {
+    const __m256 dot = _mm256_cvtepi32_ps(dots8(w + 16 * g, x + 32 * g));
+    const __m256i pairs = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(sz + 2 * g));
+    const __m256 scale = _mm256_castsi256_ps(_mm256_slli_epi32(pairs, 16));
+    const __m256 zero = _mm256_castsi256_ps(_mm256_and_si256(pairs, high));
+    acc = _mm256_fmadd_ps(dot, _mm256_mul_ps(scale, _mm256_loadu_ps(xs + g)), acc);
+    const __m256 offset = _mm256_fnmadd_ps(_mm256_set1_ps(8.0f), scale, zero);  // zero - 8 scale
+    rest = _mm256_fmadd_ps(_mm256_loadu_ps(xsum + g), offset, rest);
+  }
+  acc = _mm256_add_ps(acc, rest);
+  __m128 t = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+  t = _mm_add_ps(t, _mm_movehl_ps(t, t));
+  float total = _mm_cvtss_f32(_mm_add_ss(t, _mm_movehdup_ps(t)));
+  const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+  for (; g < G; ++g) {  // the last groups one at a time
+    const __m128i w16 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 16 * g));
+    const __m256i wv = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(w16, 4), w16), low);
+    const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 32 * g));
+    const __m256i d = _mm256_madd_epi16(_mm256_maddubs_epi16(wv, xv), ones);
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(d), _mm256_extracti128_si256(d, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+    uint32_t su = (uint32_t)sz[2 * g] << 16, zu = (uint32_t)sz[2 * g + 1] << 16;
+    float scale, zero;
+    std::memcpy(&scale, &su, 4), std::memcpy(&zero, &zu, 4);
+    total += (float)_mm_cvtsi128_si32(s) * (scale * xs[g]) + xsum[g] * (zero - 8.0f * scale);
+  }
+  return total;
+}
+
+}  // namespace
+
 // int4 weights times a few rows of activations, llama.cpp's way (Q4_1 x Q8_1): each group of
 // the activations quantized to int8 (scale max|x| / 127), the products summed in integers
 // (vpmaddubsw: the weight's nibbles, unsigned, times the activations' int8), then scaled.
@@ -407,6 +464,16 @@ at::Tensor int4_gemv(at::Tensor x, at::Tensor weight, at::Tensor sz, int64_t gro
   const auto* szp = reinterpret_cast<const uint16_t*>(sz.data_ptr());
   auto* yp = y.data_ptr<at::BFloat16>();
   const auto bf16 = [](uint16_t h) { uint32_t u = (uint32_t)h << 16; float f; std::memcpy(&f, &u, 4); return f; };
+  if (group == 32) {  // the common case (GGUF's Q4 blocks): eight groups at a time
+    at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t n = begin; n < end; ++n)
+        for (int64_t m = 0; m < M; ++m)
+          yp[m * N + n] = at::BFloat16(gemv_row32(wp + n * (K / 2), szp + n * G * 2,
+                                                  xq.data() + m * K, xs.data() + m * G,
+                                                  xsum.data() + m * G, G));
+    });
+    return y;
+  }
   // four weight rows at a time: four independent sums, the activations loaded once for them
   at::parallel_for(0, (N + 3) / 4, 4, [&](int64_t begin, int64_t end) {
     const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
