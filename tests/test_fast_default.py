@@ -163,6 +163,29 @@ def test_the_decision_on_its_inputs(inductor_dir: Path, monkeypatch: pytest.Monk
     assert compile_cost(other, 384) == cold
 
 
+@pytest.mark.parametrize("int4_gemv", [True, False])
+def test_int4_models_stay_eager_where_int4_gemv_serves_them(
+    inductor_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    bpe_tokenizer: BPETokenizer,
+    int4_gemv: bool,
+) -> None:
+    """On AVX2 CPUs without AVX-512 the eager step of an int4 model beats its compiled one:
+    auto never compiles it, nor does the server; fp32 models and other CPUs as before."""
+    from gptkit.model.quant import quantize
+
+    monkeypatch.setattr(compiled, "INT4_GEMV", int4_gemv)
+    model = tiny_model(bpe_tokenizer.vocab_size, **LLAMA)
+    assert compiled.compiled_is_faster(model)
+    quantize(model, "int4", lm_head="none")
+    assert compiled.compiled_is_faster(model) is not int4_gemv
+    auto = AutoCompile(model)
+    note_compiled(model, 256)  # even where compiling would cost nothing
+    assert auto.decide(1, 10**6, 256) is not int4_gemv
+    engine = Engine(model, bpe_tokenizer, compile=True)
+    assert engine.compile is not int4_gemv
+
+
 def test_auto_compiles_once_it_pays_with_the_same_tokens(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, bpe_tokenizer: BPETokenizer
 ) -> None:

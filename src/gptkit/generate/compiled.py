@@ -42,6 +42,7 @@ import torch
 from torch import Tensor
 
 from gptkit.model import GPT, KVCache
+from gptkit.model.quant import INT4_GEMV, Int4Linear
 
 _compiled_step: Any = None  # the torch.compile'd decode step, made on first use
 _compiled_prefill: Any = None  # the torch.compile'd single-prompt prefill, made on first use
@@ -226,6 +227,14 @@ COMPILE_S_PER_LAYER = {"cold": 3.0, "warm": 0.3}
 CHECK_EVERY = 16
 
 
+def compiled_is_faster(model: GPT) -> bool:
+    """Whether a compiled decode step beats the eager one on this CPU at all: not for int4
+    layers where :data:`gptkit.model.quant.INT4_GEMV` holds (AVX2 without AVX-512), whose
+    eager step multiplies through ``int4_gemv`` while a compiled graph keeps torch's int4
+    kernel (SmolLM2 on an AMD EPYC Zen 1: 48 tokens/s compiled, 62 eager)."""
+    return not (INT4_GEMV and any(isinstance(m, Int4Linear) for m in model.modules()))
+
+
 def compile_pays(step_s: float | None, tokens: int, compile_s: float) -> bool:
     """Whether compiling has paid for itself: ``tokens`` eager steps of ``step_s`` seconds
     each (those this model already decoded eagerly in this process, and those its current
@@ -281,10 +290,11 @@ class AutoCompile:
         self.model = model
         self.use = _uses.setdefault(model, _Use())
         self.cpu = next(model.parameters()).device.type == "cpu"
+        self.faster = compiled_is_faster(model)
 
     def decide(self, batch: int, tokens_left: int, cache_len: int) -> bool:
         """Whether to compile from now on, for a call with ``tokens_left`` steps to go."""
-        if batch != 1 or not self.cpu:
+        if batch != 1 or not self.cpu or not self.faster:
             return False
         cost = compile_cost(self.model, cache_len)
         return cost == 0 or compile_pays(self.use.step_s, self.use.steps + tokens_left, cost)

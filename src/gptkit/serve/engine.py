@@ -51,7 +51,7 @@ from torch import Tensor
 
 from gptkit.config import SampleConfig
 from gptkit.errors import GptkitError
-from gptkit.generate.compiled import compiled_step
+from gptkit.generate.compiled import compiled_is_faster, compiled_step
 from gptkit.generate.core import Row, prefill, step
 from gptkit.model import GPT, KVCache
 from gptkit.tokenizer.base import Tokenizer
@@ -185,7 +185,8 @@ class Engine:
         max_queue: at most this many requests wait for a row; more raise :class:`QueueFull`.
         max_context: use at most this many positions of the model's context.
         compile: run single-row steps compiled, once each pool length's graph is compiled
-            (in a background thread; see the module docstring).
+            (in a background thread; see the module docstring), where a compiled step is
+            faster (:func:`~gptkit.generate.compiled.compiled_is_faster`).
     """
 
     def __init__(
@@ -218,7 +219,7 @@ class Engine:
         self._wake = threading.Condition(self._lock)
         self._running = False
         self._thread: threading.Thread | None = None
-        self.compile = compile
+        self.compile = compile and compiled_is_faster(model)
         self._graphs: dict[int, threading.Thread | None] = {}  # pool length -> compiling, or ready
 
     # -- life cycle --------------------------------------------------------------------
