@@ -360,17 +360,21 @@ at::Tensor rope_store(at::Tensor qkv, at::Tensor cos, at::Tensor sin, at::Tensor
 
 namespace {
 
-// Eight groups of 32 of one weight row against the activations: each group's integer dot
-// product (eight int32 lanes) summed across its lanes, the eight sums as one vector.
-inline __m256i dots8(const uint8_t* w, const int8_t* x) {
+// The integer dot product of 32 weights (16 bytes of nibbles) and 32 int8 activations in the
+// nibbles' order (low nibbles first), as eight int32 partial sums.
+inline __m256i block_dot(const uint8_t* w, const int8_t* x) {
   const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+  const __m128i w16 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w));
+  const __m256i wv = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(w16, 4), w16), low);
+  const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x));
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(wv, xv), ones);
+}
+
+// Eight groups of 32 of one weight row against the activations: each group's integer dot
+// product summed across its lanes, the eight sums as one vector.
+inline __m256i dots8(const uint8_t* w, const int8_t* x) {
   __m256i d[8];
-  for (int g = 0; g < 8; ++g) {
-    const __m128i w16 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 16 * g));
-    const __m256i wv = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(w16, 4), w16), low);
-    const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 32 * g));
-    d[g] = _mm256_madd_epi16(_mm256_maddubs_epi16(wv, xv), ones);
-  }
+  for (int g = 0; g < 8; ++g) d[g] = block_dot(w + 16 * g, x + 32 * g);
   const __m256i a = _mm256_hadd_epi32(_mm256_hadd_epi32(d[0], d[1]), _mm256_hadd_epi32(d[2], d[3]));
   const __m256i b = _mm256_hadd_epi32(_mm256_hadd_epi32(d[4], d[5]), _mm256_hadd_epi32(d[6], d[7]));
   return _mm256_add_epi32(_mm256_permute2x128_si256(a, b, 0x20), _mm256_permute2x128_si256(a, b, 0x31));
@@ -396,12 +400,8 @@ inline float gemv_row32(const uint8_t* w, const uint16_t* sz, const int8_t* x, c
   __m128 t = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
   t = _mm_add_ps(t, _mm_movehl_ps(t, t));
   float total = _mm_cvtss_f32(_mm_add_ss(t, _mm_movehdup_ps(t)));
-  const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
   for (; g < G; ++g) {  // the last groups one at a time
-    const __m128i w16 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 16 * g));
-    const __m256i wv = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(w16, 4), w16), low);
-    const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 32 * g));
-    const __m256i d = _mm256_madd_epi16(_mm256_maddubs_epi16(wv, xv), ones);
+    const __m256i d = block_dot(w + 16 * g, x + 32 * g);
     __m128i s = _mm_add_epi32(_mm256_castsi256_si128(d), _mm256_extracti128_si256(d, 1));
     s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
     s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
@@ -474,9 +474,8 @@ at::Tensor int4_gemv(at::Tensor x, at::Tensor weight, at::Tensor sz, int64_t gro
     });
     return y;
   }
-  // four weight rows at a time: four independent sums, the activations loaded once for them
+  // other group sizes: four weight rows at a time, four independent sums
   at::parallel_for(0, (N + 3) / 4, 4, [&](int64_t begin, int64_t end) {
-    const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
     for (int64_t n0 = begin * 4; n0 < std::min(N, end * 4); n0 += 4) {
       const int64_t rows = std::min<int64_t>(4, N - n0);
       for (int64_t m = 0; m < M; ++m) {
@@ -488,13 +487,9 @@ at::Tensor int4_gemv(at::Tensor x, at::Tensor weight, at::Tensor sz, int64_t gro
           __m256i dot[4];
           for (int r = 0; r < 4; ++r) dot[r] = _mm256_setzero_si256();
           for (int64_t b = g * group; b < (g + 1) * group; b += 32) {
-            const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr + b));
             for (int r = 0; r < 4; ++r) {  // past the last row: the last row again, unused
               const uint8_t* wr = wp + (n0 + std::min<int64_t>(r, rows - 1)) * (K / 2) + b / 2;
-              const __m128i w16 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(wr));
-              const __m256i w = _mm256_and_si256(
-                  _mm256_set_m128i(_mm_srli_epi16(w16, 4), w16), low);  // [low nibbles, high]
-              dot[r] = _mm256_add_epi32(dot[r], _mm256_madd_epi16(_mm256_maddubs_epi16(w, xv), ones));
+              dot[r] = _mm256_add_epi32(dot[r], block_dot(wr, xr + b));
             }
           }
           const float sx = xs[m * G + g], tx = xsum[m * G + g];
