@@ -100,6 +100,11 @@ def test_a_long_cache_whose_first_ranges_are_masked(kernels) -> None:
     got = kernels.masked_attention(q, k, v, mask, q.dtype)
     want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    # a cache longer than the mask is read up to the mask's length, in place
+    longer = [torch.cat([t, torch.full_like(t[:, :, :50], float("nan"))], 2) for t in (k, v)]
+    assert torch.equal(kernels.masked_attention(q, *longer, mask, q.dtype), got)
+    with pytest.raises(RuntimeError, match="S, d"):
+        kernels.masked_attention(q, k[:, :, :-1], v[:, :, :-1], mask, q.dtype)
 
 
 def test_masked_attention_bf16_queries_and_a_row_that_sees_nothing(kernels) -> None:
@@ -165,37 +170,46 @@ def test_decoding_with_and_without_the_kernels_gives_the_same_tokens(monkeypatch
 
 
 @pytest.mark.parametrize(
-    ("family", "quant", "plan"),
+    ("family", "quant", "plan", "rows"),
     [
-        ("gpt2", None, "modules"),
-        ("sinusoidal", None, "modules"),
-        ("llama", None, "modules"),
-        ("llama", "int4", "bf16"),
-        ("llama", "int8", "bf16"),
-        ("llama", "bf16", "bf16"),
-        ("gpt2", "int4", "modules"),
+        ("gpt2", None, "modules", 2),
+        ("sinusoidal", None, "modules", 2),
+        ("llama", None, "modules", 2),
+        ("llama", "int4", "bf16", 2),
+        ("llama", "int4", "int4", 2),
+        ("llama", "int4", "int4", 5),  # more rows than int4_gemv takes: block by block
+        ("llama", "int8", "bf16", 2),
+        ("llama", "bf16", "bf16", 2),
+        ("gpt2", "int4", "modules", 2),
     ],
 )
 @pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16])
-def test_the_fused_step_equals_the_model(family, quant, plan, cache_dtype) -> None:
+def test_the_fused_step_equals_the_model(
+    monkeypatch, family, quant, plan, rows, cache_dtype
+) -> None:
     """decode_hidden against model.hidden, step after step, rows at different positions:
     the same hidden states and the same caches, bit for bit (both attend through the same
-    kernel; the rotary embedding and the bf16 hand-offs round as the model does)."""
+    kernel; the rotary embedding and the bf16 hand-offs round as the model does). int4
+    layers are made with int4_gemv's row scales ("int4": every block in one call of
+    int4_blocks) and without them (torch's int4 kernel), whatever the CPU's own choice."""
     from gptkit.model import KVCache
+    from gptkit.model import quant as quantization
     from gptkit.model.decode_step import _plan, decode_hidden
-    from gptkit.model.quant import quantize
 
+    monkeypatch.setattr(quantization, "INT4_GEMV", plan == "int4")
     model = tiny_model(64, **FAMILIES[family], n_embd=64, n_head=4)
     if quant is not None:
-        quantize(model, quant, lm_head="none")
+        quantization.quantize(model, quant, lm_head="none")
     assert _plan(model) == plan
-    caches = [KVCache(model.config, 2, 24, dtype=cache_dtype) for _ in range(2)]
+    caches = [KVCache(model.config, rows, 24, dtype=cache_dtype) for _ in range(2)]
+    prompts = torch.tensor([[1, 2, 3, 4], [5, 6, 7, 0]]).repeat(3, 1)[:rows]
+    lengths = [4, 3] * 3
     with torch.no_grad():
         for cache in caches:
-            model.hidden(torch.tensor([[1, 2, 3, 4], [5, 6, 7, 0]]), cache)
-            cache.set_pos([4, 3])  # the second row's padding is overwritten, never read
+            model.hidden(prompts, cache)
+            cache.set_pos(lengths[:rows])  # padding is overwritten, never read
         for t in range(6):
-            x = torch.tensor([[10 + t], [20 + t]])
+            x = torch.arange(rows)[:, None] * 10 + 10 + t
             fast = decode_hidden(model, x, caches[0])
             assert fast is not None
             plain = model.hidden(x, caches[1])
@@ -220,7 +234,7 @@ def test_the_fused_step_stands_aside(monkeypatch) -> None:
         assert decode_hidden(tiny_model(64, **FAMILIES["gpt1"]), x, cache) is None  # post-LN
         assert decode_hidden(tiny_model(64, **FAMILIES["gpt3"]), x, cache) is None  # banded
         assert decode_hidden(model, x, cache) is not None and _plans[model][1] == "modules"
-        quantize(model, "int4", lm_head="none")  # new layers: a new plan
+        quantize(model, "int8", lm_head="none")  # new layers: a new plan
         assert _plan(model) == "bf16" and decode_hidden(model, x, cache) is not None
         assert _plans[model][1] == "bf16"
         handle = model.blocks[1].attn.register_forward_hook(lambda *a: None)

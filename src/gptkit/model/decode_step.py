@@ -31,12 +31,21 @@ from gptkit.model.quant import GEMV_ROWS, QuantLinear
 #: quantized layers whose product reads bf16 rows and writes bf16 (``QuantLinear._matmul``)
 BF16_IN = ("int4", "int8", "bf16")
 
-#: per model: the identity of its first and last blocks' layers when its plan was made (a
-#: model quantized, given LoRA adapters or merged afterwards gets new layers, and a new
-#: plan), its plan (see :func:`_plan`) and the modules of its blocks (to look for hooks)
-_plans: weakref.WeakKeyDictionary[GPT, tuple[tuple[int, ...], str | None, list[nn.Module]]] = (
-    weakref.WeakKeyDictionary()
-)
+class _Known(NamedTuple):
+    """What :func:`applies` keeps of a model: the identity of its first and last blocks'
+    layers when its plan was made (a model quantized, given LoRA adapters or merged
+    afterwards gets new layers, and a new plan), its plan (see :func:`_plan`), the modules
+    of its blocks (to look for hooks) and, for the "int4" plan, where each operand of
+    ``int4_blocks`` is held (a module's own dict and key: read each step, so weights swapped
+    for new tensors are seen)."""
+
+    layers: tuple[int, ...]
+    plan: str | None
+    modules: list[nn.Module]
+    operands: list[tuple[dict[str, Any], str]]
+
+
+_plans: weakref.WeakKeyDictionary[GPT, _Known] = weakref.WeakKeyDictionary()
 
 
 def _layers(model: GPT) -> tuple[int, ...]:
@@ -51,15 +60,17 @@ def _layers(model: GPT) -> tuple[int, ...]:
 def _plan(model: GPT) -> str | None:
     """How this step computes the model's blocks: "bf16" (fp32 RMSNorms and SwiGLU around
     bf16-reading quantized layers without biases: the norms and the attention write bf16 for
-    the products, the rounding the layers would do), "modules" (the block's own modules
-    around the two kernels), or None (post-norm or banded layers: not this step)."""
+    the products, the rounding the layers would do), "int4" (the same, all of them int4
+    layers that ``int4_gemv`` serves: a few rows go through every block in one call of
+    ``int4_blocks``), "modules" (the block's own modules around the two kernels), or None
+    (post-norm or banded layers: not this step)."""
     c = model.config
     if c.norm_position != "pre" or any(b.local for b in model.blocks):  # type: ignore[union-attr]
         return None
     if model.wte.weight.dtype != torch.float32:
         return "modules"
     for block in model.blocks:
-        linears = (block.attn.qkv, block.attn.proj, block.mlp.fc, block.mlp.proj)  # type: ignore[union-attr]
+        linears = _linears(block)  # type: ignore[arg-type]
         norms = (block.norm_1, block.norm_2)  # type: ignore[union-attr]
         if not all(isinstance(n, Norm) and n.kind == "rmsnorm" for n in norms):
             return "modules"
@@ -69,7 +80,22 @@ def _plan(model: GPT) -> str | None:
             return "modules"
         if any(m.bias is not None for m in linears):
             return "modules"
-    return "bf16"
+    return "int4" if _int4_gemv_layers(model) else "bf16"
+
+
+def _int4_gemv_layers(model: GPT) -> bool:
+    """Whether every product of the blocks is an int4 layer ``int4_gemv`` serves (its row
+    scales made: see ``quant.INT4_GEMV``), all with one group size, the norms one eps: the
+    operands of the ``int4_blocks`` kernel."""
+    layers = [m for b in model.blocks for m in _linears(b)]
+    groups = {getattr(m, "group_size", None) for m in layers}
+    eps = {n.eps for b in model.blocks for n in (b.norm_1, b.norm_2)}  # type: ignore[union-attr]
+    rows = all(m._buffers.get("row_scales") is not None for m in layers)
+    return rows and len(groups) == 1 and len(eps) == 1
+
+
+def _linears(block: Block) -> tuple[Any, Any, Any, Any]:
+    return block.attn.qkv, block.attn.proj, block.mlp.fc, block.mlp.proj  # type: ignore[union-attr]
 
 
 def _hooked(modules: list[nn.Module]) -> bool:
@@ -93,13 +119,26 @@ def applies(model: GPT, idx: Tensor, cache: KVCache | None) -> tuple[Any, str] |
         return None
     layers = _layers(model)
     known = _plans.get(model)
-    if known is None or known[0] != layers:
-        known = _plans[model] = (layers, _plan(model), list(model.blocks.modules()))
-    _, plan, modules = known
-    if plan is None or _hooked(modules):
+    if known is None or known.layers != layers:
+        plan = _plan(model)
+        operands = _operands(model) if plan == "int4" else []
+        known = _plans[model] = _Known(layers, plan, list(model.blocks.modules()), operands)
+    if known.plan is None or _hooked(known.modules):
         return None
     kernels = decode_kernels()
-    return (kernels, plan) if kernels is not None else None
+    return (kernels, known.plan) if kernels is not None else None
+
+
+def _operands(model: GPT) -> list[tuple[dict[str, Any], str]]:
+    """Where ``int4_blocks``'s ten operands a layer are held, in its order."""
+    found: list[tuple[dict[str, Any], str]] = []
+    for block in model.blocks:
+        qkv, proj, fc, mlp_proj = _linears(block)  # type: ignore[arg-type]
+        for norm, first, second in ((block.norm_1, qkv, proj), (block.norm_2, fc, mlp_proj)):
+            found.append((norm._parameters, "weight"))  # type: ignore[union-attr]
+            for layer in (first, second):
+                found += ((layer._buffers, "weight"), (layer._buffers, "row_scales"))
+    return found
 
 
 class _Step(NamedTuple):
@@ -122,9 +161,9 @@ class _Step(NamedTuple):
         """q, k, v from the projection's output qkv (B, 1, W), rotated in ``q_dtype`` (the
         dtype the model's projection hands on), k and v into the cache, and the attention
         (B, nh, 1, hs) in ``dtype``."""
-        (k, v), S, pos = kv, self.mask.shape[-1], self.pos
+        (k, v), pos = kv, self.pos  # the attention reads the caches up to the mask's length
         q = self.kernels.rope_store(qkv, *self.rope, k, v, pos, attn.nh, attn.nkv, q_dtype)
-        return self.kernels.masked_attention(q, k[:, :, :S], v[:, :, :S], self.mask, dtype)
+        return self.kernels.masked_attention(q, k, v, self.mask, dtype)
 
 
 def _block(block: Block, x: Tensor, kv: tuple[Tensor, Tensor], step: _Step) -> Tensor:
@@ -160,6 +199,17 @@ def _product(layer: Any, x: Tensor, step: _Step) -> Tensor:
     return layer._matmul(x)
 
 
+def _int4_blocks(model: GPT, x: Tensor, cache: KVCache, step: _Step) -> Tensor:
+    """:func:`_bf16_block` for every block in one call of the ``int4_blocks`` kernel (plan
+    "int4"), x (B, C) fp32."""
+    weights = [held[key] for held, key in _plans[model].operands]
+    a, norm = model.blocks[0].attn, model.blocks[0].norm_1  # type: ignore[union-attr]
+    group = model.blocks[0].attn.qkv.group_size  # type: ignore[union-attr]
+    return step.kernels.int4_blocks(
+        x, weights, cache.k, cache.v, *step.rope, step.pos, step.mask, a.nh, a.nkv, norm.eps, group
+    )
+
+
 def decode_hidden(model: GPT, idx: Tensor, cache: KVCache | None) -> Tensor | None:
     """``model.hidden(idx, cache)`` for idx (B, 1) (the cache advanced by one position the
     same way), or None where this step does not apply (see the module docstring)."""
@@ -184,12 +234,15 @@ def decode_hidden(model: GPT, idx: Tensor, cache: KVCache | None) -> Tensor | No
     keys = torch.arange(cache.length + 1)
     mask = (keys <= pos[:, None])[:, None, None]  # (B, 1, 1, S): slot <= position
     step = _Step(rope, pos, mask, kernels)
-    run = _bf16_block if plan == "bf16" else _block
-    if plan == "bf16":
-        x = x[:, 0]  # (B, C): the products take rows
-    for i, block in enumerate(model.blocks):
-        x = run(block, x, (cache.k[i], cache.v[i]), step)  # type: ignore[arg-type]
-    if plan == "bf16":
+    if plan == "int4" and x.shape[0] <= GEMV_ROWS:
+        x = _int4_blocks(model, x[:, 0], cache, step)[:, None]
+    elif plan == "modules":
+        for i, block in enumerate(model.blocks):
+            x = _block(block, x, (cache.k[i], cache.v[i]), step)  # type: ignore[arg-type]
+    else:  # (B, C): the products take rows
+        x = x[:, 0]
+        for i, block in enumerate(model.blocks):
+            x = _bf16_block(block, x, (cache.k[i], cache.v[i]), step)  # type: ignore[arg-type]
         x = x[:, None]
     cache.pos = cache.pos + 1
     cache.length += 1

@@ -223,7 +223,8 @@ void attend(const Rows& r, int64_t B, int64_t Hkv, int64_t T, int64_t group) {
 
 }  // namespace
 
-// Attention of q (B, H, T, d) over k, v (B, Hkv, S, d) — H a multiple of Hkv, query head h
+// Attention of q (B, H, T, d) over the first S keys and values of k, v (B, Hkv, >= S, d) — S
+// the mask's length (a cache is read up to it in place), H a multiple of Hkv, query head h
 // reading key head h / (H / Hkv) — under mask (B or 1, 1, T, S) bool (True = attend), scaled
 // by 1/sqrt(d): softmax(q kᵀ / sqrt(d) masked) v, in q's dtype, laid out (B, H, T, d). Any
 // strides for q, k, v and the mask (the cache's slices are read in place); fp32 or bf16 each.
@@ -237,10 +238,11 @@ at::Tensor masked_attention(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor
                   mask.scalar_type() == at::kBool && mask.device().is_cpu(),
               "masked_attention: fp32 or bf16 q, k, v and a bool mask on the CPU");
   const int64_t B = q.size(0), H = q.size(1), T = q.size(2), d = q.size(3);
-  const int64_t Hkv = k.size(1), S = k.size(2);
-  TORCH_CHECK(k.size(0) == B && v.size(0) == B && v.size(1) == Hkv && v.size(2) == S &&
-                  k.size(3) == d && v.size(3) == d && Hkv > 0 && H % Hkv == 0,
-              "masked_attention: k, v (B, Hkv, S, d) with H a multiple of Hkv");
+  const int64_t Hkv = k.size(1), S = mask.size(3);
+  TORCH_CHECK(k.size(0) == B && v.size(0) == B && v.size(1) == Hkv && k.size(2) >= S &&
+                  v.size(2) == k.size(2) && k.size(3) == d && v.size(3) == d && Hkv > 0 &&
+                  H % Hkv == 0,
+              "masked_attention: k, v (B, Hkv, >= S, d) with H a multiple of Hkv");
   TORCH_CHECK((mask.size(0) == B || mask.size(0) == 1) && mask.size(1) == 1 &&
                   mask.size(2) == T && mask.size(3) == S,
               "masked_attention: mask (B or 1, 1, T, S)");
@@ -542,6 +544,70 @@ at::Tensor int4_dequantize(at::Tensor weight, at::Tensor sz, int64_t group) {
   return w;
 }
 
+namespace {
+
+// x += y, x (B, C) fp32 and y bf16 of the same shape, both contiguous: torch's x + y.
+void add_bf16(const at::Tensor& x, const at::Tensor& y) {
+  float* xp = x.data_ptr<float>();
+  const at::BFloat16* yp = y.data_ptr<at::BFloat16>();
+  for (int64_t i = 0, n = x.numel(); i < n; ++i) xp[i] += (float)yp[i];
+}
+
+// SwiGLU of h (B, 2F) bf16, its gate the first half of each row: silu(gate) · up in bf16, as
+// the model's (F.silu(gate) * up).to(bf16) on h.float().chunk(2, -1). torch computes silu,
+// on a view with the same strides as the model's, so exp rounds the same way.
+at::Tensor swiglu_bf16(const at::Tensor& h) {
+  const int64_t B = h.size(0), F = h.size(1) / 2;
+  auto buf = at::empty({B, 2 * F}, h.options().dtype(at::kFloat));
+  const at::BFloat16* hp = h.data_ptr<at::BFloat16>();
+  float* bp = buf.data_ptr<float>();
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t f = 0; f < F; ++f) bp[b * 2 * F + f] = (float)hp[b * 2 * F + f];
+  at::Tensor gate = buf.slice(1, 0, F);
+  at::silu_(gate);
+  auto out = at::empty({B, F}, h.options());
+  at::BFloat16* op = out.data_ptr<at::BFloat16>();
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t f = 0; f < F; ++f)
+      op[b * F + f] = at::BFloat16(bp[b * 2 * F + f] * (float)hp[b * 2 * F + F + f]);
+  return out;
+}
+
+}  // namespace
+
+// Every block of a model for one new token per row, in one call, where its blocks are pre-norm
+// with RMSNorm, SwiGLU and four int4 products without biases (int4_gemv's operands): what
+// model/decode_step.py's _bf16_block computes layer after layer, the same kernels in the same
+// order with the same roundings (the norms and the attention write bf16 rows for the
+// products), so the numbers are the same bit for bit. On a slow core the Python calls
+// between a layer's kernels cost half as much again as the kernels.
+// x (B, C) fp32; weights: ten a layer (norm_1, qkv, its row scales, proj, its row scales,
+// norm_2, fc, its row scales, mlp proj, its row scales); k_caches, v_caches one a layer;
+// cos, sin, pos as rope_store takes them; mask (B, 1, 1, S). Returns x after the last block.
+at::Tensor int4_blocks(at::Tensor x, std::vector<at::Tensor> weights,
+                       std::vector<at::Tensor> k_caches, std::vector<at::Tensor> v_caches,
+                       at::Tensor cos, at::Tensor sin, at::Tensor pos, at::Tensor mask, int64_t H,
+                       int64_t Hkv, double eps, int64_t group) {
+  const size_t L = k_caches.size();
+  TORCH_CHECK(weights.size() == 10 * L && v_caches.size() == L,
+              "int4_blocks: ten weights and two caches a layer");
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "int4_blocks: x (B, C) fp32");
+  const int64_t B = x.size(0);
+  const auto bf16 = at::kBFloat16;
+  x = x.contiguous().clone();  // added to in place
+  for (size_t i = 0; i < L; ++i) {
+    const at::Tensor* w = weights.data() + 10 * i;
+    const at::Tensor qkv = int4_gemv(rms_norm(x, w[0], eps, bf16), w[1], w[2], group);
+    const at::Tensor q = rope_store(qkv.view({B, 1, qkv.size(1)}), cos, sin, k_caches[i],
+                                    v_caches[i], pos, H, Hkv, at::kFloat);
+    const at::Tensor y = masked_attention(q, k_caches[i], v_caches[i], mask, bf16);
+    add_bf16(x, int4_gemv(y.view({B, y.numel() / B}), w[3], w[4], group));
+    const at::Tensor h = int4_gemv(rms_norm(x, w[5], eps, bf16), w[6], w[7], group);
+    add_bf16(x, int4_gemv(swiglu_bf16(h), w[8], w[9], group));
+  }
+  return x;
+}
+
 #ifdef GPTKIT_DECODE_ONLY  // built alone (the AVX2 module); else attention.cpp binds these
 #include <torch/extension.h>
 
@@ -551,5 +617,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rope_store", &rope_store, "rotary q, k of one token per row; k, v into the cache");
   m.def("int4_gemv", &int4_gemv, "int4 weights x a few rows, activations as int8 per group");
   m.def("int4_dequantize", &int4_dequantize, "int4_gemv's weight as fp32 (N, K)");
+  m.def("int4_blocks", &int4_blocks, "every pre-norm SwiGLU block of int4 layers, one token a row");
 }
 #endif
