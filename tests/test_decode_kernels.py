@@ -246,23 +246,25 @@ def test_the_fused_step_stands_aside(monkeypatch) -> None:
 
 
 @pytest.mark.parametrize(
-    ("M", "K", "N", "group"), [(1, 576, 960, 32), (3, 1536, 90, 64), (2, 256, 7, 128)]
+    ("M", "K", "N", "group"),
+    [(1, 576, 960, 32), (4, 1536, 90, 64), (2, 256, 7, 128), (1, 96, 13, 32)],
 )
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_int4_gemv_equals_its_definition(kernels, M, K, N, group, dtype) -> None:
     """int4 weights times activations rounded to int8 per group (x · 127 / max|x|), in
     bf16: against the dequantized weight times the rounded activations (and near the exact
-    product); output widths that are not a multiple of four."""
-    from gptkit.model.quant import _pack_nibbles, dequantize_int4, quantize_int4
+    product); output widths that are not a multiple of eight (the last tile padded)."""
+    from gptkit.model.quant import dequantize_int4, gemv_tiles, quantize_int4
 
     torch.manual_seed(K + N)
     w, x = torch.randn(N, K), torch.randn(M, K).to(dtype)
     q, sz = quantize_int4(w, group)
-    got = kernels.int4_gemv(x, _pack_nibbles(q), sz.transpose(0, 1).contiguous(), group)
+    got = kernels.int4_gemv(x, gemv_tiles(q, sz, group), N, group)
     assert got.dtype == torch.bfloat16 and got.shape == (M, N)
     xg = x.float().view(M, K // group, group)
     top = xg.abs().amax(-1, keepdim=True)
-    rounded = (torch.round(xg * (127 / top)) * (top / 127)).view(M, K)
+    inv = torch.full_like(top, 127.0) / top  # as the kernel divides (127 / t is 127 · (1 / t))
+    rounded = (torch.round(xg * inv) * (top / 127)).view(M, K)  # ties to even, as the kernel
     weight = dequantize_int4(q, sz, group)
     want = rounded @ weight.T
     torch.testing.assert_close(got.float(), want, atol=1e-3, rtol=8e-3)  # bf16's rounding

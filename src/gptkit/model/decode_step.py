@@ -84,14 +84,15 @@ def _plan(model: GPT) -> str | None:
 
 
 def _int4_gemv_layers(model: GPT) -> bool:
-    """Whether every product of the blocks is an int4 layer ``int4_gemv`` serves (its row
-    scales made: see ``quant.INT4_GEMV``), all with one group size, the norms one eps: the
-    operands of the ``int4_blocks`` kernel."""
+    """Whether every product of the blocks is an int4 layer ``int4_gemv`` serves (its tiles
+    made: see ``quant.INT4_GEMV``), all with one group size and widths a multiple of eight,
+    the norms one eps: the operands of the ``int4_blocks`` kernel."""
     layers = [m for b in model.blocks for m in _linears(b)]
     groups = {getattr(m, "group_size", None) for m in layers}
     eps = {n.eps for b in model.blocks for n in (b.norm_1, b.norm_2)}  # type: ignore[union-attr]
-    rows = all(m._buffers.get("row_scales") is not None for m in layers)
-    return rows and len(groups) == 1 and len(eps) == 1
+    tiles = all(m._buffers.get("gemv_tiles") is not None for m in layers)
+    widths = all(m.out_features % 8 == 0 for m in layers)  # whole tiles: the kernel's widths
+    return tiles and widths and len(groups) == 1 and len(eps) == 1
 
 
 def _linears(block: Block) -> tuple[Any, Any, Any, Any]:
@@ -130,14 +131,13 @@ def applies(model: GPT, idx: Tensor, cache: KVCache | None) -> tuple[Any, str] |
 
 
 def _operands(model: GPT) -> list[tuple[dict[str, Any], str]]:
-    """Where ``int4_blocks``'s ten operands a layer are held, in its order."""
+    """Where ``int4_blocks``'s six operands a layer are held, in its order."""
     found: list[tuple[dict[str, Any], str]] = []
     for block in model.blocks:
         qkv, proj, fc, mlp_proj = _linears(block)  # type: ignore[arg-type]
         for norm, first, second in ((block.norm_1, qkv, proj), (block.norm_2, fc, mlp_proj)):
             found.append((norm._parameters, "weight"))  # type: ignore[union-attr]
-            for layer in (first, second):
-                found += ((layer._buffers, "weight"), (layer._buffers, "row_scales"))
+            found += ((first._buffers, "gemv_tiles"), (second._buffers, "gemv_tiles"))
     return found
 
 
@@ -193,9 +193,9 @@ def _product(layer: Any, x: Tensor, step: _Step) -> Tensor:
     """``layer._matmul(x)`` for contiguous rows x; an int4 layer that takes ``int4_gemv``
     straight to it (the layer's own checks, asked again for every product, cost a third as
     much as a small product on a slow core)."""
-    rows = layer._buffers.get("row_scales")
-    if rows is not None and x.shape[0] <= GEMV_ROWS:
-        return step.kernels.int4_gemv(x, layer._buffers["weight"], rows, layer.group_size)
+    tiles = layer._buffers.get("gemv_tiles")
+    if tiles is not None and x.shape[0] <= GEMV_ROWS:
+        return step.kernels.int4_gemv(x, tiles, layer.out_features, layer.group_size)
     return layer._matmul(x)
 
 

@@ -158,6 +158,25 @@ def _unpack_nibbles(packed: Tensor) -> Tensor:
     return torch.stack([low, high], dim=-1).reshape(packed.shape[0], -1)
 
 
+def gemv_tiles(q: Tensor, scales_and_zeros: Tensor, group_size: int) -> Tensor:
+    """The operand of ``kernels/decode.cpp``'s ``int4_gemv`` for int4 values q (N, K) and
+    their (scale, zero) pairs (G, N, 2) bf16: rows eight at a time (the last tile padded with
+    zero weights), per group 32 columns at a time in four 32-byte chunks, chunk c's byte
+    4r + j holding row r's column 8c + j (low nibble) and 8c + 4 + j (high nibble), then the
+    tile's eight scales and eight zeros: (ceil(N/8), G, 4 · group_size + 32) uint8."""
+    N, K = q.shape
+    pad = -N % 8
+    sz = scales_and_zeros.transpose(0, 1)  # (N, G, 2)
+    if pad:  # (8 - 8) · 0 + 0 = 0
+        q, sz = F.pad(q, (0, 0, 0, pad), value=8), F.pad(sz, (0, 0, 0, 0, 0, pad))
+    T, G, S = (N + pad) // 8, K // group_size, group_size // 32
+    # column k = g·group + s·32 + c·8 + h·4 + j, row t·8 + r -> (T, G, S, c, h, r, j)
+    q = q.to(torch.uint8).view(T, 8, G, S, 4, 2, 4).permute(0, 2, 3, 4, 5, 1, 6)
+    nibbles = (q[..., 0, :, :] | (q[..., 1, :, :] << 4)).reshape(T, G, S * 128)
+    pairs = sz.reshape(T, 8, G, 2).permute(0, 2, 3, 1).contiguous()  # (T, G, 2, 8) bf16
+    return torch.cat([nibbles, pairs.view(torch.uint8).reshape(T, G, 32)], -1).contiguous()
+
+
 # -- quantized layers --------------------------------------------------------------------------
 
 
@@ -394,9 +413,9 @@ class Int4Linear(QuantLinear):
     The kernel wants the weight in a CPU-specific tiled layout and an output width that is
     a multiple of 16: :meth:`prepare` pads the rows with zeros and packs them, and the
     output is cut back to ``out_features``. Where :data:`INT4_GEMV` holds, inference goes
-    through ``kernels/decode.cpp`` instead for a few rows (``int4_gemv``) or many
-    (``int4_dequantize`` and an fp32 GEMM), on the weight as stored and its (scale, zero)
-    pairs row by row (``row_scales``).
+    through ``kernels/decode.cpp`` instead for a few rows (``int4_gemv``, on the weight in
+    its tiles: :func:`gemv_tiles`) or many (``int4_dequantize`` and an fp32 GEMM, on the
+    weight as stored and its (scale, zero) pairs row by row: ``row_scales``).
     """
 
     mode = "int4"
@@ -427,8 +446,12 @@ class Int4Linear(QuantLinear):
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.cpu(), 1)
         self.register_buffer("packed", packed.to(self.weight.device), persistent=False)
         self.register_buffer("padded_scales", sz.contiguous(), persistent=False)
-        rows = self.scales_and_zeros.transpose(0, 1).contiguous() if INT4_GEMV else None
-        self.register_buffer("row_scales", rows, persistent=False)  # (N, G, 2)
+        rows = tiles = None
+        if INT4_GEMV:
+            rows = self.scales_and_zeros.transpose(0, 1).contiguous()  # (N, G, 2)
+            tiles = gemv_tiles(q[: self.out_features], self.scales_and_zeros, self.group_size)
+        self.register_buffer("row_scales", rows, persistent=False)
+        self.register_buffer("gemv_tiles", tiles, persistent=False)
 
     def dequantized(self) -> Tensor:
         q = _unpack_nibbles(self.weight)
@@ -441,7 +464,7 @@ class Int4Linear(QuantLinear):
             return F.linear(x.float(), w)
         x = x.to(torch.bfloat16).contiguous()  # both int4 kernels read bf16 rows
         if kernels is not None and x.shape[0] <= GEMV_ROWS:
-            return kernels.int4_gemv(x, self.weight, self.row_scales, self.group_size)
+            return kernels.int4_gemv(x, self.gemv_tiles, self.out_features, self.group_size)
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(
             x, self.packed, self.group_size, self.padded_scales
         )

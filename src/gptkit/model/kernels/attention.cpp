@@ -445,7 +445,7 @@ at::Tensor masked_attention(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor
 at::Tensor rope_store(at::Tensor qkv, at::Tensor cos, at::Tensor sin, at::Tensor k_cache,
                       at::Tensor v_cache, at::Tensor pos, int64_t H, int64_t Hkv,
                       at::ScalarType dtype);
-at::Tensor int4_gemv(at::Tensor x, at::Tensor weight, at::Tensor sz, int64_t group);
+at::Tensor int4_gemv(at::Tensor x, at::Tensor tiles, int64_t N, int64_t group);
 at::Tensor int4_dequantize(at::Tensor weight, at::Tensor sz, int64_t group);
 at::Tensor int4_blocks(at::Tensor x, std::vector<at::Tensor> weights,
                        std::vector<at::Tensor> k_caches, std::vector<at::Tensor> v_caches,

@@ -362,153 +362,114 @@ at::Tensor rope_store(at::Tensor qkv, at::Tensor cos, at::Tensor sin, at::Tensor
 
 namespace {
 
-// The integer dot product of 32 weights (16 bytes of nibbles) and 32 int8 activations in the
-// nibbles' order (low nibbles first), as eight int32 partial sums.
-inline __m256i block_dot(const uint8_t* w, const int8_t* x) {
-  const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
-  const __m128i w16 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w));
-  const __m256i wv = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(w16, 4), w16), low);
-  const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x));
-  return _mm256_madd_epi16(_mm256_maddubs_epi16(wv, xv), ones);
-}
-
-// Eight groups of 32 of one weight row against the activations: each group's integer dot
-// product summed across its lanes, the eight sums as one vector.
-inline __m256i dots8(const uint8_t* w, const int8_t* x) {
-  __m256i d[8];
-  for (int g = 0; g < 8; ++g) d[g] = block_dot(w + 16 * g, x + 32 * g);
-  const __m256i a = _mm256_hadd_epi32(_mm256_hadd_epi32(d[0], d[1]), _mm256_hadd_epi32(d[2], d[3]));
-  const __m256i b = _mm256_hadd_epi32(_mm256_hadd_epi32(d[4], d[5]), _mm256_hadd_epi32(d[6], d[7]));
-  return _mm256_add_epi32(_mm256_permute2x128_si256(a, b, 0x20), _mm256_permute2x128_si256(a, b, 0x31));
-}
-
-// Row n of int4_gemv for groups of 32, eight groups at a time: the scales of eight groups
-// multiplied in one vector (the (scale, zero) pairs read as eight 32-bit words).
-inline float gemv_row32(const uint8_t* w, const uint16_t* sz, const int8_t* x, const float* xs,
-                        const float* xsum, int64_t G) {
-  const __m256i high = _mm256_set1_epi32((int)0xFFFF0000);
-  __m256 acc = _mm256_setzero_ps(), rest = _mm256_setzero_ps();
-  int64_t g = 0;
-  for (; g + 8 <= G; g += 8) {
-    const __m256 dot = _mm256_cvtepi32_ps(dots8(w + 16 * g, x + 32 * g));
-    const __m256i pairs = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(sz + 2 * g));
-    const __m256 scale = _mm256_castsi256_ps(_mm256_slli_epi32(pairs, 16));
-    const __m256 zero = _mm256_castsi256_ps(_mm256_and_si256(pairs, high));
-    acc = _mm256_fmadd_ps(dot, _mm256_mul_ps(scale, _mm256_loadu_ps(xs + g)), acc);
-    const __m256 offset = _mm256_fnmadd_ps(_mm256_set1_ps(8.0f), scale, zero);  // zero - 8 scale
-    rest = _mm256_fmadd_ps(_mm256_loadu_ps(xsum + g), offset, rest);
-  }
-  acc = _mm256_add_ps(acc, rest);
-  __m128 t = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-  t = _mm_add_ps(t, _mm_movehl_ps(t, t));
-  float total = _mm_cvtss_f32(_mm_add_ss(t, _mm_movehdup_ps(t)));
-  for (; g < G; ++g) {  // the last groups one at a time
-    const __m256i d = block_dot(w + 16 * g, x + 32 * g);
-    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(d), _mm256_extracti128_si256(d, 1));
+// One row of activations x (K) as int8 per group, llama.cpp's Q8_1: scale max|x| / 127, q =
+// round(x / scale) (to nearest even), and each group's scale and scale x (sum of its q).
+void quantize_row(const float* x, int64_t K, int64_t group, int8_t* q, float* scale, float* sum) {
+  const __m256 absolute = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  for (int64_t g = 0; g < K / group; ++g) {
+    const float* v = x + g * group;
+    __m256 top8 = _mm256_setzero_ps();
+    for (int64_t i = 0; i < group; i += 8) top8 = _mm256_max_ps(top8, _mm256_and_ps(_mm256_loadu_ps(v + i), absolute));
+    __m128 t = _mm_max_ps(_mm256_castps256_ps128(top8), _mm256_extractf128_ps(top8, 1));
+    t = _mm_max_ps(t, _mm_movehl_ps(t, t));
+    const float top = _mm_cvtss_f32(_mm_max_ss(t, _mm_movehdup_ps(t)));
+    const __m256 inv = _mm256_set1_ps(top > 0.0f ? 127.0f / top : 0.0f);
+    __m256i total = _mm256_setzero_si256();
+    for (int64_t i = 0; i < group; i += 32) {
+      __m256i r[4];
+      for (int j = 0; j < 4; ++j) {  // rounded to nearest even, as std::nearbyint
+        r[j] = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(v + i + 8 * j), inv));
+        total = _mm256_add_epi32(total, r[j]);
+      }
+      const __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(r[0], r[1]), _mm256_packs_epi32(r[2], r[3]));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + g * group + i), _mm256_permutevar8x32_epi32(bytes, order));
+    }
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(total), _mm256_extracti128_si256(total, 1));
     s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
     s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
-    uint32_t su = (uint32_t)sz[2 * g] << 16, zu = (uint32_t)sz[2 * g + 1] << 16;
-    float scale, zero;
-    std::memcpy(&scale, &su, 4), std::memcpy(&zero, &zu, 4);
-    total += (float)_mm_cvtsi128_si32(s) * (scale * xs[g]) + xsum[g] * (zero - 8.0f * scale);
+    scale[g] = top / 127.0f, sum[g] = scale[g] * (float)_mm_cvtsi128_si32(s);
   }
-  return total;
+}
+
+// Eight weight rows (one tile of int4_gemv's layout) against one row of int8 activations:
+// the eight outputs, lane r for row r. For each group and each 32 of its columns, four
+// 32-byte chunks; chunk c's byte 4r + j holds row r's column 8c + j in its low nibble and
+// 8c + 4 + j in its high one, so one vpmaddubsw against four activations broadcast gives
+// each row's products in its own lanes, no horizontal sums. Eight of them summed in int16
+// cannot overflow (8 · 2 · 15 · 127 < 2^15). After a group's chunks: its eight scales and
+// eight zeros, bf16.
+inline __m256 tile_dot(const uint8_t* p, const int8_t* xq, const float* xs, const float* xsum,
+                       int64_t G, int64_t group) {
+  const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+  __m256 acc = _mm256_setzero_ps(), rest = _mm256_setzero_ps();
+  for (int64_t g = 0; g < G; ++g) {
+    __m256i dot = _mm256_setzero_si256();
+    for (int64_t b = 0; b < group; b += 32, p += 128) {
+      const int8_t* x = xq + g * group + b;
+      // the stream eight chunks ahead (a model's weights are read once a step, from memory)
+      _mm_prefetch(reinterpret_cast<const char*>(p + 1024), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(p + 1088), _MM_HINT_T0);
+      __m256i d16 = _mm256_setzero_si256();
+      for (int c = 0; c < 4; ++c) {
+        const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32 * c));
+        int32_t x_lo, x_hi;
+        std::memcpy(&x_lo, x + 8 * c, 4), std::memcpy(&x_hi, x + 8 * c + 4, 4);
+        d16 = _mm256_add_epi16(d16, _mm256_maddubs_epi16(_mm256_and_si256(w, low), _mm256_set1_epi32(x_lo)));
+        d16 = _mm256_add_epi16(d16, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(w, 4), low),
+                                                         _mm256_set1_epi32(x_hi)));
+      }
+      dot = _mm256_add_epi32(dot, _mm256_madd_epi16(d16, ones));
+    }
+    const auto bf16s = [](const uint8_t* at) {
+      const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(at));
+      return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+    };
+    const __m256 scale = bf16s(p), zero = bf16s(p + 16);
+    p += 32;
+    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(scale, _mm256_set1_ps(xs[g])), acc);
+    const __m256 offset = _mm256_fnmadd_ps(_mm256_set1_ps(8.0f), scale, zero);  // zero - 8 scale
+    rest = _mm256_fmadd_ps(_mm256_set1_ps(xsum[g]), offset, rest);
+  }
+  return _mm256_add_ps(acc, rest);
 }
 
 }  // namespace
 
 // int4 weights times a few rows of activations, llama.cpp's way (Q4_1 x Q8_1): each group of
 // the activations quantized to int8 (scale max|x| / 127), the products summed in integers
-// (vpmaddubsw: the weight's nibbles, unsigned, times the activations' int8), then scaled.
-// x (M, K) fp32 or bf16; weight (N, K/2) uint8 two nibbles a byte, column 2j in the low one;
-// sz (N, K/group, 2) bf16 (scale, zero): w = (q - 8) · scale + zero. Out (M, N) bf16, the
-// dtype torch's int4 kernel hands on. Needs AVX2 (built in both modules).
-at::Tensor int4_gemv(at::Tensor x, at::Tensor weight, at::Tensor sz, int64_t group) {
+// (vpmaddubsw: the weight's nibbles, unsigned, times the activations' int8), then scaled,
+// w = (q - 8) · scale + zero. x (M, K) fp32 or bf16; tiles (ceil(N/8), K/group, 4 group + 32)
+// uint8: eight rows at a time, their nibbles interleaved and their (scale, zero) pairs after
+// each group (tile_dot; quant.gemv_tiles makes it). Out (M, N) bf16, the dtype torch's int4
+// kernel hands on. Needs AVX2 (built in both modules).
+at::Tensor int4_gemv(at::Tensor x, at::Tensor tiles, int64_t N, int64_t group) {
   TORCH_CHECK(float_or_bf16(x) && x.dim() == 2 && x.is_contiguous(),
               "int4_gemv: x (M, K) contiguous fp32 or bf16");
-  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0), G = K / std::max<int64_t>(group, 1);
+  const int64_t M = x.size(0), K = x.size(1), G = K / std::max<int64_t>(group, 1);
   TORCH_CHECK(group % 32 == 0 && group > 0 && K % group == 0, "int4_gemv: group a multiple of 32 dividing K");
-  TORCH_CHECK(weight.scalar_type() == at::kByte && weight.is_contiguous() && weight.size(1) * 2 == K,
-              "int4_gemv: weight (N, K/2) uint8 contiguous");
-  TORCH_CHECK(sz.scalar_type() == at::kBFloat16 && sz.is_contiguous() && sz.dim() == 3 &&
-                  sz.size(0) == N && sz.size(1) == G && sz.size(2) == 2,
-              "int4_gemv: sz (N, K/group, 2) bf16 contiguous");
-  // the activations: int8 per group, in the nibbles' order within each block of 32
-  // (block byte j < 16 is column 2j, byte 16 + j column 2j + 1), with each group's scale
-  // and scale x (sum of its int8 values)
+  TORCH_CHECK(tiles.scalar_type() == at::kByte && tiles.is_contiguous() && tiles.dim() == 3 &&
+                  tiles.size(0) == (N + 7) / 8 && tiles.size(1) == G && tiles.size(2) == 4 * group + 32,
+              "int4_gemv: tiles (ceil(N/8), K/group, 4 group + 32) uint8 contiguous (quant.gemv_tiles)");
+  const at::Tensor xf = x.to(at::kFloat);
   std::vector<int8_t> xq(M * K);
   std::vector<float> xs(M * G), xsum(M * G);
-  const bool xbf = bf(x);
-  const float* xf = xbf ? nullptr : x.data_ptr<float>();
-  const at::BFloat16* xb = xbf ? x.data_ptr<at::BFloat16>() : nullptr;
   for (int64_t m = 0; m < M; ++m)
-    for (int64_t g = 0; g < G; ++g) {
-      float v[256], top = 0.0f;
-      for (int64_t i = 0; i < group; ++i) {
-        const int64_t at = m * K + g * group + i;
-        v[i] = xbf ? (float)xb[at] : xf[at];
-        top = std::max(top, std::fabs(v[i]));
-      }
-      const float scale = top / 127.0f, inv = top > 0.0f ? 127.0f / top : 0.0f;
-      int total = 0;
-      int8_t* out = xq.data() + m * K + g * group;
-      for (int64_t b = 0; b < group; b += 32)
-        for (int j = 0; j < 16; ++j)
-          for (int odd = 0; odd < 2; ++odd) {
-            const int q = (int)std::nearbyint(v[b + 2 * j + odd] * inv);
-            out[b + 16 * odd + j] = (int8_t)q;
-            total += q;
-          }
-      xs[m * G + g] = scale, xsum[m * G + g] = scale * (float)total;
-    }
+    quantize_row(xf.data_ptr<float>() + m * K, K, group, xq.data() + m * K, xs.data() + m * G,
+                 xsum.data() + m * G);
   auto y = at::empty({M, N}, x.options().dtype(at::kBFloat16));
-  const uint8_t* wp = weight.data_ptr<uint8_t>();
-  const auto* szp = reinterpret_cast<const uint16_t*>(sz.data_ptr());
+  const uint8_t* tp = tiles.data_ptr<uint8_t>();
   auto* yp = y.data_ptr<at::BFloat16>();
-  const auto bf16 = [](uint16_t h) { uint32_t u = (uint32_t)h << 16; float f; std::memcpy(&f, &u, 4); return f; };
-  if (group == 32) {  // the common case (GGUF's Q4 blocks): eight groups at a time
-    at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
-      for (int64_t n = begin; n < end; ++n)
-        for (int64_t m = 0; m < M; ++m)
-          yp[m * N + n] = at::BFloat16(gemv_row32(wp + n * (K / 2), szp + n * G * 2,
-                                                  xq.data() + m * K, xs.data() + m * G,
-                                                  xsum.data() + m * G, G));
-    });
-    return y;
-  }
-  // other group sizes: four weight rows at a time, four independent sums
-  at::parallel_for(0, (N + 3) / 4, 4, [&](int64_t begin, int64_t end) {
-    for (int64_t n0 = begin * 4; n0 < std::min(N, end * 4); n0 += 4) {
-      const int64_t rows = std::min<int64_t>(4, N - n0);
+  const int64_t tile = tiles.size(1) * tiles.size(2);
+  at::parallel_for(0, (N + 7) / 8, 4, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t)
       for (int64_t m = 0; m < M; ++m) {
-        const int8_t* xr = xq.data() + m * K;
-        __m256 acc[4];
-        float rest[4] = {0, 0, 0, 0};
-        for (int r = 0; r < 4; ++r) acc[r] = _mm256_setzero_ps();
-        for (int64_t g = 0; g < G; ++g) {
-          __m256i dot[4];
-          for (int r = 0; r < 4; ++r) dot[r] = _mm256_setzero_si256();
-          for (int64_t b = g * group; b < (g + 1) * group; b += 32) {
-            for (int r = 0; r < 4; ++r) {  // past the last row: the last row again, unused
-              const uint8_t* wr = wp + (n0 + std::min<int64_t>(r, rows - 1)) * (K / 2) + b / 2;
-              dot[r] = _mm256_add_epi32(dot[r], block_dot(wr, xr + b));
-            }
-          }
-          const float sx = xs[m * G + g], tx = xsum[m * G + g];
-          for (int r = 0; r < 4; ++r) {
-            const uint16_t* sr = szp + ((n0 + std::min<int64_t>(r, rows - 1)) * G + g) * 2;
-            const float scale = bf16(sr[0]), zero = bf16(sr[1]);
-            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[r]), _mm256_set1_ps(sx * scale), acc[r]);
-            rest[r] += tx * (zero - 8.0f * scale);
-          }
-        }
-        for (int64_t r = 0; r < rows; ++r) {
-          __m128 t = _mm_add_ps(_mm256_castps256_ps128(acc[r]), _mm256_extractf128_ps(acc[r], 1));
-          t = _mm_add_ps(t, _mm_movehl_ps(t, t));
-          yp[m * N + n0 + r] = at::BFloat16(_mm_cvtss_f32(_mm_add_ss(t, _mm_movehdup_ps(t))) + rest[r]);
-        }
+        float out[8];
+        _mm256_storeu_ps(out, tile_dot(tp + t * tile, xq.data() + m * K, xs.data() + m * G,
+                                       xsum.data() + m * G, G, group));
+        for (int64_t r = 0; r < std::min<int64_t>(8, N - 8 * t); ++r)
+          yp[m * N + 8 * t + r] = at::BFloat16(out[r]);
       }
-    }
   });
   return y;
 }
@@ -581,29 +542,32 @@ at::Tensor swiglu_bf16(const at::Tensor& h) {
 // order with the same roundings (the norms and the attention write bf16 rows for the
 // products), so the numbers are the same bit for bit. On a slow core the Python calls
 // between a layer's kernels cost half as much again as the kernels.
-// x (B, C) fp32; weights: ten a layer (norm_1, qkv, its row scales, proj, its row scales,
-// norm_2, fc, its row scales, mlp proj, its row scales); k_caches, v_caches one a layer;
+// x (B, C) fp32; weights: six a layer (norm_1, the tiles of qkv and proj, norm_2, the tiles
+// of fc and the MLP's proj: every width a multiple of eight); k_caches, v_caches one a layer;
 // cos, sin, pos as rope_store takes them; mask (B, 1, 1, S). Returns x after the last block.
 at::Tensor int4_blocks(at::Tensor x, std::vector<at::Tensor> weights,
                        std::vector<at::Tensor> k_caches, std::vector<at::Tensor> v_caches,
                        at::Tensor cos, at::Tensor sin, at::Tensor pos, at::Tensor mask, int64_t H,
                        int64_t Hkv, double eps, int64_t group) {
   const size_t L = k_caches.size();
-  TORCH_CHECK(weights.size() == 10 * L && v_caches.size() == L,
-              "int4_blocks: ten weights and two caches a layer");
+  TORCH_CHECK(weights.size() == 6 * L && v_caches.size() == L,
+              "int4_blocks: six weights and two caches a layer");
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "int4_blocks: x (B, C) fp32");
   const int64_t B = x.size(0);
   const auto bf16 = at::kBFloat16;
+  const auto product = [&](const at::Tensor& rows, const at::Tensor& tiles) {
+    return int4_gemv(rows, tiles, tiles.size(0) * 8, group);
+  };
   x = x.contiguous().clone();  // added to in place
   for (size_t i = 0; i < L; ++i) {
-    const at::Tensor* w = weights.data() + 10 * i;
-    const at::Tensor qkv = int4_gemv(rms_norm(x, w[0], eps, bf16), w[1], w[2], group);
+    const at::Tensor* w = weights.data() + 6 * i;
+    const at::Tensor qkv = product(rms_norm(x, w[0], eps, bf16), w[1]);
     const at::Tensor q = rope_store(qkv.view({B, 1, qkv.size(1)}), cos, sin, k_caches[i],
                                     v_caches[i], pos, H, Hkv, at::kFloat);
     const at::Tensor y = masked_attention(q, k_caches[i], v_caches[i], mask, bf16);
-    add_bf16(x, int4_gemv(y.view({B, y.numel() / B}), w[3], w[4], group));
-    const at::Tensor h = int4_gemv(rms_norm(x, w[5], eps, bf16), w[6], w[7], group);
-    add_bf16(x, int4_gemv(swiglu_bf16(h), w[8], w[9], group));
+    add_bf16(x, product(y.view({B, y.numel() / B}), w[2]));
+    const at::Tensor h = product(rms_norm(x, w[3], eps, bf16), w[4]);
+    add_bf16(x, product(swiglu_bf16(h), w[5]));
   }
   return x;
 }
