@@ -21,7 +21,7 @@ from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from gptkit.model.gpt import GPT, Block, Norm
 from gptkit.model.kernels import decode_kernels
@@ -31,17 +31,18 @@ from gptkit.model.quant import GEMV_ROWS, QuantLinear
 #: quantized layers whose product reads bf16 rows and writes bf16 (``QuantLinear._matmul``)
 BF16_IN = ("int4", "int8", "bf16")
 
+
 class _Known(NamedTuple):
     """What :func:`applies` keeps of a model: the identity of its first and last blocks'
     layers when its plan was made (a model quantized, given LoRA adapters or merged
-    afterwards gets new layers, and a new plan), its plan (see :func:`_plan`), the modules
-    of its blocks (to look for hooks) and, for the "int4" plan, where each operand of
+    afterwards gets new layers, and a new plan), its plan (see :func:`_plan`), the hook
+    dicts of its blocks' modules and, for the "int4" plan, where each operand of
     ``int4_blocks`` is held (a module's own dict and key: read each step, so weights swapped
     for new tensors are seen)."""
 
     layers: tuple[int, ...]
     plan: str | None
-    modules: list[nn.Module]
+    hooks: list[dict[int, Any]]
     operands: list[tuple[dict[str, Any], str]]
 
 
@@ -99,15 +100,21 @@ def _linears(block: Block) -> tuple[Any, Any, Any, Any]:
     return block.attn.qkv, block.attn.proj, block.mlp.fc, block.mlp.proj  # type: ignore[union-attr]
 
 
-def _hooked(modules: list[nn.Module]) -> bool:
-    """Whether a forward hook watches one of these modules (a model's blocks and what they
-    hold: inspection and pruning hook blocks and attention), or every module: the step, which
-    calls few of them, must stand aside."""
+def _hooked(hooks: list[dict[int, Any]]) -> bool:
+    """Whether a forward hook watches a model's blocks or what they hold (inspection and
+    pruning hook blocks and attention; ``hooks``: their modules' hook dicts, which
+    registering a hook adds to), or every module: the step, which calls few of them, must
+    stand aside."""
     from torch.nn.modules import module
 
     if module._global_forward_hooks or module._global_forward_pre_hooks:
         return True
-    return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
+    return any(hooks)
+
+
+def _hook_dicts(model: GPT) -> list[dict[int, Any]]:
+    modules = list(model.blocks.modules())
+    return [m._forward_hooks for m in modules] + [m._forward_pre_hooks for m in modules]
 
 
 def applies(model: GPT, idx: Tensor, cache: KVCache | None) -> tuple[Any, str] | None:
@@ -123,8 +130,8 @@ def applies(model: GPT, idx: Tensor, cache: KVCache | None) -> tuple[Any, str] |
     if known is None or known.layers != layers:
         plan = _plan(model)
         operands = _operands(model) if plan == "int4" else []
-        known = _plans[model] = _Known(layers, plan, list(model.blocks.modules()), operands)
-    if known.plan is None or _hooked(known.modules):
+        known = _plans[model] = _Known(layers, plan, _hook_dicts(model), operands)
+    if known.plan is None or _hooked(known.hooks):
         return None
     kernels = decode_kernels()
     return (kernels, known.plan) if kernels is not None else None
