@@ -116,12 +116,16 @@ void attend_group(const Rows& r, int64_t b, int64_t g, int64_t n, int64_t t, int
         continue;
       }
       const char* kr = kb + s * r.ks[2] * r.ek;
-      simd::vec kv[CH];
+      simd::vec kv[CH], acc[4] = {simd::zero(), simd::zero(), simd::zero(), simd::zero()};
       for (int c = 0; c < CH; ++c) kv[c] = load(kr, r.kbf, c * 16, lanes[c]);
       for (int64_t j = 0; j < nh; ++j) {
-        simd::vec acc = simd::mul(qv[j][0], kv[0]);
-        for (int c = 1; c < CH; ++c) acc = simd::fmadd(qv[j][c], kv[c], acc);
-        const float x = simd::sum(acc) * r.scale;
+        acc[j] = simd::mul(qv[j][0], kv[0]);
+        for (int c = 1; c < CH; ++c) acc[j] = simd::fmadd(qv[j][c], kv[c], acc[j]);
+      }
+      float dots[4];
+      simd::sum4(acc, dots);  // the four heads' sums at once
+      for (int64_t j = 0; j < nh; ++j) {
+        const float x = dots[j] * r.scale;
         p[j * S + s] = x;
         best[j] = std::max(best[j], x);
       }
@@ -196,8 +200,15 @@ void combine(const Rows& r, int64_t b, int64_t h, int64_t t, const float* part, 
 
 template <int CH>
 void attend(const Rows& r, int64_t B, int64_t Hkv, int64_t T, int64_t group) {
-  // long caches are split into ranges of keys, so that every thread has work at batch 1
-  const int64_t S = r.S, chunk = S > 1024 ? 512 : std::max<int64_t>(S, 1);
+  // long caches are split into ranges of keys, so that every thread has work at batch 1, and
+  // so are caches of 128 keys or more when there are fewer than four (b, key head, t): into
+  // four ranges or more in all (the same split for any number of threads)
+  const int64_t S = r.S, tasks = B * Hkv * T;
+  int64_t chunk = S > 1024 ? 512 : std::max<int64_t>(S, 1);
+  if (tasks < 4 && S >= 128) {
+    const int64_t parts = (4 + tasks - 1) / tasks;
+    chunk = std::min(chunk, (S + parts - 1) / parts);
+  }
   const int64_t P = (S + chunk - 1) / chunk, stride = CH * 16 + 2;
   std::vector<float> parts(P > 1 ? B * Hkv * T * P * group * stride : 0);
   at::parallel_for(0, B * Hkv * T * P, 1, [&](int64_t begin, int64_t end) {

@@ -30,6 +30,9 @@ inline vec sub(vec a, vec b) { return {_mm512_sub_ps(a.r, b.r)}; }
 inline vec mul(vec a, vec b) { return {_mm512_mul_ps(a.r, b.r)}; }
 inline vec fmadd(vec a, vec b, vec c) { return {_mm512_fmadd_ps(a.r, b.r, c.r)}; }
 inline float sum(vec a) { return _mm512_reduce_add_ps(a.r); }
+inline void sum4(const vec* a, float* out) {  // out[j] = sum(a[j]), four at once
+  for (int j = 0; j < 4; ++j) out[j] = sum(a[j]);
+}
 
 inline vec load(const void* base, bool bf, int64_t i, mask n) {
   if (!bf) return {_mm512_maskz_loadu_ps(n, reinterpret_cast<const float*>(base) + i)};
@@ -87,6 +90,13 @@ inline float sum(vec a) {
   __m128 t = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
   t = _mm_add_ps(t, _mm_movehl_ps(t, t));
   return _mm_cvtss_f32(_mm_add_ss(t, _mm_movehdup_ps(t)));
+}
+
+inline void sum4(const vec* a, float* out) {  // out[j] = sum(a[j]), four at once
+  const __m256 s01 = _mm256_hadd_ps(_mm256_add_ps(a[0].lo, a[0].hi), _mm256_add_ps(a[1].lo, a[1].hi));
+  const __m256 s23 = _mm256_hadd_ps(_mm256_add_ps(a[2].lo, a[2].hi), _mm256_add_ps(a[3].lo, a[3].hi));
+  const __m256 s = _mm256_hadd_ps(s01, s23);  // lane j: a[j]'s low half, lane 4 + j its high
+  _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1)));
 }
 
 // Eight lanes' bits of m as a vector mask (all ones where the bit is set).
