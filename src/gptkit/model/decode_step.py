@@ -26,7 +26,7 @@ from torch import Tensor
 from gptkit.model.gpt import GPT, Block, Norm
 from gptkit.model.kernels import decode_kernels
 from gptkit.model.kv_cache import KVCache
-from gptkit.model.quant import GEMV_ROWS, QuantLinear
+from gptkit.model.quant import QuantLinear
 
 #: quantized layers whose product reads bf16 rows and writes bf16 (``QuantLinear._matmul``)
 BF16_IN = ("int4", "int8", "bf16")
@@ -201,7 +201,7 @@ def _product(layer: Any, x: Tensor, step: _Step) -> Tensor:
     straight to it (the layer's own checks, asked again for every product, cost a third as
     much as a small product on a slow core)."""
     tiles = layer._buffers.get("gemv_tiles")
-    if tiles is not None and x.shape[0] <= GEMV_ROWS:
+    if tiles is not None:
         return step.kernels.int4_gemv(x, tiles, layer.out_features, layer.group_size)
     return layer._matmul(x)
 
@@ -241,7 +241,7 @@ def decode_hidden(model: GPT, idx: Tensor, cache: KVCache | None) -> Tensor | No
     keys = torch.arange(cache.length + 1)
     mask = (keys <= pos[:, None])[:, None, None]  # (B, 1, 1, S): slot <= position
     step = _Step(rope, pos, mask, kernels)
-    if plan == "int4" and x.shape[0] <= GEMV_ROWS:
+    if plan == "int4":
         x = _int4_blocks(model, x[:, 0], cache, step)[:, None]
     elif plan == "modules":
         for i, block in enumerate(model.blocks):

@@ -128,7 +128,7 @@ class LoRALinear(nn.Module):
     def quantize_base(self, quantized: nn.Module) -> None:
         """Compute the frozen product with ``quantized`` (a layer of
         :mod:`gptkit.model.quant` holding this layer's weight and bias) from now on."""
-        self.base = quantized
+        self.base = quantized.train(self.training)
         self.weight = None
         self.register_parameter("bias", None)
 
@@ -248,9 +248,12 @@ def has_lora(model: nn.Module) -> bool:
     return bool(_lora_layers(model))
 
 
-def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
+def replace_module(model: nn.Module, path: str, module: nn.Module) -> None:
+    """Put ``module`` at ``path`` in ``model``, in the mode (train or eval) of the one it
+    replaces."""
     parent_path, _, child = path.rpartition(".")
     parent = model.get_submodule(parent_path) if parent_path else model
+    module.train(getattr(parent, child).training)
     setattr(parent, child, module)
 
 
@@ -293,7 +296,7 @@ def apply_lora(
     for path in chosen:
         base = model.get_submodule(path)
         assert isinstance(base, nn.Linear)
-        _set_module(model, path, LoRALinear(base, config.rank, config.alpha, config.dropout))
+        replace_module(model, path, LoRALinear(base, config.rank, config.alpha, config.dropout))
     model.lora_config = config
     return model
 
@@ -316,7 +319,7 @@ def merge_lora(model: nn.Module) -> nn.Module:
         )
         plain.weight = layer.weight
         plain.bias = layer.bias
-        _set_module(model, path, plain)
+        replace_module(model, path, plain)
     for p in model.parameters():
         p.requires_grad_(True)
     if "lora_config" in vars(model):

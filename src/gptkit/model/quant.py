@@ -67,7 +67,7 @@ from gptkit.config import _JsonMixin
 from gptkit.errors import GptkitError
 from gptkit.model.gpt import GPT
 from gptkit.model.kernels import cpu_supports, decode_kernels
-from gptkit.model.lora import LoRALinear, has_lora
+from gptkit.model.lora import LoRALinear, has_lora, replace_module
 
 MODES = ("bf16", "int8", "int4")
 #: what the output head may be: a mode, dynamic int8, or "none" (left as it is)
@@ -396,15 +396,12 @@ class Int8DynamicLinear(Int8Linear):
         return torch.ops.quantized.linear_dynamic(x, self._packed, not _HAS_VNNI)
 
 
-#: CPUs where a few rows go through ``kernels/decode.cpp``'s ``int4_gemv`` (activations as
-#: int8, integer dot products): AVX2 without AVX-512, where torch's int4 kernel is slowest
-#: (SmolLM2's decoding step 1.6x faster on an AMD EPYC Zen 1); torch's kernel elsewhere
+#: CPUs where eager inference multiplies int4 layers through ``kernels/decode.cpp``'s
+#: ``int4_gemv`` (activations as int8, integer dot products): AVX2 without AVX-512, where it
+#: beats torch's int4 kernel 2-3x at any number of rows, and an fp32 GEMM on the dequantized
+#: weight up to 200 rows and more (SmolLM2's layers on an AMD EPYC Zen 1); torch's kernel
+#: elsewhere
 INT4_GEMV = cpu_supports("avx2") and not cpu_supports("avx512")
-#: the most rows int4_gemv takes (it reads the weights once per row)
-GEMV_ROWS = 4
-#: from this many rows on, where INT4_GEMV holds, one fp32 GEMM on the weight dequantized by
-#: ``int4_dequantize`` (2-3x faster than torch's int4 kernel at a 200-token prefill there)
-DEQUANTIZE_ROWS = 32
 
 
 class Int4Linear(QuantLinear):
@@ -412,10 +409,9 @@ class Int4Linear(QuantLinear):
 
     The kernel wants the weight in a CPU-specific tiled layout and an output width that is
     a multiple of 16: :meth:`prepare` pads the rows with zeros and packs them, and the
-    output is cut back to ``out_features``. Where :data:`INT4_GEMV` holds, inference goes
-    through ``kernels/decode.cpp`` instead for a few rows (``int4_gemv``, on the weight in
-    its tiles: :func:`gemv_tiles`) or many (``int4_dequantize`` and an fp32 GEMM, on the
-    weight as stored and its (scale, zero) pairs row by row: ``row_scales``).
+    output is cut back to ``out_features``. Where :data:`INT4_GEMV` holds, eager inference
+    goes through ``kernels/decode.cpp``'s ``int4_gemv`` instead, on the weight in its tiles
+    (:func:`gemv_tiles`).
     """
 
     mode = "int4"
@@ -446,11 +442,9 @@ class Int4Linear(QuantLinear):
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.cpu(), 1)
         self.register_buffer("packed", packed.to(self.weight.device), persistent=False)
         self.register_buffer("padded_scales", sz.contiguous(), persistent=False)
-        rows = tiles = None
+        tiles = None
         if INT4_GEMV:
-            rows = self.scales_and_zeros.transpose(0, 1).contiguous()  # (N, G, 2)
             tiles = gemv_tiles(q[: self.out_features], self.scales_and_zeros, self.group_size)
-        self.register_buffer("row_scales", rows, persistent=False)
         self.register_buffer("gemv_tiles", tiles, persistent=False)
 
     def dequantized(self) -> Tensor:
@@ -458,28 +452,40 @@ class Int4Linear(QuantLinear):
         return dequantize_int4(q, self.scales_and_zeros, self.group_size)
 
     def _matmul(self, x: Tensor) -> Tensor:
-        kernels = self._avx2_kernels(x)
-        if kernels is not None and x.shape[0] >= DEQUANTIZE_ROWS:
-            w = kernels.int4_dequantize(self.weight, self.row_scales, self.group_size)
-            return F.linear(x.float(), w)
-        x = x.to(torch.bfloat16).contiguous()  # both int4 kernels read bf16 rows
-        if kernels is not None and x.shape[0] <= GEMV_ROWS:
-            return kernels.int4_gemv(x, self.gemv_tiles, self.out_features, self.group_size)
+        gemv = self._gemv(x)
+        x = x.to(torch.bfloat16).contiguous()  # both kernels read bf16 rows
+        if gemv and torch.compiler.is_compiling():  # the same kernel, as an op in the graph
+            return torch.ops.gptkit.int4_gemv(
+                x, self.gemv_tiles, self.out_features, self.group_size
+            )
+        if gemv:
+            return decode_kernels().int4_gemv(
+                x, self.gemv_tiles, self.out_features, self.group_size
+            )
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(
             x, self.packed, self.group_size, self.padded_scales
         )
         return y[:, : self.out_features] if y.shape[1] != self.out_features else y
 
-    def _avx2_kernels(self, x: Tensor) -> Any:
-        """The kernels with ``int4_gemv`` and ``int4_dequantize`` for this call, or None:
-        eager inference of fp32 or bf16 rows on a CPU where :data:`INT4_GEMV` holds."""
-        if self.row_scales is None or x.device.type != "cpu":
-            return None
-        if torch.is_grad_enabled() or torch.compiler.is_compiling():
-            return None
-        if x.dtype not in (torch.float32, torch.bfloat16):
-            return None
-        return decode_kernels()
+    def _gemv(self, x: Tensor) -> bool:
+        """Whether ``int4_gemv`` multiplies: inference (eval mode) of fp32 or bf16 rows on a
+        CPU where :data:`INT4_GEMV` holds, its kernels compiled. Training (QLoRA) keeps
+        torch's kernel: bf16 activations, not int8."""
+        if self.training or self.gemv_tiles is None or x.device.type != "cpu":
+            return False
+        return x.dtype in (torch.float32, torch.bfloat16) and decode_kernels() is not None
+
+
+@torch.library.custom_op("gptkit::int4_gemv", mutates_args=())
+def _int4_gemv_op(x: Tensor, tiles: Tensor, out_features: int, group_size: int) -> Tensor:
+    """``int4_gemv`` where torch.compile traces an int4 layer (eager calls skip the op's
+    dispatch, which costs as much as a small product)."""
+    return decode_kernels().int4_gemv(x, tiles, out_features, group_size)
+
+
+@_int4_gemv_op.register_fake
+def _(x: Tensor, tiles: Tensor, out_features: int, group_size: int) -> Tensor:
+    return x.new_empty((x.shape[0], out_features), dtype=torch.bfloat16)
 
 
 LAYERS: dict[str, type[QuantLinear]] = {
@@ -502,12 +508,6 @@ def _plan(model: GPT, config: QuantConfig) -> dict[str, type[QuantLinear]]:
     if config.lm_head != "none":
         plan["lm_head"] = LAYERS[config.lm_head]
     return plan
-
-
-def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
-    parent_path, _, child = path.rpartition(".")
-    parent = model.get_submodule(parent_path) if parent_path else model
-    setattr(parent, child, module)
 
 
 def quantization(model: nn.Module) -> QuantConfig | None:
@@ -553,7 +553,7 @@ def quantize(
     for path, layer in _plan(model, config).items():
         linear = model.get_submodule(path)
         assert isinstance(linear, nn.Linear)
-        _set_module(model, path, layer.from_linear(linear, config))
+        replace_module(model, path, layer.from_linear(linear, config))
     return model.eval()
 
 
@@ -566,7 +566,7 @@ def quantized_skeleton(model: GPT, config: QuantConfig) -> GPT:
         bias = linear.bias is not None
         with torch.device("cpu"):
             new = layer.empty(linear.in_features, linear.out_features, bias, config)
-        _set_module(model, path, new)
+        replace_module(model, path, new)
     return model
 
 

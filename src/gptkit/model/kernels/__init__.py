@@ -14,9 +14,10 @@
 - ``decode.cpp``: inference for a few tokens at a time, where torch's general kernels spend
   more time setting up than computing: RMSNorm in one pass (``ops.rms_norm``), attention
   of a few query rows over a KV cache under a mask, grouped heads read in place
-  (``ops.attention``), the rotary embedding with the cache write (``decode_step``), and
-  int4 products for CPUs without AVX-512 (``int4_gemv`` with int8 activations, and
-  ``int4_dequantize``: ``quant.Int4Linear``). It is written on ``vec16.h``'s sixteen lanes
+  (``ops.attention``), the rotary embedding with the cache write (``decode_step``), int4
+  products for CPUs without AVX-512 (``int4_gemv``, int8 activations: ``quant.Int4Linear``)
+  and every block of such an int4 model's decoding step in one call (``int4_blocks``:
+  ``decode_step``). It is written on ``vec16.h``'s sixteen lanes
   and AVX2, so it is built twice: inside the AVX-512 module, and alone for CPUs with AVX2
   and FMA only (:func:`decode_kernels` picks).
 

@@ -446,7 +446,6 @@ at::Tensor rope_store(at::Tensor qkv, at::Tensor cos, at::Tensor sin, at::Tensor
                       at::Tensor v_cache, at::Tensor pos, int64_t H, int64_t Hkv,
                       at::ScalarType dtype);
 at::Tensor int4_gemv(at::Tensor x, at::Tensor tiles, int64_t N, int64_t group);
-at::Tensor int4_dequantize(at::Tensor weight, at::Tensor sz, int64_t group);
 at::Tensor int4_blocks(at::Tensor x, std::vector<at::Tensor> weights,
                        std::vector<at::Tensor> k_caches, std::vector<at::Tensor> v_caches,
                        at::Tensor cos, at::Tensor sin, at::Tensor pos, at::Tensor mask, int64_t H,
@@ -466,6 +465,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("masked_attention", &masked_attention, "attention of a few rows under a bool mask, GQA");
   m.def("rope_store", &rope_store, "rotary q, k of one token per row; k, v into the cache");
   m.def("int4_gemv", &int4_gemv, "int4 weights x a few rows, activations as int8 per group");
-  m.def("int4_dequantize", &int4_dequantize, "int4_gemv's weight as fp32 (N, K)");
   m.def("int4_blocks", &int4_blocks, "every pre-norm SwiGLU block of int4 layers, one token a row");
 }

@@ -5,6 +5,9 @@
 // per row with its keys and values written into the cache. fp32 sums throughout; the
 // Python paths they replace (F.rms_norm, F.scaled_dot_product_attention, the model's
 // apply_rope and cache writes) define the results (model/decode_step.py uses all three).
+// For CPUs with AVX2 and no AVX-512: int4 products with int8 activations (int4_gemv, for
+// quant.Int4Linear), and every block of such an int4 model's decoding step in one call
+// (int4_blocks).
 
 // No fused multiply-adds where the model rounds a product before adding (rotary embedding).
 #pragma GCC optimize("fp-contract=off")
@@ -447,7 +450,7 @@ inline __m256 tile_dot(const uint8_t* p, const int8_t* xq, const float* xs, cons
 
 }  // namespace
 
-// int4 weights times a few rows of activations, llama.cpp's way (Q4_1 x Q8_1): each group of
+// int4 weights times rows of activations, llama.cpp's way (Q4_1 x Q8_1): each group of
 // the activations quantized to int8 (scale max|x| / 127), the products summed in integers
 // (vpmaddubsw: the weight's nibbles, unsigned, times the activations' int8), then scaled,
 // w = (q - 8) · scale + zero. x (M, K) fp32 or bf16; tiles (ceil(N/8), K/group, 4 group + 32)
@@ -483,37 +486,6 @@ at::Tensor int4_gemv(at::Tensor x, at::Tensor tiles, int64_t N, int64_t group) {
       }
   });
   return y;
-}
-
-// The fp32 weight (N, K) of int4_gemv's operands: (q - 8) · scale + zero, for products of
-// many rows (a prefill), where one fp32 GEMM on it beats torch's int4 kernel on AVX2 CPUs.
-at::Tensor int4_dequantize(at::Tensor weight, at::Tensor sz, int64_t group) {
-  const int64_t N = weight.size(0), K = weight.size(1) * 2, G = K / std::max<int64_t>(group, 1);
-  TORCH_CHECK(weight.scalar_type() == at::kByte && weight.is_contiguous() && group > 0 &&
-                  K % group == 0 && group % 2 == 0,
-              "int4_dequantize: weight (N, K/2) uint8 contiguous, group dividing K");
-  TORCH_CHECK(sz.scalar_type() == at::kBFloat16 && sz.is_contiguous() && sz.dim() == 3 &&
-                  sz.size(0) == N && sz.size(1) == G && sz.size(2) == 2,
-              "int4_dequantize: sz (N, K/group, 2) bf16 contiguous");
-  auto w = at::empty({N, K}, weight.options().dtype(at::kFloat));
-  const uint8_t* wp = weight.data_ptr<uint8_t>();
-  const auto* szp = reinterpret_cast<const uint16_t*>(sz.data_ptr());
-  float* out = w.data_ptr<float>();
-  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t n = begin; n < end; ++n)
-      for (int64_t g = 0; g < G; ++g) {
-        uint32_t su = (uint32_t)szp[(n * G + g) * 2] << 16, zu = (uint32_t)szp[(n * G + g) * 2 + 1] << 16;
-        float scale, zero;
-        std::memcpy(&scale, &su, 4), std::memcpy(&zero, &zu, 4);
-        const uint8_t* src = wp + n * (K / 2) + g * group / 2;
-        float* dst = out + n * K + g * group;
-        for (int64_t j = 0; j < group / 2; ++j) {  // no fused multiply-add: as torch rounds
-          dst[2 * j] = (float)((src[j] & 0x0F) - 8) * scale + zero;
-          dst[2 * j + 1] = (float)((src[j] >> 4) - 8) * scale + zero;
-        }
-      }
-  });
-  return w;
 }
 
 namespace {
@@ -591,7 +563,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("masked_attention", &masked_attention, "attention of a few rows under a bool mask, GQA");
   m.def("rope_store", &rope_store, "rotary q, k of one token per row; k, v into the cache");
   m.def("int4_gemv", &int4_gemv, "int4 weights x a few rows, activations as int8 per group");
-  m.def("int4_dequantize", &int4_dequantize, "int4_gemv's weight as fp32 (N, K)");
   m.def("int4_blocks", &int4_blocks, "every pre-norm SwiGLU block of int4 layers, one token a row");
 }
 #endif
