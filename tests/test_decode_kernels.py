@@ -247,7 +247,7 @@ def test_the_fused_step_stands_aside(monkeypatch) -> None:
 
 @pytest.mark.parametrize(
     ("M", "K", "N", "group"),
-    [(1, 576, 960, 32), (4, 1536, 90, 64), (2, 256, 7, 128), (1, 96, 13, 32)],
+    [(1, 576, 960, 32), (4, 1536, 90, 64), (2, 256, 7, 128), (1, 96, 13, 32), (6, 64, 24, 32)],
 )
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_int4_gemv_equals_its_definition(kernels, M, K, N, group, dtype) -> None:
@@ -259,8 +259,11 @@ def test_int4_gemv_equals_its_definition(kernels, M, K, N, group, dtype) -> None
     torch.manual_seed(K + N)
     w, x = torch.randn(N, K), torch.randn(M, K).to(dtype)
     q, sz = quantize_int4(w, group)
-    got = kernels.int4_gemv(x, gemv_tiles(q, sz, group), N, group)
+    tiles = gemv_tiles(q, sz, group)
+    got = kernels.int4_gemv(x, tiles, N, group)
     assert got.dtype == torch.bfloat16 and got.shape == (M, N)
+    for m in range(M):  # rows go four at a time, then one by one: a row's result is its own
+        assert torch.equal(kernels.int4_gemv(x[m : m + 1], tiles, N, group), got[m : m + 1])
     xg = x.float().view(M, K // group, group)
     top = xg.abs().amax(-1, keepdim=True)
     inv = torch.full_like(top, 127.0) / top  # as the kernel divides (127 / t is 127 · (1 / t))

@@ -406,34 +406,43 @@ void quantize_row(const float* x, int64_t K, int64_t group, int8_t* q, float* sc
   }
 }
 
-// Eight weight rows (one tile of int4_gemv's layout) against one row of int8 activations:
-// the eight outputs, lane r for row r. For each group and each 32 of its columns, four
-// 32-byte chunks; chunk c's byte 4r + j holds row r's column 8c + j in its low nibble and
-// 8c + 4 + j in its high one, so one vpmaddubsw against four activations broadcast gives
-// each row's products in its own lanes, no horizontal sums. Eight of them summed in int16
-// cannot overflow (8 · 2 · 15 · 127 < 2^15). After a group's chunks: its eight scales and
-// eight zeros, bf16.
-inline __m256 tile_dot(const uint8_t* p, const int8_t* xq, const float* xs, const float* xsum,
-                       int64_t G, int64_t group) {
+// Eight weight rows (one tile of int4_gemv's layout) against R rows of int8 activations:
+// for each, the eight outputs, lane r for weight row r. For each group and each 32 of its
+// columns, four 32-byte chunks; chunk c's byte 4r + j holds row r's column 8c + j in its low
+// nibble and 8c + 4 + j in its high one, so one vpmaddubsw against four activations
+// broadcast gives each row's products in its own lanes, no horizontal sums. Eight of them
+// summed in int16 cannot overflow (8 · 2 · 15 · 127 < 2^15). After a group's chunks: its
+// eight scales and eight zeros, bf16. The nibbles are unpacked once for the R rows; each
+// row's sums are made in the same order whatever R, so its outputs do not depend on R.
+template <int R>
+void tile_dot(const uint8_t* p, const int8_t* const* xq, const float* const* xs,
+              const float* const* xsum, int64_t G, int64_t group, __m256* out) {
   const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
-  __m256 acc = _mm256_setzero_ps(), rest = _mm256_setzero_ps();
+  __m256 acc[R], rest[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps(), rest[r] = _mm256_setzero_ps();
   for (int64_t g = 0; g < G; ++g) {
-    __m256i dot = _mm256_setzero_si256();
+    __m256i dot[R];
+    for (int r = 0; r < R; ++r) dot[r] = _mm256_setzero_si256();
     for (int64_t b = 0; b < group; b += 32, p += 128) {
-      const int8_t* x = xq + g * group + b;
       // the stream eight chunks ahead (a model's weights are read once a step, from memory)
       _mm_prefetch(reinterpret_cast<const char*>(p + 1024), _MM_HINT_T0);
       _mm_prefetch(reinterpret_cast<const char*>(p + 1088), _MM_HINT_T0);
-      __m256i d16 = _mm256_setzero_si256();
+      __m256i lo[4], hi[4];
       for (int c = 0; c < 4; ++c) {
         const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32 * c));
-        int32_t x_lo, x_hi;
-        std::memcpy(&x_lo, x + 8 * c, 4), std::memcpy(&x_hi, x + 8 * c + 4, 4);
-        d16 = _mm256_add_epi16(d16, _mm256_maddubs_epi16(_mm256_and_si256(w, low), _mm256_set1_epi32(x_lo)));
-        d16 = _mm256_add_epi16(d16, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(w, 4), low),
-                                                         _mm256_set1_epi32(x_hi)));
+        lo[c] = _mm256_and_si256(w, low), hi[c] = _mm256_and_si256(_mm256_srli_epi16(w, 4), low);
       }
-      dot = _mm256_add_epi32(dot, _mm256_madd_epi16(d16, ones));
+      for (int r = 0; r < R; ++r) {
+        const int8_t* x = xq[r] + g * group + b;
+        __m256i d16 = _mm256_setzero_si256();
+        for (int c = 0; c < 4; ++c) {
+          int32_t x_lo, x_hi;
+          std::memcpy(&x_lo, x + 8 * c, 4), std::memcpy(&x_hi, x + 8 * c + 4, 4);
+          d16 = _mm256_add_epi16(d16, _mm256_maddubs_epi16(lo[c], _mm256_set1_epi32(x_lo)));
+          d16 = _mm256_add_epi16(d16, _mm256_maddubs_epi16(hi[c], _mm256_set1_epi32(x_hi)));
+        }
+        dot[r] = _mm256_add_epi32(dot[r], _mm256_madd_epi16(d16, ones));
+      }
     }
     const auto bf16s = [](const uint8_t* at) {
       const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(at));
@@ -441,11 +450,14 @@ inline __m256 tile_dot(const uint8_t* p, const int8_t* xq, const float* xs, cons
     };
     const __m256 scale = bf16s(p), zero = bf16s(p + 16);
     p += 32;
-    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(scale, _mm256_set1_ps(xs[g])), acc);
     const __m256 offset = _mm256_fnmadd_ps(_mm256_set1_ps(8.0f), scale, zero);  // zero - 8 scale
-    rest = _mm256_fmadd_ps(_mm256_set1_ps(xsum[g]), offset, rest);
+    for (int r = 0; r < R; ++r) {
+      const __m256 sx = _mm256_mul_ps(scale, _mm256_set1_ps(xs[r][g]));
+      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[r]), sx, acc[r]);
+      rest[r] = _mm256_fmadd_ps(_mm256_set1_ps(xsum[r][g]), offset, rest[r]);
+    }
   }
-  return _mm256_add_ps(acc, rest);
+  for (int r = 0; r < R; ++r) out[r] = _mm256_add_ps(acc[r], rest[r]);
 }
 
 }  // namespace
@@ -458,6 +470,7 @@ inline __m256 tile_dot(const uint8_t* p, const int8_t* xq, const float* xs, cons
 // each group (tile_dot; quant.gemv_tiles makes it). Out (M, N) bf16, the dtype torch's int4
 // kernel hands on. Needs AVX2 (built in both modules).
 at::Tensor int4_gemv(at::Tensor x, at::Tensor tiles, int64_t N, int64_t group) {
+  constexpr int ROWS = 4;  // activation rows per pass over a tile: its nibbles unpacked once
   TORCH_CHECK(float_or_bf16(x) && x.dim() == 2 && x.is_contiguous(),
               "int4_gemv: x (M, K) contiguous fp32 or bf16");
   const int64_t M = x.size(0), K = x.size(1), G = K / std::max<int64_t>(group, 1);
@@ -477,12 +490,22 @@ at::Tensor int4_gemv(at::Tensor x, at::Tensor tiles, int64_t N, int64_t group) {
   const int64_t tile = tiles.size(1) * tiles.size(2);
   at::parallel_for(0, (N + 7) / 8, 4, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t)
-      for (int64_t m = 0; m < M; ++m) {
-        float out[8];
-        _mm256_storeu_ps(out, tile_dot(tp + t * tile, xq.data() + m * K, xs.data() + m * G,
-                                       xsum.data() + m * G, G, group));
-        for (int64_t r = 0; r < std::min<int64_t>(8, N - 8 * t); ++r)
-          yp[m * N + 8 * t + r] = at::BFloat16(out[r]);
+      for (int64_t m = 0; m < M;) {  // ROWS activation rows at a time, the last ones singly
+        const int rows = M - m >= ROWS ? ROWS : 1;
+        const int8_t* q[ROWS];
+        const float *s[ROWS], *z[ROWS];
+        for (int r = 0; r < rows; ++r)
+          q[r] = xq.data() + (m + r) * K, s[r] = xs.data() + (m + r) * G, z[r] = xsum.data() + (m + r) * G;
+        __m256 dots[ROWS];
+        if (rows == ROWS) tile_dot<ROWS>(tp + t * tile, q, s, z, G, group, dots);
+        else tile_dot<1>(tp + t * tile, q, s, z, G, group, dots);
+        for (int r = 0; r < rows; ++r) {
+          float out[8];
+          _mm256_storeu_ps(out, dots[r]);
+          for (int64_t n = 0; n < std::min<int64_t>(8, N - 8 * t); ++n)
+            yp[(m + r) * N + 8 * t + n] = at::BFloat16(out[n]);
+        }
+        m += rows;
       }
   });
   return y;
