@@ -65,9 +65,9 @@ def _plan(model: GPT) -> str | None:
     """How this step computes the model's blocks: "bf16" (fp32 RMSNorms and SwiGLU around
     bf16-reading quantized layers without biases: the norms and the attention write bf16 for
     the products, the rounding the layers would do), "int4" (the same, all of them int4
-    layers that ``int4_gemv`` serves: a few rows go through every block in one call of
-    ``int4_blocks``), "modules" (the block's own modules around the two kernels), or None
-    (post-norm or banded layers: not this step)."""
+    layers that ``int4_gemv`` serves: every block in one call of ``int4_blocks``), "modules"
+    (the block's own modules around the two kernels), or None (post-norm or banded layers:
+    not this step)."""
     c = model.config
     if c.norm_position != "pre" or any(b.local for b in model.blocks):  # type: ignore[union-attr]
         return None

@@ -454,14 +454,10 @@ class Int4Linear(QuantLinear):
     def _matmul(self, x: Tensor) -> Tensor:
         gemv = self._gemv(x)
         x = x.to(torch.bfloat16).contiguous()  # both kernels read bf16 rows
-        if gemv and torch.compiler.is_compiling():  # the same kernel, as an op in the graph
-            return torch.ops.gptkit.int4_gemv(
-                x, self.gemv_tiles, self.out_features, self.group_size
-            )
-        if gemv:
-            return decode_kernels().int4_gemv(
-                x, self.gemv_tiles, self.out_features, self.group_size
-            )
+        if gemv:  # traced by torch.compile: the same kernel, as an op in the graph
+            compiling = torch.compiler.is_compiling()
+            kernel = torch.ops.gptkit.int4_gemv if compiling else decode_kernels().int4_gemv
+            return kernel(x, self.gemv_tiles, self.out_features, self.group_size)
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(
             x, self.packed, self.group_size, self.padded_scales
         )
