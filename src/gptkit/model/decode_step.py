@@ -214,7 +214,7 @@ def _int4_blocks(model: GPT, x: Tensor, cache: KVCache, step: _Step) -> Tensor:
     "int4"), x (B, C) fp32."""
     weights = [held[key] for held, key in _plans[model].operands]
     a, norm = model.blocks[0].attn, model.blocks[0].norm_1  # type: ignore[union-attr]
-    group = model.blocks[0].attn.qkv.group_size  # type: ignore[union-attr]
+    group = a.qkv.group_size
     return step.kernels.int4_blocks(
         x, weights, cache.k, cache.v, *step.rope, step.pos, step.mask, a.nh, a.nkv, norm.eps, group
     )

@@ -585,7 +585,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &rms_norm, "RMSNorm in one pass, fp32 or bf16, fp32 weight");
   m.def("masked_attention", &masked_attention, "attention of a few rows under a bool mask, GQA");
   m.def("rope_store", &rope_store, "rotary q, k of one token per row; k, v into the cache");
-  m.def("int4_gemv", &int4_gemv, "int4 weights x a few rows, activations as int8 per group");
+  m.def("int4_gemv", &int4_gemv, "int4 weights (quant.gemv_tiles) x rows, activations as int8 per group");
   m.def("int4_blocks", &int4_blocks, "every pre-norm SwiGLU block of int4 layers, one token a row");
 }
 #endif
